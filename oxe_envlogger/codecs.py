@@ -1,0 +1,87 @@
+"""Image codecs: the fastest encoder available for each format, all releasing the GIL.
+
+PNG (RGB/RGBA) uses fpng, about 15x faster than libpng at the same size; single-channel PNG and
+the fallback use Pillow. JPEG uses simplejpeg (libjpeg-turbo). Every encoder here produces
+standard files that ``tf.image.decode_image`` (and so tfds) reads.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+
+from oxe_envlogger.specs import ImageCodec
+
+try:  # fpng's extension module; the package-level import pulls in optional cv2 glue lazily.
+    from fpng import fpng_ext as _fpng
+except Exception:  # pragma: no cover - fpng ships wheels for the platforms we support
+    _fpng = None
+
+try:
+    import simplejpeg as _simplejpeg
+except Exception:  # pragma: no cover
+    _simplejpeg = None
+
+
+def png_backend() -> str:
+    return "fpng" if _fpng is not None else "pillow"
+
+
+def encode_png(image: np.ndarray, *, compress_level: int = 1) -> bytes:
+    """Lossless PNG of a uint8 (H, W, C) image."""
+    h, w, c = image.shape
+    if _fpng is not None and c in (3, 4):
+        return _fpng.encode_image_to_memory(np.ascontiguousarray(image).tobytes(), w, h, c)
+    return encode_png_pillow(image, compress_level=compress_level)
+
+
+def encode_png_pillow(image: np.ndarray, *, compress_level: int = 1) -> bytes:
+    from PIL import Image
+
+    h, w, c = image.shape
+    mode = {1: "L", 3: "RGB", 4: "RGBA"}[c]
+    pil = Image.fromarray(image[:, :, 0] if c == 1 else np.ascontiguousarray(image), mode)
+    buf = io.BytesIO()
+    pil.save(buf, format="PNG", compress_level=compress_level)
+    return buf.getvalue()
+
+
+def encode_jpeg(image: np.ndarray, *, quality: int = 95) -> bytes:
+    """JPEG of a uint8 (H, W, 1|3) image."""
+    c = image.shape[-1]
+    if _simplejpeg is not None:
+        return _simplejpeg.encode_jpeg(np.ascontiguousarray(image), quality=quality,
+                                       colorspace="GRAY" if c == 1 else "RGB",
+                                       colorsubsampling="Gray" if c == 1 else "420")
+    from PIL import Image
+
+    pil = Image.fromarray(image[:, :, 0] if c == 1 else np.ascontiguousarray(image))
+    buf = io.BytesIO()
+    pil.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def encode(image: np.ndarray, codec: ImageCodec) -> bytes:
+    if codec.format == "png":
+        return encode_png(image)
+    if codec.format == "jpeg":
+        return encode_jpeg(image, quality=codec.quality)
+    raise ValueError(f"codec {codec} does not encode to bytes")
+
+
+def decode(data: bytes, channels: int | None = None) -> np.ndarray:
+    """Decodes PNG or JPEG bytes to a uint8 (H, W, C) array."""
+    if data[:2] == b"\xff\xd8" and _simplejpeg is not None:
+        if channels == 1:
+            out = _simplejpeg.decode_jpeg(data, colorspace="GRAY")
+        else:
+            out = _simplejpeg.decode_jpeg(data, colorspace="RGB")
+        return out
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as pil:
+        arr = np.asarray(pil)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    return arr

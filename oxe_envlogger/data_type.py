@@ -1,0 +1,7 @@
+"""Space helpers under the original oxe_envlogger's import path."""
+
+from __future__ import annotations
+
+from oxe_envlogger.specs import get_gym_space, space_to_spec
+
+__all__ = ["get_gym_space", "space_to_spec"]

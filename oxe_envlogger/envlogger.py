@@ -1,0 +1,228 @@
+"""gymnasium wrappers that log every episode as RLDS: ``AutoOXEEnvLogger`` and ``OXEEnvLogger``.
+
+Both only record: ``reset()``, ``step()``, ``info`` and keyword arguments pass through unchanged,
+and the agent sees exactly what is logged. See :mod:`oxe_envlogger.recorder` for where each value
+lands in the RLDS steps.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any, SupportsFloat
+
+import gymnasium as gym
+import numpy as np
+
+from oxe_envlogger import layout, lifecycle, provenance
+from oxe_envlogger.recorder import EpisodeRecorder
+from oxe_envlogger.specs import ImageCodec
+from oxe_envlogger.writer import DEFAULT_SHARD_BYTES, WriterOptions
+
+MetadataInfo = Mapping[str, Any]
+DocField = Mapping[str, str]
+
+
+class LoggerMixin:
+    """What every logger offers besides its stepping interface."""
+
+    _recorder: EpisodeRecorder
+
+    def set_step_metadata(self, metadata: Mapping[str, Any]) -> None:
+        """Sets step metadata values (sticky: they stay until set again).
+
+        A value set before ``step(a_t)`` lands in RLDS step t (with o_t and a_t); a value set after
+        the last ``step()`` of an episode lands in its final step.
+        """
+        self._recorder.set_step_metadata(metadata)
+
+    def set_episode_metadata(self, metadata: Mapping[str, Any]) -> None:
+        """Sets episode metadata values (sticky) for the episode in progress, or just ended."""
+        self._recorder.set_episode_metadata(metadata)
+
+    def set_language_instruction(self, instruction: str) -> None:
+        """Sets the language instruction stored in ``steps/language_instruction`` (sticky).
+
+        Call it after ``reset()`` (or before it) to give the episode's instruction; every step
+        records the instruction in effect when it is completed."""
+        self._recorder.set_language_instruction(instruction)
+
+    @property
+    def directory(self) -> str:
+        return self._recorder.directory
+
+    @property
+    def writer_stats(self) -> dict[str, Any]:
+        """Episodes, steps, bytes and stalls written so far by this logger."""
+        return self._recorder.writer._session_json()
+
+    def close_logger(self) -> None:
+        """Flushes and closes the logger (not the env). Idempotent."""
+        rec = getattr(self, "_recorder", None)
+        if rec is None:
+            return
+        try:
+            rec.close()
+        finally:
+            lifecycle.unregister(self)
+
+
+def _writer_options(options: WriterOptions | None, shard_bytes: int | None,
+                    max_episodes_per_file: int | None, fsync: bool | None) -> WriterOptions:
+    import dataclasses
+
+    opts = options or WriterOptions()
+    changes: dict[str, Any] = {}
+    if shard_bytes is not None:
+        changes["shard_bytes"] = int(shard_bytes)
+    if max_episodes_per_file is not None:
+        changes["max_episodes_per_file"] = int(max_episodes_per_file)
+    if fsync is not None:
+        changes["fsync"] = bool(fsync)
+    return dataclasses.replace(opts, **changes) if changes else opts
+
+
+class _GymLogger(gym.Wrapper, LoggerMixin):
+    def __init__(self, env: gym.Env, dataset_name: str, directory: str | os.PathLike, *,
+                 step_metadata: MetadataInfo | None, episode_metadata: MetadataInfo | None,
+                 language: bool | None, doc_field: DocField | None, version: str,
+                 max_episodes_per_file: int | None, shard_bytes: int | None,
+                 image_codec: str | ImageCodec, image_codecs: Mapping[str, str | ImageCodec] | None,
+                 reward_dtype: Any, strict_finite: bool, incomplete: str, overwrite: bool,
+                 fsync: bool | None, writer_options: WriterOptions | None, description: str,
+                 handle_signals: bool):
+        super().__init__(env)
+        self._seeds: list[Any] = []
+        self._recorder = EpisodeRecorder(
+            directory, dataset_name,
+            observation=env.observation_space, action=env.action_space,
+            reward_dtype=reward_dtype, step_metadata=step_metadata,
+            episode_metadata=episode_metadata, language=language,
+            image_codec=image_codec, image_codecs=image_codecs, docs=doc_field,
+            strict_finite=strict_finite, incomplete=incomplete,
+            options=_writer_options(writer_options, shard_bytes, max_episodes_per_file, fsync),
+            overwrite=overwrite, session=provenance.session_info(env, {"reset_seeds": self._seeds}),
+            description=description or f"RLDS episodes of {provenance.env_info(env).get('id', 'an environment')} logged by oxe_envlogger.",
+            version=version)
+        lifecycle.register(self, handle_signals=handle_signals)
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        obs, info = self.env.reset(seed=seed, options=options)
+        self._recorder.begin(obs)
+        self._seeds.append(seed)
+        return obs, info
+
+    def step(self, action, **kwargs) -> tuple[Any, SupportsFloat, bool, bool, dict[str, Any]]:
+        flat_action = self._recorder.check_action(action)
+        out = self.env.step(action, **kwargs) if kwargs else self.env.step(action)
+        obs, reward, terminated, truncated, info = out
+        self._recorder.step(flat_action, reward, obs, terminated=bool(terminated),
+                            truncated=bool(truncated))
+        return out
+
+    def close(self) -> None:
+        """Writes the last episode, commits the dataset, then closes the env. Idempotent."""
+        try:
+            self.close_logger()
+        finally:
+            if not getattr(self, "_env_closed", False):
+                self._env_closed = True
+                self.env.close()
+
+
+class OXEEnvLogger(_GymLogger):
+    """Logs a gymnasium env to RLDS with explicitly declared features.
+
+    Args:
+      env: the environment; its observation and action spaces define those features.
+      dataset_name: TFDS dataset name (letters, digits, underscores).
+      directory: dataset directory; an existing dataset with the same features is appended to.
+      step_metadata_info: ``{key: declaration}`` of step metadata: tfds FeatureConnectors (as
+        the original oxe_envlogger took), gymnasium spaces, numpy dtypes, ``str``/``float``/...
+      episode_metadata_info: the same for episode metadata.
+      language_instruction: whether steps carry ``language_instruction``.
+      doc_field: ``{key path or leaf name: description}`` for ``features.json``.
+      version: dataset version.
+      max_episodes_per_file: close a shard after this many episodes.
+      shard_bytes: close a shard once it holds this many serialized bytes (default 200 MiB).
+      image_codec: codec of uint8 HxWx{1,3,4} observations: ``"png"`` (lossless, default),
+        ``"jpeg"`` / ``"jpeg:90"`` or ``"raw"``.
+      image_codecs: per key path codecs, e.g. ``{"observation/wrist": "jpeg"}``.
+      reward_dtype: dtype of ``reward`` (float64 keeps Python floats exact).
+      strict_finite: raise on NaN/Inf in float values instead of counting them.
+      incomplete: ``"keep"`` (default) writes an episode cut short by ``close()``, an exception
+        or a signal as truncated with ``invalid=True``; ``"drop"`` discards it.
+      overwrite: replace an existing dataset in ``directory``.
+      fsync: fsync each episode (default True).
+      writer_options: a full :class:`WriterOptions`.
+      description: for ``dataset_info.json``.
+      handle_signals: turn SIGTERM into a clean exit that writes what is buffered.
+    """
+
+    def __init__(self, env: gym.Env, dataset_name: str, directory: str | os.PathLike, *,
+                 step_metadata_info: MetadataInfo | None = None,
+                 episode_metadata_info: MetadataInfo | None = None,
+                 language_instruction: bool = False, doc_field: DocField | None = None,
+                 version: str = layout.DEFAULT_VERSION,
+                 max_episodes_per_file: int | None = None, shard_bytes: int | None = None,
+                 image_codec: str | ImageCodec = "png",
+                 image_codecs: Mapping[str, str | ImageCodec] | None = None,
+                 reward_dtype: Any = np.float64, strict_finite: bool = False,
+                 incomplete: str = "keep", overwrite: bool = False, fsync: bool | None = None,
+                 writer_options: WriterOptions | None = None, description: str = "",
+                 handle_signals: bool = True):
+        super().__init__(
+            env, dataset_name, directory, step_metadata=step_metadata_info or {},
+            episode_metadata=episode_metadata_info or {}, language=language_instruction,
+            doc_field=doc_field, version=version, max_episodes_per_file=max_episodes_per_file,
+            shard_bytes=shard_bytes, image_codec=image_codec, image_codecs=image_codecs,
+            reward_dtype=reward_dtype, strict_finite=strict_finite, incomplete=incomplete,
+            overwrite=overwrite, fsync=fsync, writer_options=writer_options,
+            description=description, handle_signals=handle_signals)
+
+
+class AutoOXEEnvLogger(_GymLogger):
+    """Logs a gymnasium env to RLDS, inferring what is not declared.
+
+    Observation and action features come from the env's spaces (each value is checked against
+    them). Step and episode metadata features, and whether there is a language instruction, are
+    inferred from the values given (``set_step_metadata`` ...) during the first episode. Nothing
+    is replayed or held back: the first episode is written like every other one.
+
+    Args:
+      env: the environment.
+      dataset_name: TFDS dataset name.
+      directory: dataset directory (default ``./logs/<dataset_name>``).
+      optimal_shard_size: shard size in MB (the original's option; same as ``shard_bytes``).
+      **kwargs: the keyword options of :class:`OXEEnvLogger`, and ``step_metadata_info``,
+        ``episode_metadata_info`` or ``language_instruction`` to declare those parts.
+    """
+
+    def __init__(self, env: gym.Env, dataset_name: str, directory: str | os.PathLike | None = None,
+                 *, optimal_shard_size: float | None = None,
+                 step_metadata_info: MetadataInfo | None = None,
+                 episode_metadata_info: MetadataInfo | None = None,
+                 language_instruction: bool | None = None, doc_field: DocField | None = None,
+                 version: str = layout.DEFAULT_VERSION,
+                 max_episodes_per_file: int | None = None, shard_bytes: int | None = None,
+                 image_codec: str | ImageCodec = "png",
+                 image_codecs: Mapping[str, str | ImageCodec] | None = None,
+                 reward_dtype: Any = np.float64, strict_finite: bool = False,
+                 incomplete: str = "keep", overwrite: bool = False, fsync: bool | None = None,
+                 writer_options: WriterOptions | None = None, description: str = "",
+                 handle_signals: bool = True):
+        if directory is None:
+            directory = os.path.join(os.getcwd(), "logs", dataset_name)
+        if optimal_shard_size is not None and shard_bytes is None:
+            shard_bytes = int(optimal_shard_size * 2**20)
+        super().__init__(
+            env, dataset_name, directory, step_metadata=step_metadata_info,
+            episode_metadata=episode_metadata_info, language=language_instruction,
+            doc_field=doc_field, version=version, max_episodes_per_file=max_episodes_per_file,
+            shard_bytes=shard_bytes, image_codec=image_codec, image_codecs=image_codecs,
+            reward_dtype=reward_dtype, strict_finite=strict_finite, incomplete=incomplete,
+            overwrite=overwrite, fsync=fsync, writer_options=writer_options,
+            description=description, handle_signals=handle_signals)
+
+
+__all__ = ["DEFAULT_SHARD_BYTES", "AutoOXEEnvLogger", "LoggerMixin", "OXEEnvLogger"]

@@ -1,0 +1,83 @@
+"""Policies for demos and benchmarks: random (seeded) and scripted where an env has one."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+
+Policy = Callable[[Any], Any]
+
+
+def random_policy(env: gym.Env, seed: int = 0) -> Policy:
+    env.action_space.seed(seed)
+    return lambda obs: env.action_space.sample()
+
+
+def _cartpole(obs):
+    _, _, angle, velocity = obs
+    return int(angle + 0.5 * velocity > 0)
+
+
+def _pendulum(obs):
+    cos, sin, vel = obs
+    angle = np.arctan2(sin, cos)
+    energy = 0.5 * vel**2 + 10.0 * (cos - 1)
+    if cos > 0.9:
+        u = -10.0 * angle - 1.0 * vel
+    else:
+        u = 2.0 * np.sign(vel * cos if vel != 0 else 1.0) * (1 if energy < 0 else -1)
+    return np.clip(np.array([u], np.float32), -2.0, 2.0)
+
+
+def _oscillator(action_space: gym.spaces.Box) -> Policy:
+    """An open-loop gait for MuJoCo locomotion: phase-shifted sines per joint."""
+    n = action_space.shape[0]
+    phases = np.linspace(0, np.pi, n, dtype=np.float32)
+    state = {"t": 0}
+    low, high = action_space.low, action_space.high
+
+    def act(obs):
+        state["t"] += 1
+        a = np.sin(0.25 * state["t"] + phases).astype(np.float32)
+        return np.clip(a, low, high)
+
+    return act
+
+
+def _synthetic_camera(obs):
+    s = obs["state"]
+    gripper, opened, obj, target = s[:3], s[3], s[4:6], s[6:8]
+    a = np.zeros(7, np.float32)
+    held = np.linalg.norm(gripper[:2] - obj) < 0.02 and opened < 0.5
+    goal = np.array([*target, 0.05]) if held else np.array([*obj, 0.05])
+    a[:3] = np.clip((goal - gripper) * 10.0, -1, 1)
+    close_enough = np.linalg.norm(gripper[:2] - obj) < 0.04 and gripper[2] < 0.1
+    at_target = held and np.linalg.norm(gripper[:2] - target) < 0.03
+    a[6] = -1.0 if (close_enough or held) and not at_target else 1.0
+    return a
+
+
+def make_policy(name: str, env: gym.Env, seed: int = 0) -> Policy:
+    """``"random"`` or ``"scripted"`` (CartPole, Pendulum, MuJoCo locomotion, SyntheticCamera).
+
+    Raises:
+      ValueError: for an unknown policy, or ``"scripted"`` on an env without one.
+    """
+    if name == "random":
+        return random_policy(env, seed)
+    if name != "scripted":
+        raise ValueError(f"policy: expected 'random' or 'scripted', given {name!r}")
+    env_id = env.spec.id if env.spec is not None else ""
+    if env_id.startswith("CartPole"):
+        return _cartpole
+    if env_id.startswith("Pendulum"):
+        return _pendulum
+    if "SyntheticCamera" in env_id:
+        return _synthetic_camera
+    if isinstance(env.action_space, gym.spaces.Box) and any(
+            k in env_id for k in ("Cheetah", "Ant", "Hopper", "Walker", "Swimmer", "Humanoid")):
+        return _oscillator(env.action_space)
+    raise ValueError(f"policy: no scripted policy for {env_id!r}; use --policy=random")

@@ -1,0 +1,71 @@
+"""The exceptions raised by oxe_envlogger.
+
+Every error that comes from user input names where the problem is (a key path such as
+``steps/observation/image``), what was expected and what was given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class OXEEnvLoggerError(Exception):
+    """Base class of every error raised by this package."""
+
+
+class SpecError(OXEEnvLoggerError, ValueError):
+    """A value does not fit the feature declared for its key path."""
+
+    def __init__(self, path: str, expected: str, given: str, hint: str = ""):
+        self.path = path
+        self.expected = expected
+        self.given = given
+        message = f"{path or '<root>'}: expected {expected}, given {given}"
+        if hint:
+            message += f" ({hint})"
+        super().__init__(message)
+
+
+class UnknownKeyError(SpecError):
+    """A dict value has keys that the spec does not declare, or lacks declared ones."""
+
+
+class NonFiniteError(SpecError):
+    """A float value holds NaN or Inf and the logger was created with ``strict_finite=True``."""
+
+
+class UnsupportedSpaceError(OXEEnvLoggerError, TypeError):
+    """A gymnasium space (or a sample) has no RLDS feature."""
+
+
+class StepOrderError(OXEEnvLoggerError, RuntimeError):
+    """Calls arrive in an order that has no RLDS meaning (e.g. ``step()`` before ``reset()``)."""
+
+
+class LoggerClosedError(OXEEnvLoggerError, RuntimeError):
+    """A logger or writer was used after ``close()``."""
+
+
+class WriterError(OXEEnvLoggerError, RuntimeError):
+    """The background writer failed (disk full, permission, ...); the cause is chained."""
+
+
+class DatasetExistsError(OXEEnvLoggerError, FileExistsError):
+    """The target already holds a dataset and neither appending nor overwriting applies."""
+
+
+class FeatureMismatchError(OXEEnvLoggerError, ValueError):
+    """Two feature sets that must be equal differ; ``differences`` lists each difference."""
+
+    def __init__(self, message: str, differences: Sequence[str]):
+        self.differences = list(differences)
+        lines = "\n".join(f"  - {d}" for d in self.differences)
+        super().__init__(f"{message}:\n{lines}" if lines else message)
+
+
+class RecordTooLargeError(OXEEnvLoggerError, ValueError):
+    """One serialized episode is larger than a tf.train.Example can hold (2 GiB)."""
+
+
+class CorruptDatasetError(OXEEnvLoggerError):
+    """A dataset directory holds data that fails validation (bad CRC, wrong lengths, ...)."""

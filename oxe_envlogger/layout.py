@@ -1,0 +1,526 @@
+"""The dataset directory: TFDS metadata files, shards, commits and crash recovery.
+
+A dataset is one directory that ``tfds.builder_from_directory(dir)`` opens unchanged::
+
+    dataset_info.json              TFDS DatasetInfo (splits, shard lengths, file template)
+    features.json                  TFDS features (the RLDS episode structure)
+    <name>-<split>.tfrecord-NNNNN  committed shards, one episode per record, never modified
+    oxe_envlogger.json             provenance: writer sessions, env, seeds, versions, stalls
+    statistics.json                running statistics of actions and float observations
+    .oxe/lock                      flock taken for every metadata change
+    .oxe/writers/<id>.lock         flock held by each live writer for its whole life
+    .oxe/staging/<id>-<n>.tfrecord shards being written (durable, not yet visible to readers)
+
+Shards written by the logger use the template ``{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_INDEX}``
+(TFDS's SequentialWriter uses the same), recorded in ``dataset_info.json``, so that appending a
+shard never renames the others. Resharded datasets use TFDS's default ``-NNNNN-of-MMMMM`` names.
+
+Commit protocol (under ``.oxe/lock``): a closed staging shard is renamed to the next free index,
+then ``dataset_info.json`` is replaced atomically (temp file, fsync, rename). A reader therefore
+always sees a consistent dataset; a writer killed at any moment leaves at most staging files and
+an unlisted last shard, which :func:`recover` (run automatically when a writer opens the
+directory) validates, truncates to the last whole record and commits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import fcntl
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import sys
+import uuid
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from oxe_envlogger import record
+from oxe_envlogger.errors import (
+    CorruptDatasetError,
+    DatasetExistsError,
+    FeatureMismatchError,
+    OXEEnvLoggerError,
+)
+from oxe_envlogger.specs import diff_features, strip_docs
+
+log = logging.getLogger(__name__)
+
+DATASET_INFO = "dataset_info.json"
+FEATURES = "features.json"
+METADATA = "oxe_envlogger.json"
+STATISTICS = "statistics.json"
+INTERNAL = ".oxe"
+FILE_FORMAT = "tfrecord"
+APPEND_TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_INDEX}"
+DEFAULT_TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"
+DEFAULT_SPLIT = "train"
+DEFAULT_VERSION = "0.1.0"
+_NAME_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9_]*$")
+
+PathLike = str | os.PathLike
+
+
+def check_dataset_name(name: str) -> str:
+    """Dataset names become file name prefixes that TFDS parses: letters, digits, underscores."""
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise ValueError(
+            f"dataset name: expected letters, digits and underscores starting with a letter "
+            f"(e.g. {snake_name(str(name))!r}), given {name!r}")
+    return name
+
+
+def snake_name(text: str) -> str:
+    """``"HalfCheetah-v5"`` -> ``"half_cheetah_v5"``."""
+    s = re.sub(r"(?<=[a-z0-9])([A-Z])", r"_\1", text)
+    s = re.sub(r"[^a-zA-Z0-9]+", "_", s).strip("_").lower()
+    return s if s and s[0].isalpha() else f"ds_{s}"
+
+
+def now_iso() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+# ---------------------------------------------------------------------------------------------
+# Atomic files and locks
+
+
+def fsync_dir(path: PathLike) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> None:
+    """Replaces ``path`` with ``data`` so that readers see the old or the new file, never a part."""
+    path = os.fspath(path)
+    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(os.path.dirname(path) or ".")
+
+
+def atomic_write_json(path: PathLike, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode("utf-8"))
+
+
+def read_json(path: PathLike) -> Any | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+
+
+@contextlib.contextmanager
+def dataset_lock(directory: PathLike) -> Iterator[None]:
+    """Exclusive lock on the dataset's metadata (all processes on this host)."""
+    internal = os.path.join(directory, INTERNAL)
+    os.makedirs(internal, exist_ok=True)
+    fd = os.open(os.path.join(internal, "lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+class WriterRegistration:
+    """The flock a live writer holds on ``.oxe/writers/<id>.lock``; recovery skips live ones."""
+
+    def __init__(self, directory: PathLike, writer_id: str):
+        self.path = os.path.join(directory, INTERNAL, "writers", f"{writer_id}.lock")
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.write(self._fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+        self._fd = None
+
+
+def _writer_alive(directory: PathLike, writer_id: str) -> bool:
+    path = os.path.join(directory, INTERNAL, "writers", f"{writer_id}.lock")
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def staging_dir(directory: PathLike) -> str:
+    return os.path.join(directory, INTERNAL, "staging")
+
+
+# ---------------------------------------------------------------------------------------------
+# dataset_info.json
+
+
+def shard_filename(template: str, name: str, split: str, index: int, num_shards: int | None,
+                   file_format: str = FILE_FORMAT) -> str:
+    """Formats a TFDS shard file name template."""
+    out = (template.replace("{DATASET}", name).replace("{SPLIT}", split)
+           .replace("{FILEFORMAT}", file_format).replace("{SHARD_INDEX}", f"{index:05d}"))
+    if "{NUM_SHARDS}" in out or "{SHARD_X_OF_Y}" in out:
+        if num_shards is None:
+            raise ValueError(f"template {template!r} needs the number of shards")
+        out = out.replace("{NUM_SHARDS}", f"{num_shards:05d}")
+        out = out.replace("{SHARD_X_OF_Y}", f"{index:05d}-of-{num_shards:05d}")
+    return out
+
+
+def new_dataset_info(name: str, *, version: str = DEFAULT_VERSION, description: str = "",
+                     splits: Mapping[str, tuple[list[int], int]] | None = None,
+                     template: str = APPEND_TEMPLATE, citation: str = "") -> dict:
+    """A ``dataset_info.json`` dict. ``splits`` maps split name to (shard lengths, bytes)."""
+    splits = splits if splits is not None else {DEFAULT_SPLIT: ([], 0)}
+    return {
+        "citation": citation,
+        "description": description,
+        "fileFormat": FILE_FORMAT,
+        "moduleName": "oxe_envlogger",
+        "name": name,
+        "splits": [{"filepathTemplate": template, "name": s, "numBytes": str(nbytes),
+                    "shardLengths": [str(n) for n in lengths]}
+                   for s, (lengths, nbytes) in splits.items()],
+        "version": version,
+    }
+
+
+def split_entry(info: dict, split: str, *, create: bool = False) -> dict | None:
+    for entry in info.setdefault("splits", []):
+        if entry.get("name") == split:
+            return entry
+    if not create:
+        return None
+    entry = {"filepathTemplate": APPEND_TEMPLATE, "name": split, "numBytes": "0",
+             "shardLengths": []}
+    info["splits"].append(entry)
+    return entry
+
+
+def shard_paths(directory: PathLike, info: dict, split: str) -> list[tuple[str, int]]:
+    """``[(path, number of episodes)]`` of a split's committed shards, in order."""
+    entry = split_entry(info, split)
+    if entry is None:
+        known = [s.get("name") for s in info.get("splits", [])]
+        raise KeyError(f"split {split!r} not in {os.fspath(directory)} (splits: {known})")
+    lengths = [int(n) for n in entry.get("shardLengths", [])]
+    template = entry.get("filepathTemplate") or DEFAULT_TEMPLATE
+    file_format = info.get("fileFormat") or FILE_FORMAT
+    if file_format != FILE_FORMAT:
+        raise OXEEnvLoggerError(f"{directory}: file format {file_format!r} is not read here; "
+                                "use tfds.builder_from_directory")
+    return [(os.path.join(directory, shard_filename(template, info["name"], split, i,
+                                                     len(lengths), file_format)), n)
+            for i, n in enumerate(lengths)]
+
+
+def list_splits(info: dict) -> list[str]:
+    return [s["name"] for s in info.get("splits", [])]
+
+
+def is_dataset(directory: PathLike) -> bool:
+    return os.path.isfile(os.path.join(directory, DATASET_INFO))
+
+
+def find_datasets(root: PathLike) -> list[str]:
+    """Every directory under ``root`` (inclusive) holding a ``dataset_info.json``, sorted."""
+    root = os.fspath(root)
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d != INTERNAL)
+        if DATASET_INFO in filenames and FEATURES in filenames:
+            found.append(dirpath)
+    return sorted(found)
+
+
+def iter_serialized(directory: PathLike, split: str = DEFAULT_SPLIT, *, verify: bool = True
+                    ) -> Iterator[tuple[str, int, bytes]]:
+    """Yields ``(shard path, index in shard, serialized episode)`` over committed shards."""
+    info = read_json(os.path.join(directory, DATASET_INFO))
+    if info is None:
+        raise FileNotFoundError(f"{directory}: no {DATASET_INFO}; not a dataset directory")
+    for path, _ in shard_paths(directory, info, split):
+        for i, data in enumerate(record.read_records(path, verify=verify)):
+            yield path, i, data
+
+
+# ---------------------------------------------------------------------------------------------
+# Creating, opening and committing
+
+
+class DatasetDir:
+    """Metadata operations on one dataset directory. Every mutation takes :func:`dataset_lock`."""
+
+    def __init__(self, directory: PathLike, name: str, *, split: str = DEFAULT_SPLIT):
+        self.path = os.path.abspath(os.fspath(directory))
+        self.name = check_dataset_name(name)
+        self.split = split
+
+    def file(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+    def lock(self):
+        return dataset_lock(self.path)
+
+    def read_info(self) -> dict | None:
+        return read_json(self.file(DATASET_INFO))
+
+    def read_features(self) -> dict | None:
+        return read_json(self.file(FEATURES))
+
+    def remove_dataset(self) -> None:
+        """Deletes everything a dataset consists of (caller holds the lock)."""
+        info = self.read_info()
+        if info is not None:
+            for split in list_splits(info):
+                for path, _ in shard_paths(self.path, info, split):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
+        pattern = re.compile(rf"^{re.escape(self.name)}-.+\.{FILE_FORMAT}-\d{{5,}}(-of-\d{{5,}})?$")
+        for entry in os.listdir(self.path):
+            if pattern.match(entry) or entry in (DATASET_INFO, FEATURES, METADATA, STATISTICS):
+                os.unlink(self.file(entry))
+        shutil.rmtree(staging_dir(self.path), ignore_errors=True)
+
+    def ensure(self, features_json: dict, *, description: str = "", version: str = DEFAULT_VERSION,
+               metadata: Mapping[str, Any] | None = None) -> bool:
+        """Creates the dataset if missing, else checks that its features equal ``features_json``.
+        Caller holds the lock. Returns whether the dataset was created.
+
+        Raises:
+          FeatureMismatchError: listing each difference.
+          DatasetExistsError: when another dataset name lives in the directory.
+        """
+        info = self.read_info()
+        if info is not None:
+            existing = self.read_features()
+            if info.get("name") != self.name:
+                raise DatasetExistsError(
+                    f"{self.path} holds dataset {info.get('name')!r}, not {self.name!r}; use "
+                    "another directory or the same dataset name")
+            if existing is None:
+                raise CorruptDatasetError(f"{self.path}: {DATASET_INFO} without {FEATURES}")
+            if strip_docs(existing) != strip_docs(features_json):
+                raise FeatureMismatchError(
+                    f"cannot append to {self.path}: its features differ from the logged ones "
+                    "(first: on disk, second: this logger); use another directory or "
+                    "overwrite=True", diff_features(existing, features_json))
+            if split_entry(info, self.split) is None:
+                split_entry(info, self.split, create=True)
+                atomic_write_json(self.file(DATASET_INFO), info)
+            return False
+        os.makedirs(self.path, exist_ok=True)
+        atomic_write_json(self.file(FEATURES), features_json)
+        meta = {"format_version": 1, "dataset_name": self.name, "created": now_iso(),
+                "sessions": []}
+        meta.update(metadata or {})
+        atomic_write_json(self.file(METADATA), meta)
+        atomic_write_json(self.file(DATASET_INFO),
+                          new_dataset_info(self.name, version=version, description=description,
+                                           splits={self.split: ([], 0)}))
+        return True
+
+    def commit_shard(self, staging_path: str, num_episodes: int, num_bytes: int) -> str:
+        """Renames a closed staging shard into the dataset and lists it. Caller holds the lock.
+
+        Returns:
+          The committed shard's path."""
+        info = self.read_info()
+        if info is None:
+            raise CorruptDatasetError(f"{self.path}: {DATASET_INFO} vanished")
+        entry = split_entry(info, self.split, create=True)
+        template = entry.get("filepathTemplate") or DEFAULT_TEMPLATE
+        if "{SHARD_INDEX}" not in template or "{NUM_SHARDS}" in template or "SHARD_X_OF_Y" in template:
+            raise OXEEnvLoggerError(
+                f"{self.path}: split {self.split!r} was written as a finished dataset "
+                f"({template}); loggers append only to datasets they created")
+        index = len(entry["shardLengths"])
+        final = self.file(shard_filename(template, self.name, self.split, index, None))
+        if os.path.exists(final):
+            raise CorruptDatasetError(f"{final} exists but is not listed; run recover first")
+        os.rename(staging_path, final)
+        fsync_dir(self.path)
+        entry["shardLengths"].append(str(num_episodes))
+        entry["numBytes"] = str(int(entry.get("numBytes", "0")) + num_bytes)
+        atomic_write_json(self.file(DATASET_INFO), info)
+        return final
+
+    def update_metadata(self, fn) -> dict:
+        """Applies ``fn(meta) -> None`` to ``oxe_envlogger.json`` atomically. Caller holds the lock."""
+        meta = read_json(self.file(METADATA)) or {"format_version": 1, "dataset_name": self.name,
+                                                  "sessions": []}
+        fn(meta)
+        atomic_write_json(self.file(METADATA), meta)
+        return meta
+
+
+def update_session(meta: dict, session: Mapping[str, Any]) -> None:
+    """Replaces (or adds) the session entry with the same ``writer_id``."""
+    sessions = meta.setdefault("sessions", [])
+    for i, s in enumerate(sessions):
+        if s.get("writer_id") == session["writer_id"]:
+            sessions[i] = dict(session)
+            return
+    sessions.append(dict(session))
+
+
+# ---------------------------------------------------------------------------------------------
+# Recovery
+
+
+def _orphan_shards(directory: str, info: dict, split: str) -> list[str]:
+    entry = split_entry(info, split)
+    if entry is None:
+        return []
+    template = entry.get("filepathTemplate") or DEFAULT_TEMPLATE
+    if "{SHARD_INDEX}" not in template or "SHARD_X_OF_Y" in template:
+        return []
+    out = []
+    index = len(entry.get("shardLengths", []))
+    while True:
+        path = os.path.join(directory, shard_filename(template, info["name"], split, index, None))
+        if not os.path.exists(path):
+            return out
+        out.append(path)
+        index += 1
+
+
+def recover(directory: PathLike) -> dict:
+    """Makes every durable episode of a crashed writer visible; idempotent.
+
+    Lists shards that were renamed but not yet listed, and commits the staging shards of dead
+    writers (truncated to their last whole, CRC-valid record). Live writers are left alone.
+
+    Returns:
+      A report: ``{"committed_shards": [...], "episodes": n, "truncated_bytes": n,
+      "removed_empty": n}``.
+    """
+    from oxe_envlogger import stats as stats_lib
+
+    directory = os.path.abspath(os.fspath(directory))
+    report = {"committed_shards": [], "episodes": 0, "truncated_bytes": 0, "removed_empty": 0}
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{directory}: no such directory")
+    with dataset_lock(directory):
+        info = read_json(os.path.join(directory, DATASET_INFO))
+        stage = staging_dir(directory)
+        staged = sorted(os.listdir(stage)) if os.path.isdir(stage) else []
+        if info is None:
+            if staged:
+                log.warning("%s: %d staging shards but no %s; nothing can be recovered without "
+                            "features", directory, len(staged), DATASET_INFO)
+            return report
+        name = info["name"]
+        touched = False
+        for split in list_splits(info):
+            ds = DatasetDir(directory, name, split=split)
+            for path in _orphan_shards(directory, info, split):
+                count, end = record.valid_prefix(path)
+                size = os.path.getsize(path)
+                if end < size:
+                    os.truncate(path, end)
+                    report["truncated_bytes"] += size - end
+                entry = split_entry(info, split)
+                entry["shardLengths"].append(str(count))
+                entry["numBytes"] = str(int(entry.get("numBytes", "0")) + end)
+                atomic_write_json(os.path.join(directory, DATASET_INFO), info)
+                report["committed_shards"].append(path)
+                report["episodes"] += count
+                touched = True
+        dead_writers = set()
+        for fname in staged:
+            m = re.match(r"^(?P<writer>[0-9a-f]+)-(?P<split>.+)-(?P<seq>\d+)\.tfrecord$", fname)
+            path = os.path.join(stage, fname)
+            if not m:
+                continue
+            if _writer_alive(directory, m["writer"]):
+                continue
+            dead_writers.add(m["writer"])
+            count, end = record.valid_prefix(path)
+            size = os.path.getsize(path)
+            if end < size:
+                os.truncate(path, end)
+                report["truncated_bytes"] += size - end
+            if count == 0:
+                os.unlink(path)
+                report["removed_empty"] += 1
+                continue
+            ds = DatasetDir(directory, name, split=m["split"])
+            final = ds.commit_shard(path, count, end)
+            info = ds.read_info()
+            report["committed_shards"].append(final)
+            report["episodes"] += count
+            touched = True
+        for writer in dead_writers:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(directory, INTERNAL, "writers", f"{writer}.lock"))
+        if dead_writers:
+            def mark(meta):
+                for s in meta.get("sessions", []):
+                    if s.get("writer_id") in dead_writers and not s.get("closed"):
+                        s["closed"] = now_iso()
+                        s["ended"] = "crashed; recovered"
+
+            DatasetDir(directory, name).update_metadata(mark)
+        if touched:
+            stats_lib.catch_up(directory)
+    if report["committed_shards"]:
+        log.info("recovered %d episodes in %d shards of %s", report["episodes"],
+                 len(report["committed_shards"]), directory)
+    return report
+
+
+def needs_recovery(directory: PathLike) -> bool:
+    """Whether :func:`recover` would change anything (cheap; no lock, no reading of shards)."""
+    info = read_json(os.path.join(directory, DATASET_INFO))
+    if info is not None:
+        for split in list_splits(info):
+            if _orphan_shards(os.fspath(directory), info, split):
+                return True
+    stage = staging_dir(directory)
+    if not os.path.isdir(stage):
+        return False
+    for fname in os.listdir(stage):
+        m = re.match(r"^(?P<writer>[0-9a-f]+)-", fname)
+        if m and not _writer_alive(directory, m["writer"]):
+            return True
+    return False
+
+
+def recover_main(argv: list[str] | None = None) -> int:
+    """``oxe-recover-rlds DIR [DIR ...]``: runs :func:`recover` and prints the report."""
+    args = sys.argv[1:] if argv is None else argv
+    if not args:
+        print("usage: oxe-recover-rlds DIR [DIR ...]", file=sys.stderr)
+        return 2
+    for d in args:
+        print(json.dumps({"directory": d, **recover(d)}))
+    return 0

@@ -1,0 +1,344 @@
+"""The record format, without TensorFlow: TFRecord framing and ``tf.train.Example`` encoding.
+
+A TFRecord file is a sequence of records::
+
+    uint64 length (little endian)
+    uint32 masked crc32c of the 8 length bytes
+    byte   data[length]
+    uint32 masked crc32c of data
+
+and each record here is one serialized ``tf.train.Example``::
+
+    Example  { Features features = 1; }
+    Features { map<string, Feature> feature = 1; }
+    Feature  { oneof { BytesList bytes_list = 1; FloatList float_list = 2; Int64List int64_list = 3; } }
+
+Float and int64 lists are written packed, as TensorFlow writes them. Arrays are encoded with numpy
+(no per-element Python work), which is what makes logging cheap.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Iterator, Mapping, Sequence
+from typing import BinaryIO, Literal
+
+import google_crc32c
+import numpy as np
+
+from oxe_envlogger.errors import CorruptDatasetError, RecordTooLargeError
+
+# A tf.train.Example larger than this cannot be parsed (protobuf's 2 GiB message limit).
+MAX_RECORD_BYTES = (1 << 31) - 1
+
+_MASK_DELTA = 0xA282EAD8
+_U64 = struct.Struct("<Q")
+_U32 = struct.Struct("<I")
+_HEADER = 12
+_FOOTER = 4
+
+Kind = Literal["bytes", "float", "int64"]
+
+
+def masked_crc(data: bytes | memoryview) -> int:
+    crc = google_crc32c.value(data)
+    return (((crc >> 15) | (crc << 17)) + _MASK_DELTA) & 0xFFFFFFFF
+
+
+def frame(data: bytes) -> bytes:
+    """One TFRecord record holding ``data``."""
+    length = _U64.pack(len(data))
+    return b"".join((length, _U32.pack(masked_crc(length)), data, _U32.pack(masked_crc(data))))
+
+
+def framed_size(n: int) -> int:
+    return n + _HEADER + _FOOTER
+
+
+def iter_records(f: BinaryIO, *, verify: bool = True, path: str = "") -> Iterator[tuple[int, bytes]]:
+    """Yields ``(offset, data)`` for each record of an open TFRecord file.
+
+    Raises:
+      CorruptDatasetError: at a truncated record or a CRC mismatch, naming the file and offset.
+    """
+    offset = 0
+    while True:
+        header = f.read(_HEADER)
+        if not header:
+            return
+        if len(header) < _HEADER:
+            raise CorruptDatasetError(f"{path}: truncated record header at byte {offset}")
+        (length,) = _U64.unpack_from(header)
+        if verify and _U32.unpack_from(header, 8)[0] != masked_crc(header[:8]):
+            raise CorruptDatasetError(f"{path}: bad length CRC at byte {offset}")
+        data = f.read(length)
+        footer = f.read(_FOOTER)
+        if len(data) < length or len(footer) < _FOOTER:
+            raise CorruptDatasetError(f"{path}: truncated record at byte {offset}")
+        if verify and _U32.unpack(footer)[0] != masked_crc(data):
+            raise CorruptDatasetError(f"{path}: bad data CRC at byte {offset}")
+        yield offset, data
+        offset += framed_size(length)
+
+
+def read_records(path: str | os.PathLike, *, verify: bool = True) -> Iterator[bytes]:
+    """Yields the data of every record in a TFRecord file."""
+    with open(path, "rb", buffering=1 << 20) as f:
+        for _, data in iter_records(f, verify=verify, path=os.fspath(path)):
+            yield data
+
+
+def valid_prefix(path: str | os.PathLike) -> tuple[int, int]:
+    """``(number of records, byte length)`` of the longest prefix of whole, CRC-valid records."""
+    count = end = 0
+    with open(path, "rb", buffering=1 << 20) as f:
+        try:
+            for offset, data in iter_records(f, path=os.fspath(path)):
+                count += 1
+                end = offset + framed_size(len(data))
+        except CorruptDatasetError:
+            pass
+    return count, end
+
+
+# ---------------------------------------------------------------------------------------------
+# Protobuf wire format
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+_SMALL_VARINTS = [_varint(i) for i in range(1 << 14)]
+
+
+def varint(n: int) -> bytes:
+    return _SMALL_VARINTS[n] if n < 16384 else _varint(n)
+
+
+def encode_varints(values: np.ndarray) -> bytes:
+    """Packed varint encoding of int64 values (negative values take 10 bytes, as in protobuf)."""
+    v = np.ascontiguousarray(values, dtype=np.int64).reshape(-1).view(np.uint64)
+    if v.size == 0:
+        return b""
+    vmax = int(v.max())
+    if vmax < 0x80:
+        return v.astype(np.uint8).tobytes()
+    nbytes = max(1, (vmax.bit_length() + 6) // 7)
+    shifts = np.arange(nbytes, dtype=np.uint64) * np.uint64(7)
+    groups = ((v[:, None] >> shifts[None, :]) & np.uint64(0x7F)).astype(np.uint8)
+    # Bytes needed per value: at least one, then one per remaining 7-bit group.
+    lengths = np.ones(v.shape, dtype=np.int64)
+    rest = v >> np.uint64(7)
+    while rest.any():
+        lengths += rest > 0
+        rest = rest >> np.uint64(7)
+    col = np.arange(nbytes)[None, :]
+    groups |= np.where(col < (lengths[:, None] - 1), np.uint8(0x80), np.uint8(0))
+    return groups[col < lengths[:, None]].tobytes()
+
+
+def decode_varints(buf: bytes | memoryview) -> np.ndarray:
+    """Inverse of :func:`encode_varints`."""
+    b = np.frombuffer(buf, dtype=np.uint8)
+    if b.size == 0:
+        return np.zeros(0, np.int64)
+    if (b < 0x80).all():
+        return b.astype(np.int64)
+    ends = np.flatnonzero(b < 0x80)
+    starts = np.concatenate(([0], ends[:-1] + 1))
+    pos = np.arange(b.size) - np.repeat(starts, ends - starts + 1)
+    parts = (b & 0x7F).astype(np.uint64) << (pos.astype(np.uint64) * np.uint64(7))
+    return np.add.reduceat(parts, starts).view(np.int64)
+
+
+def _field(tag: int, payload: bytes) -> bytes:
+    return bytes((tag,)) + varint(len(payload)) + payload
+
+
+def bytes_list_payload(values: Sequence[bytes]) -> bytes:
+    """The content of a ``Feature`` holding a BytesList."""
+    inner = b"".join([b"\x0a" + varint(len(v)) + v for v in values])
+    return _field(0x0A, inner)
+
+
+def fixed_bytes_list_payload(array: np.ndarray) -> bytes:
+    """A BytesList with one entry per row of ``array`` (each row's raw bytes), built at once."""
+    n = array.shape[0] if array.ndim else 1
+    rows = np.ascontiguousarray(array).reshape(n, -1).view(np.uint8)
+    header = np.frombuffer(b"\x0a" + varint(rows.shape[1]), np.uint8)
+    table = np.empty((n, header.size + rows.shape[1]), np.uint8)
+    table[:, : header.size] = header
+    table[:, header.size:] = rows
+    return _field(0x0A, table.tobytes())
+
+
+def float_list_payload(values: np.ndarray) -> bytes:
+    data = np.ascontiguousarray(values, dtype="<f4").tobytes()
+    return _field(0x12, _field(0x0A, data) if data else b"")
+
+
+def int64_list_payload(values: np.ndarray) -> bytes:
+    data = encode_varints(values)
+    return _field(0x1A, _field(0x0A, data) if data else b"")
+
+
+def encode_example(features: Mapping[str, bytes]) -> bytes:
+    """A serialized Example from ``{key: feature payload}`` (payloads from the ``*_payload``
+    functions). Keys are written sorted, so the same content gives the same bytes."""
+    entries = []
+    for key in sorted(features):
+        k = key.encode("utf-8")
+        entry = b"\x0a" + varint(len(k)) + k + b"\x12" + varint(len(features[key])) + features[key]
+        entries.append(b"\x0a" + varint(len(entry)) + entry)
+    body = b"".join(entries)
+    out = b"\x0a" + varint(len(body)) + body
+    if len(out) > MAX_RECORD_BYTES:
+        raise RecordTooLargeError(
+            f"one episode serializes to {len(out) / 2**30:.2f} GiB; a tf.train.Example holds at "
+            "most 2 GiB: log shorter episodes, or store images as JPEG")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding
+
+
+def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if b < 0x80:
+            return result, pos
+        shift += 7
+
+
+def _iter_fields(buf: memoryview) -> Iterator[tuple[int, int, memoryview | int]]:
+    """Yields ``(field number, wire type, payload)``; payload is an int for varints."""
+    pos, end = 0, len(buf)
+    while pos < end:
+        key, pos = _read_varint(buf, pos)
+        field, wire = key >> 3, key & 7
+        if wire == 2:
+            n, pos = _read_varint(buf, pos)
+            yield field, wire, buf[pos: pos + n]
+            pos += n
+        elif wire == 0:
+            v, pos = _read_varint(buf, pos)
+            yield field, wire, v
+        elif wire == 5:
+            yield field, wire, buf[pos: pos + 4]
+            pos += 4
+        elif wire == 1:
+            yield field, wire, buf[pos: pos + 8]
+            pos += 8
+        else:
+            raise CorruptDatasetError(f"unsupported protobuf wire type {wire}")
+
+
+def split_example(data: bytes | memoryview) -> dict[str, memoryview]:
+    """``{key: raw Feature payload}`` of a serialized Example, without decoding the values.
+
+    Used to rewrite a few features of a record and keep the others' bytes as they are."""
+    out = {}
+    for field, _, features in _iter_fields(memoryview(data)):
+        if field != 1:
+            continue
+        for f2, _, entry in _iter_fields(features):
+            if f2 != 1:
+                continue
+            key, value = None, memoryview(b"")
+            for f3, _, part in _iter_fields(entry):
+                if f3 == 1:
+                    key = bytes(part).decode("utf-8")
+                elif f3 == 2:
+                    value = part
+            if key is not None:
+                out[key] = value
+    return out
+
+
+def decode_feature(payload: bytes | memoryview) -> tuple[Kind, list[bytes] | np.ndarray]:
+    """Decodes one Feature payload into ``("bytes", [bytes])``, ``("float", float32 array)`` or
+    ``("int64", int64 array)``. Packed and unpacked lists are both read."""
+    for field, _, body in _iter_fields(memoryview(payload)):
+        if field == 1:
+            return "bytes", [bytes(v) for f, _, v in _iter_fields(body) if f == 1]
+        if field == 2:
+            chunks = []
+            for f, wire, v in _iter_fields(body):
+                if f == 1:
+                    chunks.append(bytes(v))
+            return "float", np.frombuffer(b"".join(chunks), "<f4").astype(np.float32)
+        if field == 3:
+            parts = []
+            for f, wire, v in _iter_fields(body):
+                if f != 1:
+                    continue
+                parts.append(decode_varints(v) if wire == 2 else np.array([v], np.uint64).view(np.int64))
+            return "int64", np.concatenate(parts) if parts else np.zeros(0, np.int64)
+    return "bytes", []  # an empty Feature: no kind set
+
+
+def decode_example(data: bytes | memoryview) -> dict[str, tuple[Kind, list[bytes] | np.ndarray]]:
+    """``{key: (kind, values)}`` of a serialized Example."""
+    return {k: decode_feature(v) for k, v in split_example(data).items()}
+
+
+def encode_raw_features(features: Mapping[str, bytes | memoryview]) -> bytes:
+    """Re-assembles an Example from raw payloads (as :func:`split_example` returns them)."""
+    return encode_example({k: bytes(v) for k, v in features.items()})
+
+
+class RecordWriter:
+    """Appends framed records to a file (unbuffered), tracking the bytes written so far.
+
+    A failed write (e.g. disk full) leaves the file cut back to its last whole record."""
+
+    def __init__(self, path: str | os.PathLike, *, append: bool = False):
+        self.path = os.fspath(path)
+        flags = os.O_WRONLY | os.O_CREAT | (0 if append else os.O_TRUNC)
+        self._fd: int | None = os.open(self.path, flags, 0o644)
+        self.bytes_written = os.lseek(self._fd, 0, os.SEEK_END)
+        self.num_records = 0
+
+    def write(self, data: bytes) -> int:
+        """Writes one record; returns its framed size."""
+        assert self._fd is not None, "write after close"
+        record = memoryview(frame(data))
+        start = self.bytes_written
+        try:
+            done = 0
+            while done < len(record):
+                done += os.write(self._fd, record[done:])
+        except BaseException:
+            self.truncate(start)
+            raise
+        self.bytes_written = start + len(record)
+        self.num_records += 1
+        return len(record)
+
+    def sync(self) -> None:
+        if self._fd is not None:
+            os.fsync(self._fd)
+
+    def truncate(self, size: int) -> None:
+        """Cuts the file back to ``size`` bytes."""
+        if self._fd is None:
+            return
+        os.ftruncate(self._fd, size)
+        os.lseek(self._fd, size, os.SEEK_SET)
+        self.bytes_written = size
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

@@ -1,0 +1,473 @@
+"""RLDS alignment: turns resets, steps and metadata into episodes for the writer.
+
+Step alignment (RLDS). An episode of N env steps gives N+1 RLDS steps. Step t holds
+
+* ``observation``: o_t, the observation the action was chosen from;
+* ``action``: a_t, the action taken from o_t;
+* ``reward``, ``discount``: what followed a_t (discount 0 where a_t ended the episode by
+  termination, else 1 unless the env gives its own);
+* ``is_first`` (t = 0), ``is_last`` (t = N), ``is_terminal`` (t = N and the env terminated;
+  a truncation, e.g. a time limit, is not terminal).
+
+The final step t = N holds the final observation o_N, a zero action, a zero reward and a discount
+of 0 when terminal, else 1.
+
+Metadata and language. ``set_step_metadata`` / ``set_language_instruction`` values are *sticky*:
+each step records the values in effect when the step is completed, i.e. when ``step(a_t)`` is
+called for step t, or when the episode ends for the final step. So a value set after o_t was
+observed and before ``step(a_t)`` lands in step t (with o_t and a_t). A key never set holds zeros
+(or an empty string). ``set_episode_metadata`` values in effect when the episode is written apply
+to it; an episode is written at the next ``reset()`` or at ``close()``, so metadata set after the
+last ``step()`` (a success flag, say) still belongs to the episode that just ended.
+
+Types. Observation and action specs come from spaces, or are inferred from the first value.
+Step metadata, episode metadata and the presence of a language instruction are declared, or
+inferred from the values given during the first episode; the dataset's features are fixed when
+the first episode is written (or taken from the dataset being appended to).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from oxe_envlogger import layout, specs
+from oxe_envlogger.errors import (
+    LoggerClosedError,
+    SpecError,
+    StepOrderError,
+    UnknownKeyError,
+)
+from oxe_envlogger.specs import Group, Leaf, Spec
+from oxe_envlogger.writer import DatasetWriter, EpisodeRows, WriterOptions
+
+log = logging.getLogger(__name__)
+
+STEP_RESERVED = ("observation", "action", "reward", "discount", "is_first", "is_last",
+                 "is_terminal", "language_instruction")
+EPISODE_RESERVED = ("steps", "episode_id", "invalid")
+
+
+class _Part:
+    """One compiled part of a step (observation, action, a metadata key): checks values and
+    starts image encoding."""
+
+    def __init__(self, spec: Spec, path: str, writer: DatasetWriter, strict_finite: bool):
+        self.spec = spec
+        self.path = path
+        self.leaves = list(specs.iter_leaves(spec))
+        self._check = specs.compile_checker(spec, path, strict_finite=strict_finite)
+        self._images = [(i, leaf.codec) for i, (_, leaf) in enumerate(self.leaves)
+                        if leaf.kind == "image"]
+        self._writer = writer
+        self.zero = [self._zero_leaf(leaf) for _, leaf in self.leaves]
+
+    def _zero_leaf(self, leaf: Leaf):
+        if leaf.kind == "image":
+            from oxe_envlogger import codecs
+
+            return codecs.encode(np.zeros(leaf.shape, np.uint8), leaf.codec)
+        return specs.zero_value(leaf)
+
+    def check(self, value: Any) -> list:
+        out: list = []
+        self._check(value, out)
+        return out
+
+    def submit_images(self, flat: list) -> list:
+        for i, codec in self._images:
+            flat[i] = self._writer.encode_image(flat[i], codec)
+        return flat
+
+
+def _infer_spec(value: Any, path: str, image_codec, image_codecs) -> Spec:
+    space = specs.get_gym_space(value, _path=path)
+    return specs.space_to_spec(space, path=path, image_codec=image_codec, image_codecs=image_codecs)
+
+
+class EpisodeRecorder:
+    """Collects one episode at a time and hands finished episodes to a :class:`DatasetWriter`.
+
+    Args:
+      directory: dataset directory.
+      dataset_name: TFDS dataset name.
+      observation: observation spec, gymnasium space or other declaration; None to infer it from
+        the first observation.
+      action: the same for actions.
+      reward_dtype, discount_dtype: dtypes of ``reward`` and ``discount``.
+      step_metadata: declared step metadata ``{key: declaration}``; None to infer.
+      episode_metadata: declared episode metadata; None to infer.
+      language: whether steps carry ``language_instruction``; None to infer.
+      image_codec, image_codecs: see :func:`oxe_envlogger.specs.space_to_spec`.
+      docs: ``{key path or leaf name: description}`` kept in ``features.json``.
+      strict_finite: raise :class:`NonFiniteError` on NaN/Inf instead of counting them.
+      incomplete: what ``close()`` does with an episode in progress: ``"keep"`` (written,
+        truncated, ``invalid=True``) or ``"drop"``.
+      options: :class:`WriterOptions`.
+      overwrite: replace an existing dataset in ``directory``.
+      session: provenance for ``oxe_envlogger.json``.
+      description, version: for ``dataset_info.json``.
+    """
+
+    def __init__(self, directory: str | os.PathLike, dataset_name: str, *,
+                 observation: Any = None, action: Any = None,
+                 reward_dtype: Any = np.float64, discount_dtype: Any = np.float32,
+                 step_metadata: Mapping[str, Any] | None = None,
+                 episode_metadata: Mapping[str, Any] | None = None,
+                 language: bool | None = None,
+                 image_codec: str | specs.ImageCodec = "png",
+                 image_codecs: Mapping[str, str | specs.ImageCodec] | None = None,
+                 docs: Mapping[str, str] | None = None,
+                 strict_finite: bool = False, incomplete: str = "keep",
+                 options: WriterOptions | None = None, overwrite: bool = False,
+                 session: Mapping[str, Any] | None = None,
+                 description: str = "", version: str = layout.DEFAULT_VERSION):
+        if incomplete not in ("keep", "drop"):
+            raise ValueError(f"incomplete: expected 'keep' or 'drop', given {incomplete!r}")
+        self._codec = image_codec
+        self._codecs = {self._step_path(k): v for k, v in (image_codecs or {}).items()}
+        self._docs = dict(docs or {})
+        self._strict = strict_finite
+        self._incomplete = incomplete
+        self._description = description
+        self._version = version
+        self.writer = DatasetWriter(directory, dataset_name, options=options, overwrite=overwrite,
+                                    session=session)
+        self.directory = self.writer.dir.path
+        self._closed = False
+
+        existing = self.writer.existing_features()
+        existing_steps: dict[str, Spec] = {}
+        existing_episode: dict[str, Spec] = {}
+        if existing is not None:
+            ex = specs.spec_from_features_json(existing)
+            existing_steps = dict(ex.fields["steps"].fields)
+            existing_episode = {k: v for k, v in ex.fields.items() if k != "steps"}
+
+        def declared(decl, path):
+            return None if decl is None else specs.declaration_to_spec(
+                decl, path=path, image_codec=self._codec, image_codecs=self._codecs)
+
+        obs_spec = declared(observation, "observation")
+        act_spec = declared(action, "action")
+        if obs_spec is None and "observation" in existing_steps:
+            obs_spec = existing_steps["observation"]
+        if act_spec is None and "action" in existing_steps:
+            act_spec = existing_steps["action"]
+        self._obs = self._part(obs_spec, "observation") if obs_spec is not None else None
+        self._act = self._part(act_spec, "action") if act_spec is not None else None
+        self._reward = specs.leaf_checker(specs.tensor((), reward_dtype), "reward",
+                                          strict_finite=strict_finite)
+        self._reward_leaf = specs.tensor((), reward_dtype)
+        self._discount_leaf = specs.tensor((), discount_dtype)
+        self._discount = specs.leaf_checker(self._discount_leaf, "discount")
+
+        # Metadata: {top-level key: _Part}; None while still being inferred.
+        self._step_meta_frozen = step_metadata is not None
+        self._episode_meta_frozen = episode_metadata is not None
+        self._language = language
+        if existing is not None:
+            self._step_meta_frozen = self._episode_meta_frozen = True
+            step_metadata = {k: v for k, v in existing_steps.items() if k not in STEP_RESERVED}
+            episode_metadata = {k: v for k, v in existing_episode.items() if k not in EPISODE_RESERVED}
+            self._language = "language_instruction" in existing_steps
+        self._step_meta: dict[str, _Part] = {}
+        for k, decl in (step_metadata or {}).items():
+            self._check_meta_key(k, STEP_RESERVED, "step")
+            self._step_meta[k] = self._part(declared(decl, k), k)
+        self._episode_meta: dict[str, _Part] = {}
+        for k, decl in (episode_metadata or {}).items():
+            self._check_meta_key(k, EPISODE_RESERVED, "episode")
+            self._episode_meta[k] = self._part(declared(decl, k), k)
+
+        # Current (sticky) values: {key: flat values}; replaced, never mutated.
+        self._step_meta_now: dict[str, list] = {}
+        self._episode_meta_now: dict[str, list] = {}
+        self._language_now: bytes = b""
+
+        self._episode_index = 0
+        self._reset_episode()
+        if self._ready_to_start():
+            self._start()
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    @staticmethod
+    def _step_path(key: str) -> str:
+        return key[len("steps/"):] if key.startswith("steps/") else key
+
+    @staticmethod
+    def _check_meta_key(key: str, reserved, what: str) -> None:
+        if not isinstance(key, str) or not key or "/" in key:
+            raise SpecError(key, f"a {what} metadata key: a non-empty str without '/'", repr(key))
+        if key in reserved:
+            raise SpecError(key, f"a {what} metadata key other than {list(reserved)}", repr(key),
+                            "that name is reserved by RLDS")
+
+    def _part(self, spec: Spec, path: str) -> _Part:
+        spec = self._with_docs(spec, path)
+        return _Part(spec, path, self.writer, self._strict)
+
+    def _with_docs(self, spec: Spec, path: str) -> Spec:
+        if not self._docs:
+            return spec
+        import dataclasses
+
+        if isinstance(spec, Leaf):
+            doc = self._docs.get(path) or self._docs.get(path.rsplit("/", 1)[-1])
+            return dataclasses.replace(spec, doc=doc) if doc else spec
+        fields = {k: self._with_docs(v, specs.join(path, k)) for k, v in spec.fields.items()}
+        return dataclasses.replace(spec, fields=fields)
+
+    def _ready_to_start(self) -> bool:
+        return (self._obs is not None and self._act is not None and self._step_meta_frozen
+                and self._episode_meta_frozen and self._language is not None)
+
+    def _episode_spec(self) -> Group:
+        step_fields: dict[str, Spec] = {
+            "observation": self._obs.spec,
+            "action": self._act.spec,
+            "reward": self._reward_leaf,
+            "discount": self._discount_leaf,
+            "is_first": specs.tensor((), np.bool_),
+            "is_last": specs.tensor((), np.bool_),
+            "is_terminal": specs.tensor((), np.bool_),
+        }
+        if self._language:
+            step_fields["language_instruction"] = specs.text(
+                self._docs.get("language_instruction", "Language instruction of the episode."))
+        for k, part in self._step_meta.items():
+            step_fields[k] = part.spec
+        fields: dict[str, Spec] = {
+            "steps": Group(step_fields, "steps"),
+            "episode_id": specs.text("Unique id of the episode: <writer id>-<index>."),
+            "invalid": specs.tensor((), np.bool_, "True for an episode cut short by close(), an "
+                                    "exception or a signal (it ends truncated)."),
+        }
+        for k, part in self._episode_meta.items():
+            fields[k] = part.spec
+        return Group(fields, "dict")
+
+    def _start(self) -> None:
+        codecs_used = {}
+        for part, prefix in [(self._obs, "steps/observation"), (self._act, "steps/action")]:
+            for p, leaf in part.leaves:
+                if leaf.kind == "image":
+                    codecs_used[specs.join(prefix, p) if p else prefix] = str(leaf.codec)
+        self.writer.start(self._episode_spec(), description=self._description,
+                          version=self._version,
+                          metadata={"image_codecs": codecs_used,
+                                    "step_alignment": "rlds: step t holds o_t, a_t and the reward "
+                                    "and discount that followed a_t; the final step holds o_N "
+                                    "with a zero action"})
+
+    def _reset_episode(self) -> None:
+        self._obs_rows: list[list] = []
+        self._act_rows: list[list] = []
+        self._rewards: list = []
+        self._discounts: list = []
+        self._meta_rows: list[dict] = []
+        self._lang_rows: list[bytes] = []
+        self._pending_obs: list | None = None
+        self._ended = False
+        self._terminal = False
+
+    def _ensure_open(self) -> None:
+        if self._closed:
+            raise LoggerClosedError(f"the logger of {self.directory} is closed")
+        if self.writer.started:
+            self.writer.check()
+
+    # -- values ------------------------------------------------------------------------------------
+
+    def check_observation(self, obs: Any) -> list:
+        if self._obs is None:
+            self._obs = self._part(_infer_spec(obs, "observation", self._codec, self._codecs),
+                                   "observation")
+        return self._obs.check(obs)
+
+    def check_action(self, action: Any) -> list:
+        """Validates an action (call before stepping the env so a bad action changes nothing)."""
+        self._ensure_open()
+        if self._act is None:
+            self._act = self._part(_infer_spec(action, "action", self._codec, self._codecs),
+                                   "action")
+        return self._act.check(action)
+
+    def set_step_metadata(self, metadata: Mapping[str, Any]) -> None:
+        self._ensure_open()
+        self._step_meta_now = self._update_meta(metadata, self._step_meta, self._step_meta_now,
+                                                self._step_meta_frozen, STEP_RESERVED, "step")
+
+    def set_episode_metadata(self, metadata: Mapping[str, Any]) -> None:
+        self._ensure_open()
+        self._episode_meta_now = self._update_meta(
+            metadata, self._episode_meta, self._episode_meta_now, self._episode_meta_frozen,
+            EPISODE_RESERVED, "episode")
+
+    def _update_meta(self, metadata, parts, current, frozen, reserved, what) -> dict:
+        if not isinstance(metadata, Mapping):
+            raise SpecError(f"{what}_metadata", "a dict", type(metadata).__name__)
+        new = dict(current)
+        checked = {}
+        for key, value in metadata.items():
+            part = parts.get(key)
+            if part is None:
+                if frozen:
+                    raise UnknownKeyError(
+                        key, f"one of the {what} metadata keys {sorted(parts)}", repr(key),
+                        "the dataset's features were fixed by its first episode or declaration")
+                self._check_meta_key(key, reserved, what)
+                part = self._part(_infer_spec(value, key, self._codec, self._codecs), key)
+                checked[key] = (part, None)
+            flat = part.check(value)
+            checked[key] = (part, flat)
+        for key, (part, flat) in checked.items():
+            parts[key] = part
+            new[key] = part.submit_images(flat)
+        return new
+
+    def set_language_instruction(self, instruction: str) -> None:
+        self._ensure_open()
+        if self._language is False:
+            raise SpecError("language_instruction", "no language instruction (the dataset has "
+                            "no steps/language_instruction feature)", repr(instruction)[:80])
+        if not isinstance(instruction, (str, bytes)):
+            raise SpecError("language_instruction", "a str", type(instruction).__name__)
+        if self._language is None:
+            self._language = True
+        self._language_now = instruction.encode("utf-8") if isinstance(instruction, str) else instruction
+
+    # -- the episode stream ------------------------------------------------------------------------
+
+    @property
+    def in_episode(self) -> bool:
+        return self._pending_obs is not None
+
+    @property
+    def episode_ended(self) -> bool:
+        return self._ended
+
+    def begin(self, obs: Any) -> None:
+        """Starts an episode at o_0 (ending the one in progress, which counts as truncated)."""
+        self._ensure_open()
+        flat = self.check_observation(obs)
+        if self.in_episode:
+            self.end()
+        self._pending_obs = self._obs.submit_images(flat)
+
+    def step(self, action_flat: list, reward: Any, next_obs: Any, *, terminated: bool,
+             truncated: bool, discount: Any = None) -> None:
+        """Records a_t (from :meth:`check_action`), r_t and o_{t+1}."""
+        self._ensure_open()
+        if not self.in_episode:
+            raise StepOrderError("step() before reset(): the logger needs o_0 from reset()")
+        if self._ended:
+            raise StepOrderError("step() after the episode ended (terminated or truncated); "
+                                 "call reset() first")
+        r = self._reward(reward)
+        if discount is None:
+            d = 0.0 if terminated else 1.0
+        else:
+            d = self._discount(discount)
+        obs_flat = self.check_observation(next_obs)
+        self._obs_rows.append(self._pending_obs)
+        self._act_rows.append(self._act.submit_images(action_flat))
+        self._rewards.append(r)
+        self._discounts.append(d)
+        self._meta_rows.append(self._step_meta_now)
+        self._lang_rows.append(self._language_now)
+        self._pending_obs = self._obs.submit_images(obs_flat)
+        if terminated or truncated:
+            self._ended = True
+            self._terminal = bool(terminated)
+
+    def end(self, *, invalid: bool = False) -> None:
+        """Writes the episode in progress (if it has at least one step) and clears it."""
+        if not self.in_episode:
+            return
+        if not self._obs_rows:
+            log.debug("dropping an episode without steps")
+            self._reset_episode()
+            return
+        rows = self._build_rows(invalid=invalid)
+        self._reset_episode()
+        self._episode_index += 1
+        if not self.writer.started:
+            self._freeze()
+        self.writer.put(rows)
+
+    def _freeze(self) -> None:
+        """Fixes the features from what the first episode showed."""
+        self._step_meta_frozen = True
+        self._episode_meta_frozen = True
+        if self._language is None:
+            self._language = False
+        self._start()
+
+    def _build_rows(self, *, invalid: bool) -> EpisodeRows:
+        """Hands the episode's rows over. Only references move here, on the control thread;
+        the columns are built (transposed, stacked, encoded) in the writer thread."""
+        n = len(self._obs_rows) + 1
+        obs_rows = self._obs_rows
+        obs_rows.append(self._pending_obs)
+        act_rows = self._act_rows
+        act_rows.append(self._act.zero)
+        rewards = self._rewards
+        rewards.append(0.0)
+        discounts = self._discounts
+        discounts.append(0.0 if self._terminal else 1.0)
+        meta_rows = self._meta_rows
+        meta_rows.append(self._step_meta_now)
+        lang_rows = self._lang_rows
+        lang_rows.append(self._language_now)
+        terminal = self._terminal
+        episode_meta = self._episode_meta_now
+        episode_id = f"{self.writer.writer_id}-{self._episode_index:06d}"
+
+        def columns() -> list[list]:
+            cols: list[list] = []
+            cols.extend(map(list, zip(*obs_rows)))
+            cols.extend(map(list, zip(*act_rows)))
+            cols.append(rewards)
+            cols.append(discounts)
+            flags = [False] * n
+            cols.append([True] + flags[1:])
+            cols.append(flags[1:] + [True])
+            cols.append(flags[1:] + [terminal])
+            if self._language:
+                cols.append(lang_rows)
+            for key, part in self._step_meta.items():
+                rows = [row.get(key, part.zero) for row in meta_rows]
+                cols.extend(map(list, zip(*rows)))
+            return cols
+
+        def episode_values() -> list:
+            out: list = [episode_id.encode(), invalid]
+            for key, part in self._episode_meta.items():
+                out.extend(episode_meta.get(key, part.zero))
+            return out
+
+        return EpisodeRows(columns, episode_values, n, episode_id)
+
+    def close(self) -> None:
+        """Writes the episode in progress (see ``incomplete``), flushes and commits. Idempotent."""
+        if self._closed:
+            return
+        try:
+            if self.in_episode:
+                if self._ended:
+                    self.end()
+                elif self._incomplete == "keep" and self._obs_rows:
+                    self.end(invalid=True)
+                else:
+                    self._reset_episode()
+            if not self.writer.started and self._ready_to_start():
+                self._start()
+        finally:
+            self._closed = True
+            self.writer.close()

@@ -1,0 +1,594 @@
+"""Space <-> feature <-> value rules, in one place.
+
+A *spec* is a small tree that says how every logged value is stored:
+
+* :class:`Leaf` is one stored array: a ``tensor`` (any numeric dtype and shape), an ``image``
+  (uint8 HxWxC, stored encoded as PNG or JPEG) or ``text`` (a UTF-8 string).
+* :class:`Group` nests leaves: a ``dict`` (gymnasium ``Dict``), a ``tuple`` (gymnasium ``Tuple``,
+  stored as a dict with keys ``"0"``, ``"1"``, ...) or ``steps`` (the RLDS steps sequence).
+
+Specs come from gymnasium spaces (:func:`space_to_spec`), from samples (:func:`get_gym_space`),
+from tfds FeatureConnectors or a ``features.json`` (:func:`spec_from_features_json`), and turn into
+the ``features.json`` that ``tfds.builder_from_directory`` reads (:func:`spec_to_features_json`).
+
+Values are checked against their leaf by :func:`compile_checker`; a value is accepted only when it
+converts to the leaf's dtype without changing any element, otherwise :class:`SpecError` names the
+key path, the expected and the given shape and dtype. Nothing here imports TensorFlow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import string
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Literal
+
+import gymnasium as gym
+import numpy as np
+
+from oxe_envlogger.errors import (
+    NonFiniteError,
+    SpecError,
+    UnknownKeyError,
+    UnsupportedSpaceError,
+)
+
+_TFDS = "tensorflow_datasets.core.features."
+_CLS_DICT = _TFDS + "features_dict.FeaturesDict"
+_CLS_DATASET = _TFDS + "dataset_feature.Dataset"
+_CLS_SEQUENCE = _TFDS + "sequence_feature.Sequence"
+_CLS_TENSOR = _TFDS + "tensor_feature.Tensor"
+_CLS_SCALAR = _TFDS + "scalar.Scalar"
+_CLS_IMAGE = _TFDS + "image_feature.Image"
+_CLS_TEXT = _TFDS + "text_feature.Text"
+_CLS_CLASS_LABEL = _TFDS + "class_label_feature.ClassLabel"
+
+TEXT_DTYPE = np.dtype(object)
+TEXT_MAX_LENGTH = 1 << 16
+_TEXT_CHARSET = string.printable
+
+# ---------------------------------------------------------------------------------------------
+# Image codecs
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageCodec:
+    """How a uint8 image is stored.
+
+    Attributes:
+      format: ``"png"`` (lossless, the default), ``"jpeg"`` (lossy, small and fast) or ``"raw"``
+        (the pixels as a bytes-encoded uint8 tensor: exact and fastest, but large).
+      quality: JPEG quality, 1..100.
+    """
+
+    format: Literal["png", "jpeg", "raw"] = "png"
+    quality: int = 95
+
+    def __post_init__(self):
+        if self.format not in ("png", "jpeg", "raw"):
+            raise ValueError(f"image codec: expected 'png', 'jpeg' or 'raw', given {self.format!r}")
+        if not 1 <= int(self.quality) <= 100:
+            raise ValueError(f"image codec: JPEG quality must be in 1..100, given {self.quality}")
+
+    @classmethod
+    def parse(cls, value: str | ImageCodec) -> ImageCodec:
+        """Reads ``"png"``, ``"raw"``, ``"jpeg"`` or ``"jpeg:90"`` (JPEG with quality 90)."""
+        if isinstance(value, ImageCodec):
+            return value
+        if not isinstance(value, str):
+            raise ValueError(f"image codec: expected a str or ImageCodec, given {value!r}")
+        name, _, quality = value.lower().partition(":")
+        if name in ("jpg", "jpeg"):
+            return cls("jpeg", int(quality) if quality else 95)
+        if quality:
+            raise ValueError(f"image codec: only jpeg takes a quality, given {value!r}")
+        return cls(name)  # type: ignore[arg-type]
+
+    def __str__(self) -> str:
+        return f"jpeg:{self.quality}" if self.format == "jpeg" else self.format
+
+
+# ---------------------------------------------------------------------------------------------
+# The spec tree
+
+
+@dataclasses.dataclass(frozen=True)
+class Leaf:
+    """One stored array (see the module docstring).
+
+    Attributes:
+      kind: ``"tensor"``, ``"image"`` or ``"text"``.
+      shape: the shape of one value (one step's value inside ``steps``).
+      dtype: numpy dtype of the value; ``object`` for text.
+      encoding: tfds tensor encoding: ``"none"`` (float/int64 lists) or ``"bytes"`` (raw bytes,
+        used for float64, which a float list would round to float32, and for raw images).
+      codec: for images, how they are compressed.
+      doc: a description kept in ``features.json``.
+    """
+
+    kind: Literal["tensor", "image", "text"]
+    shape: tuple[int, ...] = ()
+    dtype: np.dtype = np.dtype(np.float32)
+    encoding: Literal["none", "bytes", "zlib"] = "none"
+    codec: ImageCodec | None = None
+    doc: str = ""
+
+    @property
+    def is_float(self) -> bool:
+        return self.kind == "tensor" and self.dtype.kind == "f"
+
+    def describe(self) -> str:
+        if self.kind == "text":
+            return "a str"
+        what = f"shape {self.shape} {self.dtype}"
+        return f"{what} image ({self.codec})" if self.kind == "image" else what
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+    """A nest of specs: ``dict``, ``tuple`` (stored with keys "0", "1", ...) or ``steps``."""
+
+    fields: Mapping[str, Spec]
+    kind: Literal["dict", "tuple", "steps"] = "dict"
+    doc: str = ""
+
+
+Spec = Leaf | Group
+
+
+def tensor(shape: tuple[int, ...] = (), dtype: Any = np.float32, doc: str = "") -> Leaf:
+    """A numeric tensor leaf; float64 is stored as raw bytes so that no precision is lost."""
+    dtype = np.dtype(dtype)
+    if dtype.kind not in "biuf":
+        raise UnsupportedSpaceError(f"tensor dtype must be bool, int, uint or float; given {dtype}")
+    encoding = "bytes" if dtype.itemsize > 4 and dtype.kind == "f" else "none"
+    return Leaf("tensor", tuple(int(d) for d in shape), dtype, encoding, None, doc)
+
+
+def image(shape: tuple[int, ...], codec: str | ImageCodec = "png", doc: str = "") -> Leaf:
+    """A uint8 HxWxC image leaf (C in 1, 3, 4); ``codec="raw"`` gives a bytes-encoded tensor."""
+    codec = ImageCodec.parse(codec)
+    shape = tuple(int(d) for d in shape)
+    if len(shape) != 3 or shape[-1] not in (1, 3, 4):
+        raise UnsupportedSpaceError(f"image shape must be (H, W, 1|3|4), given {shape}")
+    if codec.format == "raw":
+        return Leaf("tensor", shape, np.dtype(np.uint8), "bytes", None, doc)
+    if codec.format == "jpeg" and shape[-1] == 4:
+        raise UnsupportedSpaceError("JPEG cannot store 4-channel images; use png or raw")
+    return Leaf("image", shape, np.dtype(np.uint8), "none", codec, doc)
+
+
+def text(doc: str = "") -> Leaf:
+    """A UTF-8 string leaf."""
+    return Leaf("text", (), TEXT_DTYPE, "none", None, doc)
+
+
+def is_image_shape(shape: tuple[int, ...], dtype: Any) -> bool:
+    """Whether a Box of this shape and dtype is logged as an image by default."""
+    return np.dtype(dtype) == np.uint8 and len(shape) == 3 and shape[-1] in (1, 3, 4)
+
+
+def iter_leaves(spec: Spec, prefix: str = "") -> Iterator[tuple[str, Leaf]]:
+    """Yields ``(path, leaf)`` in storage order; paths join keys with ``/``."""
+    if isinstance(spec, Leaf):
+        yield prefix, spec
+        return
+    for key, sub in spec.fields.items():
+        yield from iter_leaves(sub, f"{prefix}/{key}" if prefix else key)
+
+
+def join(prefix: str, key: str) -> str:
+    return f"{prefix}/{key}" if prefix else key
+
+
+# ---------------------------------------------------------------------------------------------
+# gymnasium spaces -> specs
+
+
+def space_to_spec(
+    space: gym.Space,
+    *,
+    path: str = "",
+    image_codec: str | ImageCodec = "png",
+    image_codecs: Mapping[str, str | ImageCodec] | None = None,
+) -> Spec:
+    """Maps a gymnasium space to a spec.
+
+    Args:
+      space: Box (any dtype and shape), Discrete, MultiDiscrete, MultiBinary, Text, Dict, Tuple.
+      path: key path of ``space`` in the step, used for codec lookup and error messages.
+      image_codec: codec of every uint8 HxWx{1,3,4} Box not named in ``image_codecs``.
+      image_codecs: per key path codecs, e.g. ``{"observation/wrist_image": "jpeg:90"}``.
+
+    Returns:
+      The spec.
+
+    Raises:
+      UnsupportedSpaceError: for a space with no RLDS feature, naming its key path.
+    """
+    image_codecs = dict(image_codecs or {})
+    spec = _space_to_spec(space, path, image_codec, image_codecs)
+    return spec
+
+
+def _space_to_spec(space, path, image_codec, image_codecs) -> Spec:
+    spaces = gym.spaces
+    if isinstance(space, spaces.Dict):
+        return Group({k: _space_to_spec(s, join(path, k), image_codec, image_codecs)
+                      for k, s in space.spaces.items()}, "dict")
+    if isinstance(space, spaces.Tuple):
+        return Group({str(i): _space_to_spec(s, join(path, str(i)), image_codec, image_codecs)
+                      for i, s in enumerate(space.spaces)}, "tuple")
+    if isinstance(space, spaces.Box):
+        shape, dtype = tuple(space.shape), np.dtype(space.dtype)
+        codec = image_codecs.get(path)
+        if codec is not None or is_image_shape(shape, dtype):
+            if not is_image_shape(shape, dtype):
+                raise UnsupportedSpaceError(
+                    f"{path}: a codec was given but the space is {space}, not a uint8 (H, W, C) image")
+            return image(shape, codec if codec is not None else image_codec)
+        return tensor(shape, dtype)
+    if isinstance(space, spaces.Discrete):
+        return tensor((), space.dtype)
+    if isinstance(space, spaces.MultiDiscrete):
+        return tensor(tuple(space.nvec.shape), space.dtype)
+    if isinstance(space, spaces.MultiBinary):
+        return tensor(tuple(space.shape), space.dtype)
+    if isinstance(space, spaces.Text):
+        return text()
+    raise UnsupportedSpaceError(
+        f"{path or '<root>'}: gymnasium space {space!r} has no RLDS feature; supported are Box, "
+        "Discrete, MultiDiscrete, MultiBinary, Text, Dict and Tuple")
+
+
+def get_gym_space(sample: Any, *, _path: str = "") -> gym.Space:
+    """Builds a gymnasium space that describes ``sample``.
+
+    Nested dicts become ``Dict``, tuples ``Tuple``, arrays and Python or numpy scalars ``Box`` of
+    the same dtype and shape (uint8 HxWx{1,3,4} arrays are images), strings ``Text``.
+
+    Raises:
+      UnsupportedSpaceError: for a value with no space, naming its key path.
+    """
+    spaces = gym.spaces
+    if isinstance(sample, Mapping):
+        for k in sample:
+            if not isinstance(k, str):
+                raise UnsupportedSpaceError(f"{_path or '<root>'}: dict keys must be str, given {k!r}")
+        return spaces.Dict({k: get_gym_space(v, _path=join(_path, k)) for k, v in sample.items()})
+    if isinstance(sample, tuple):
+        return spaces.Tuple([get_gym_space(v, _path=join(_path, str(i)))
+                             for i, v in enumerate(sample)])
+    if isinstance(sample, (str, bytes, np.str_, np.bytes_)):
+        return spaces.Text(max_length=TEXT_MAX_LENGTH, min_length=0, charset=_TEXT_CHARSET)
+    if isinstance(sample, bool):
+        arr = np.asarray(sample, dtype=np.bool_)
+    elif isinstance(sample, int):
+        arr = np.asarray(sample, dtype=np.int64)
+    elif isinstance(sample, float):
+        arr = np.asarray(sample, dtype=np.float64)
+    else:
+        try:
+            arr = np.asarray(sample)
+        except Exception as e:  # ragged lists and the like
+            raise UnsupportedSpaceError(
+                f"{_path or '<root>'}: cannot make a space from {type(sample).__name__}: {e}") from e
+    if arr.dtype.kind not in "biuf":
+        raise UnsupportedSpaceError(
+            f"{_path or '<root>'}: cannot make a space from {type(sample).__name__} "
+            f"with dtype {arr.dtype}")
+    return _box_for(arr)
+
+
+def _box_for(arr: np.ndarray) -> gym.spaces.Box:
+    dtype = arr.dtype
+    if dtype.kind == "b":
+        return gym.spaces.Box(0, 1, arr.shape, dtype)
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        return gym.spaces.Box(info.min, info.max, arr.shape, dtype)
+    return gym.spaces.Box(-np.inf, np.inf, arr.shape, dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Declarations: spaces, tfds FeatureConnectors, numpy dtypes, python types -> specs
+
+
+def declaration_to_spec(decl: Any, *, path: str,
+                        image_codec: str | ImageCodec = "png",
+                        image_codecs: Mapping[str, str | ImageCodec] | None = None) -> Spec:
+    """Reads one declared feature: a spec, a gymnasium space, a tfds FeatureConnector, a numpy
+    dtype or type (a scalar tensor), ``str`` (text), ``bool``, ``int`` or ``float``, or a dict
+    of those."""
+    if isinstance(decl, (Leaf, Group)):
+        return decl
+    if isinstance(decl, gym.Space):
+        return space_to_spec(decl, path=path, image_codec=image_codec, image_codecs=image_codecs)
+    if isinstance(decl, Mapping):
+        return Group({k: declaration_to_spec(v, path=join(path, k), image_codec=image_codec,
+                                             image_codecs=image_codecs)
+                      for k, v in decl.items()})
+    if decl in (str, bytes):
+        return text()
+    if decl is bool:
+        return tensor((), np.bool_)
+    if decl is int:
+        return tensor((), np.int64)
+    if decl is float:
+        return tensor((), np.float64)
+    if hasattr(decl, "to_proto") and type(decl).__module__.startswith("tensorflow_datasets"):
+        from google.protobuf import json_format
+
+        return spec_from_features_json(json_format.MessageToDict(decl.to_proto()), path=path)
+    try:
+        return tensor((), np.dtype(decl))
+    except (TypeError, UnsupportedSpaceError) as e:
+        raise UnsupportedSpaceError(
+            f"{path}: cannot read the declaration {decl!r}; give a gymnasium space, a tfds "
+            "FeatureConnector, a numpy dtype, str, bool, int, float or a dict of those") from e
+
+
+# ---------------------------------------------------------------------------------------------
+# specs <-> features.json (the tfds FeatureConnector proto, as JSON)
+
+
+def _shape_json(shape: tuple[int, ...]) -> dict:
+    return {"dimensions": [str(d) for d in shape]} if shape else {}
+
+
+def spec_to_features_json(spec: Spec) -> dict:
+    """The proto-JSON of the tfds feature for ``spec``, as tfds writes ``features.json``."""
+    if isinstance(spec, Group):
+        inner = {"features": {k: spec_to_features_json(v) for k, v in spec.fields.items()}}
+        if spec.kind == "steps":
+            out = {"pythonClassName": _CLS_DATASET,
+                   "sequence": {"feature": {"pythonClassName": _CLS_DICT, "featuresDict": inner},
+                                "length": "-1"}}
+        else:
+            out = {"pythonClassName": _CLS_DICT, "featuresDict": inner}
+    elif spec.kind == "image":
+        out = {"pythonClassName": _CLS_IMAGE,
+               "image": {"shape": _shape_json(spec.shape), "dtype": "uint8",
+                         "encodingFormat": spec.codec.format}}
+    elif spec.kind == "text":
+        out = {"pythonClassName": _CLS_TEXT, "text": {}}
+    else:
+        out = {"pythonClassName": _CLS_TENSOR,
+               "tensor": {"shape": _shape_json(spec.shape), "dtype": spec.dtype.name,
+                          "encoding": spec.encoding}}
+    if spec.doc:
+        out["description"] = spec.doc
+    return out
+
+
+def spec_from_features_json(data: Mapping[str, Any], *, path: str = "") -> Spec:
+    """Reads a tfds feature proto-JSON (``features.json``, or a FeatureConnector's proto).
+
+    Supports the features RLDS datasets use: FeaturesDict, Dataset, Sequence, Tensor, Scalar,
+    Image, Text and ClassLabel (read as an int64 scalar).
+
+    Raises:
+      UnsupportedSpaceError: for other feature classes, naming the key path.
+    """
+    if "type" in data and "content" in data:  # FeatureConnector.to_json() form
+        data = {"pythonClassName": data["type"], "featuresDict": data["content"]}
+    cls = data.get("pythonClassName", "")
+    doc = data.get("description", "")
+    short = cls.rsplit(".", 1)[-1]
+    if short == "FeaturesDict":
+        fields = data["featuresDict"]["features"]
+        return Group({k: spec_from_features_json(v, path=join(path, k)) for k, v in fields.items()},
+                     "dict", doc)
+    if short in ("Dataset", "Sequence"):
+        seq = data["sequence"]
+        if int(seq.get("length", "-1")) not in (-1, 0) and short == "Dataset":
+            raise UnsupportedSpaceError(f"{path}: fixed-length Dataset features are not supported")
+        inner = spec_from_features_json(seq["feature"], path=path)
+        if short == "Sequence":
+            raise UnsupportedSpaceError(f"{path}: tfds Sequence features are not supported")
+        if not isinstance(inner, Group):
+            inner = Group({"": inner})
+        return Group(inner.fields, "steps", doc)
+    if short in ("Tensor", "Scalar"):
+        t = data["tensor"]
+        shape = tuple(int(d) for d in t.get("shape", {}).get("dimensions", []))
+        if any(d < 0 for d in shape):
+            raise UnsupportedSpaceError(f"{path}: tensors of unknown shape {shape} are not supported")
+        dtype = t.get("dtype", "float32")
+        if dtype == "string":
+            return Leaf("text", (), TEXT_DTYPE, "none", None, doc)
+        return Leaf("tensor", shape, np.dtype(dtype), t.get("encoding", "none"), None, doc)
+    if short == "Image":
+        im = data["image"]
+        shape = tuple(int(d) for d in im.get("shape", {}).get("dimensions", []))
+        return Leaf("image", shape, np.dtype(im.get("dtype", "uint8")), "none",
+                    ImageCodec(im.get("encodingFormat") or "png"), doc)
+    if short == "Text":
+        return Leaf("text", (), TEXT_DTYPE, "none", None, doc)
+    if short == "ClassLabel":
+        return Leaf("tensor", (), np.dtype(np.int64), "none", None, doc)
+    raise UnsupportedSpaceError(f"{path or '<root>'}: tfds feature {cls or data!r} is not supported")
+
+
+def strip_docs(data: Any) -> Any:
+    """``features.json`` content without descriptions, for comparing two feature sets."""
+    if isinstance(data, Mapping):
+        return {k: strip_docs(v) for k, v in data.items() if k != "description"}
+    return data
+
+
+def diff_features(a: Mapping, b: Mapping, path: str = "") -> list[str]:
+    """Human-readable differences between two features.json dicts (descriptions ignored)."""
+    a_spec, b_spec = spec_from_features_json(a), spec_from_features_json(b)
+    a_leaves, b_leaves = dict(iter_leaves(a_spec)), dict(iter_leaves(b_spec))
+    out = []
+    for k in a_leaves.keys() - b_leaves.keys():
+        out.append(f"{k}: only in the first ({a_leaves[k].describe()})")
+    for k in b_leaves.keys() - a_leaves.keys():
+        out.append(f"{k}: only in the second ({b_leaves[k].describe()})")
+    for k in sorted(a_leaves.keys() & b_leaves.keys()):
+        la, lb = a_leaves[k], b_leaves[k]
+        da, db = dataclasses.replace(la, doc=""), dataclasses.replace(lb, doc="")
+        if da != db:
+            fa = f"{la.describe()} encoding={la.encoding}"
+            fb = f"{lb.describe()} encoding={lb.encoding}"
+            out.append(f"{k}: {fa} vs {fb}")
+    return sorted(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Value checks
+
+Checker = Callable[[Any, list], None]
+
+
+def compile_checker(spec: Spec, path: str = "", *, strict_finite: bool = False) -> Checker:
+    """Compiles ``spec`` into ``check(value, out)``, which appends one validated, independent
+    copy per leaf to ``out`` (in :func:`iter_leaves` order) or raises :class:`SpecError`.
+
+    Text values come out as ``bytes``; tensors and images as numpy arrays (scalars may come out
+    as Python ``float``/``int``/``bool`` of the right kind, which stack exactly)."""
+    if isinstance(spec, Leaf):
+        leaf_check = leaf_checker(spec, path, strict_finite=strict_finite)
+
+        def check_leaf(value, out, _f=leaf_check):
+            out.append(_f(value))
+
+        return check_leaf
+    subs = [(k, compile_checker(v, join(path, k), strict_finite=strict_finite))
+            for k, v in spec.fields.items()]
+    if spec.kind == "tuple":
+        n = len(subs)
+
+        def check_tuple(value, out):
+            if not isinstance(value, (tuple, list)) or len(value) != n:
+                raise SpecError(path, f"a tuple of {n} values", _describe_value(value))
+            for (_, sub), v in zip(subs, value):
+                sub(v, out)
+
+        return check_tuple
+    keys = frozenset(k for k, _ in subs)
+
+    def check_dict(value, out):
+        if not isinstance(value, Mapping):
+            raise SpecError(path, f"a dict with keys {sorted(keys)}", _describe_value(value))
+        if len(value) != len(keys) or not keys.issuperset(value.keys()):
+            _raise_key_mismatch(path, keys, value)
+        for k, sub in subs:
+            sub(value[k], out)
+
+    return check_dict
+
+
+def _raise_key_mismatch(path: str, keys: frozenset, value: Mapping) -> None:
+    given = set(value.keys())
+    extra = sorted(map(str, given - keys))
+    missing = sorted(keys - given)
+    parts = []
+    if extra:
+        parts.append(f"unknown keys {[join(path, k) for k in extra]}")
+    if missing:
+        parts.append(f"missing keys {[join(path, k) for k in missing]}")
+    raise UnknownKeyError(path, f"keys {sorted(keys)}", f"keys {sorted(map(str, given))}",
+                          "; ".join(parts))
+
+
+def _describe_value(value: Any) -> str:
+    if isinstance(value, np.ndarray):
+        return f"shape {value.shape} {value.dtype}"
+    if isinstance(value, np.generic):
+        return f"numpy scalar {value.dtype}"
+    if isinstance(value, (str, bytes)):
+        return f"{type(value).__name__} {value[:40]!r}"
+    if isinstance(value, Mapping):
+        return f"a dict with keys {sorted(map(str, value))}"
+    return f"{type(value).__name__} {value!r}"[:120]
+
+
+def leaf_checker(leaf: Leaf, path: str, *, strict_finite: bool = False) -> Callable[[Any], Any]:
+    """``check(value) -> stored value`` for one leaf (see :func:`compile_checker`)."""
+    if leaf.kind == "text":
+
+        def check_text(value):
+            if value.__class__ is str:
+                return value.encode("utf-8")
+            if isinstance(value, (bytes, bytearray)):
+                return bytes(value)
+            if isinstance(value, (str, np.str_)):
+                return str(value).encode("utf-8")
+            if isinstance(value, np.bytes_):
+                return bytes(value)
+            if isinstance(value, np.ndarray) and value.shape == () and value.dtype.kind in "US":
+                return check_text(value.item())
+            raise SpecError(path, "a str", _describe_value(value))
+
+        return check_text
+
+    dtype, shape = leaf.dtype, leaf.shape
+    ndarray = np.ndarray
+    check_finite = strict_finite and dtype.kind == "f"
+    # Python scalars that convert exactly, without numpy, on the hot path.
+    py_fast: tuple[type, ...] = ()
+    if shape == ():
+        py_fast = (dtype.type,)
+        if dtype == np.float64:
+            py_fast = (float, np.float64)
+        elif dtype == np.bool_:
+            py_fast = (bool, np.bool_)
+
+    def check_array(value):
+        if value.__class__ is ndarray and value.dtype is dtype and value.shape == shape:
+            arr = value.copy()
+        elif py_fast and value.__class__ in py_fast:
+            if check_finite and not np.isfinite(value):
+                raise NonFiniteError(path, "a finite value", repr(value))
+            return value
+        else:
+            arr = convert_exact(value, leaf, path)
+        if check_finite and not np.isfinite(arr).all():
+            bad = np.argwhere(~np.isfinite(arr))[0].tolist()
+            raise NonFiniteError(path, "finite values", f"{arr[tuple(bad)]} at index {bad}")
+        return arr
+
+    return check_array
+
+
+def convert_exact(value: Any, leaf: Leaf, path: str) -> np.ndarray:
+    """``value`` as an array of ``leaf``'s dtype and shape, if that changes no element."""
+    dtype, shape = leaf.dtype, leaf.shape
+    expected = leaf.describe()
+    if isinstance(value, (str, bytes, Mapping)) or value is None:
+        raise SpecError(path, expected, _describe_value(value))
+    try:
+        arr = np.asarray(value)
+    except Exception as e:
+        raise SpecError(path, expected, f"{type(value).__name__} ({e})") from e
+    if arr.dtype.kind not in "biuf":
+        raise SpecError(path, expected, _describe_value(arr))
+    if arr.shape != shape:
+        raise SpecError(path, expected, f"shape {arr.shape} {arr.dtype}")
+    if arr.dtype == dtype:
+        return arr.copy() if arr is value else arr
+    with np.errstate(all="ignore"):
+        cast = arr.astype(dtype)
+        back = cast.astype(arr.dtype)
+    same = np.array_equal(back, arr, equal_nan=arr.dtype.kind == "f")
+    if not same:
+        flat_a, flat_b = arr.reshape(-1), back.reshape(-1)
+        if arr.dtype.kind == "f":
+            diff = ~((flat_a == flat_b) | (np.isnan(flat_a) & np.isnan(flat_b)))
+        else:
+            diff = flat_a != flat_b
+        i = int(np.argmax(diff))
+        raise SpecError(
+            path, expected, f"shape {arr.shape} {arr.dtype}",
+            f"converting to {dtype} would change element {i}: {flat_a[i]!r} -> {flat_b[i]!r}; "
+            "log the declared dtype or declare the dtype you log")
+    return cast
+
+
+def zero_value(leaf: Leaf) -> Any:
+    """The value a leaf holds where nothing was given: zeros, False, or an empty string."""
+    if leaf.kind == "text":
+        return b""
+    return np.zeros(leaf.shape, leaf.dtype)

@@ -1,0 +1,458 @@
+"""The background writer: encoding, serialization, shards and commits, off the control thread.
+
+The control thread only hands over references: image frames go to encoder threads as soon as
+they are observed (PNG/JPEG encoders release the GIL), and a finished episode's rows go to a
+bounded queue. One writer thread assembles each episode into a ``tf.train.Example``, appends it
+to a staging shard, fsyncs it (from then on a kill cannot lose it), and commits the shard into
+the dataset when it reaches the byte budget and at ``close()``.
+
+When a queue is full the caller blocks (nothing is dropped) and the time is counted as a stall;
+stall counts are logged at close and kept in ``oxe_envlogger.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
+from typing import Any
+
+import numpy as np
+
+from oxe_envlogger import codecs, layout, record, stats
+from oxe_envlogger.errors import LoggerClosedError, RecordTooLargeError, WriterError
+from oxe_envlogger.specs import Group, Leaf, iter_leaves
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SHARD_BYTES = 200 * 2**20
+
+
+@dataclasses.dataclass(frozen=True)
+class WriterOptions:
+    """How episodes are written.
+
+    Attributes:
+      shard_bytes: a shard is closed once its serialized bytes reach this budget.
+      max_episodes_per_file: also close a shard after this many episodes (None: no limit).
+      queue_episodes: finished episodes that may wait for the writer thread; a kill can lose
+        at most these plus the episode in progress.
+      max_pending_frames: images that may wait for an encoder thread before ``step()`` blocks.
+      encode_threads: image encoder threads (default: CPU count, at most 4).
+      fsync: fsync every episode (durable against power loss, not only against crashes).
+      split: the TFDS split written.
+    """
+
+    shard_bytes: int = DEFAULT_SHARD_BYTES
+    max_episodes_per_file: int | None = None
+    queue_episodes: int = 4
+    max_pending_frames: int = 256
+    encode_threads: int | None = None
+    fsync: bool = True
+    split: str = layout.DEFAULT_SPLIT
+
+    def __post_init__(self):
+        if self.shard_bytes <= 0:
+            raise ValueError(f"shard_bytes: expected > 0, given {self.shard_bytes}")
+        if self.max_episodes_per_file is not None and self.max_episodes_per_file <= 0:
+            raise ValueError(f"max_episodes_per_file: expected > 0, given {self.max_episodes_per_file}")
+        if self.queue_episodes < 1:
+            raise ValueError(f"queue_episodes: expected >= 1, given {self.queue_episodes}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Stall accounting
+
+
+class Stalls:
+    """Time the control thread spent blocked on the writer (thread-safe enough: one producer)."""
+
+    def __init__(self):
+        self.count = 0
+        self.seconds = 0.0
+        self.longest = 0.0
+
+    def add(self, seconds: float) -> None:
+        self.count += 1
+        self.seconds += seconds
+        self.longest = max(self.longest, seconds)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"count": self.count, "seconds": round(self.seconds, 6),
+                "longest_seconds": round(self.longest, 6)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Image encoding
+
+
+class EncodePool:
+    """Daemon threads that encode frames. ``submit`` blocks while too many frames wait."""
+
+    def __init__(self, threads: int | None = None, max_pending: int = 256, stalls: Stalls | None = None):
+        self._threads_wanted = threads or min(4, os.cpu_count() or 1)
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._slots = threading.BoundedSemaphore(max_pending)
+        self._threads: list[threading.Thread] = []
+        self.stalls = stalls or Stalls()
+        self.frames = 0
+        self.encode_seconds = 0.0
+
+    def _start(self) -> None:
+        for i in range(self._threads_wanted):
+            t = threading.Thread(target=self._run, name=f"oxe-encode-{i}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            image, codec, fut = job
+            try:
+                t0 = time.perf_counter()
+                fut.set_result(codecs.encode(image, codec))
+                self.encode_seconds += time.perf_counter() - t0
+                self.frames += 1
+            except BaseException as e:  # delivered to the writer through the future
+                fut.set_exception(e)
+            finally:
+                self._slots.release()
+
+    def submit(self, image: np.ndarray, codec) -> Future:
+        if not self._threads:
+            self._start()
+        if not self._slots.acquire(blocking=False):
+            t0 = time.perf_counter()
+            self._slots.acquire()
+            self.stalls.add(time.perf_counter() - t0)
+        fut: Future = Future()
+        self._queue.put((image, codec, fut))
+        return fut
+
+    def shutdown(self) -> None:
+        for _ in self._threads:
+            self._queue.put(None)
+        for t in self._threads:
+            t.join(timeout=30)
+        self._threads = []
+
+
+# ---------------------------------------------------------------------------------------------
+# Episode schema: rows -> tf.train.Example
+
+
+class Schema:
+    """The compiled episode spec: which leaves exist, in which order, and how each is encoded.
+
+    The step part is ``observation``, ``action``, ``reward``, ``discount``, ``is_first``,
+    ``is_last``, ``is_terminal``, optionally ``language_instruction``, then step metadata.
+    """
+
+    def __init__(self, spec: Group):
+        self.spec = spec
+        steps = spec.fields["steps"]
+        assert isinstance(steps, Group) and steps.kind == "steps"
+        self.step_leaves: list[tuple[str, Leaf]] = list(iter_leaves(steps))
+        self.episode_leaves: list[tuple[str, Leaf]] = [
+            (p, leaf) for p, leaf in iter_leaves(spec) if not p.startswith("steps/") and p != "steps"]
+        self.features_json = None
+        self.stat_keys = stats.stat_keys(self.step_leaves)
+        self.float_keys = [p for p, leaf in self.step_leaves if leaf.is_float]
+
+    def leaves_under(self, prefix: str) -> list[tuple[str, Leaf]]:
+        return [(p, leaf) for p, leaf in self.step_leaves
+                if p == prefix or p.startswith(prefix + "/")]
+
+
+def payload(leaf: Leaf, values: Sequence[Any]) -> bytes:
+    """The Feature payload of one leaf's values (one per step, or one for an episode field)."""
+    if leaf.kind in ("text", "image"):
+        data = [v.result() if isinstance(v, Future) else v for v in values]
+        return record.bytes_list_payload(data)
+    arr = np.asarray(values, dtype=leaf.dtype)
+    if leaf.encoding == "bytes":
+        return record.fixed_bytes_list_payload(arr)
+    if leaf.dtype.kind == "f":
+        return record.float_list_payload(arr)
+    if leaf.dtype == np.uint64:
+        return record.int64_list_payload(arr.view(np.int64))
+    return record.int64_list_payload(arr.astype(np.int64, copy=False))
+
+
+@dataclasses.dataclass
+class EpisodeRows:
+    """A finished episode as handed to the writer. The callables build, in the writer thread,
+    one column per step leaf and one value per episode leaf, in schema order."""
+
+    step_columns: Callable[[], list[list[Any]]]
+    episode_values: Callable[[], list[Any]]
+    num_steps: int
+    episode_id: str
+
+
+# ---------------------------------------------------------------------------------------------
+# The writer
+
+
+_CLOSE = object()
+
+
+class DatasetWriter:
+    """Writes episodes into one dataset directory from a background thread.
+
+    Args:
+      directory: the dataset directory (created if missing).
+      dataset_name: the TFDS name (letters, digits, underscores).
+      options: :class:`WriterOptions`.
+      overwrite: delete an existing dataset in ``directory`` first (never done silently).
+      session: provenance of this writer, kept in ``oxe_envlogger.json``.
+    """
+
+    def __init__(self, directory: str | os.PathLike, dataset_name: str, *,
+                 options: WriterOptions | None = None, overwrite: bool = False,
+                 session: Mapping[str, Any] | None = None):
+        self.options = options or WriterOptions()
+        self.dir = layout.DatasetDir(directory, dataset_name, split=self.options.split)
+        self.writer_id = uuid.uuid4().hex[:12]
+        self.stalls = Stalls()
+        self.encoder = EncodePool(self.options.encode_threads, self.options.max_pending_frames,
+                                  self.stalls)
+        self.schema: Schema | None = None
+        self._queue: queue.Queue = queue.Queue(maxsize=self.options.queue_episodes)
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._fatal = False
+        self._closed = False
+        self._lock = threading.Lock()
+        self._registration: layout.WriterRegistration | None = None
+        self._shard: record.RecordWriter | None = None
+        self._shard_seq = 0
+        self._shard_episodes = 0
+        self._shard_stats: stats.StatsSet | None = None
+        self.committed_shards: list[str] = []
+        self.episodes_written = 0
+        self.steps_written = 0
+        self.bytes_written = 0
+        self.nonfinite: dict[str, int] = {}
+        self.session: dict[str, Any] = {"writer_id": self.writer_id, "started": layout.now_iso(),
+                                        **(session or {})}
+        os.makedirs(self.dir.path, exist_ok=True)
+        with self.dir.lock():
+            if overwrite:
+                if any(layout._writer_alive(self.dir.path, f[:-5]) for f in _writer_files(self.dir.path)):
+                    raise WriterError(f"{self.dir.path}: cannot overwrite while another writer is live")
+                self.dir.remove_dataset()
+        if layout.needs_recovery(self.dir.path):
+            layout.recover(self.dir.path)
+        self._registration = layout.WriterRegistration(self.dir.path, self.writer_id)
+
+    # -- spec -------------------------------------------------------------------------------
+
+    def existing_features(self) -> dict | None:
+        """The features.json of the dataset already in the directory, if any."""
+        return self.dir.read_features() if self.dir.read_info() is not None else None
+
+    def start(self, spec: Group, *, description: str = "", version: str = layout.DEFAULT_VERSION,
+              metadata: Mapping[str, Any] | None = None) -> None:
+        """Fixes the episode spec (creating the dataset or checking the existing one's features)
+        and starts the writer thread."""
+        from oxe_envlogger.specs import spec_to_features_json
+
+        schema = Schema(spec)
+        features = spec_to_features_json(spec)
+        schema.features_json = features
+        with self.dir.lock():
+            self.dir.ensure(features, description=description, version=version, metadata=metadata)
+            self.dir.update_metadata(lambda meta: layout.update_session(meta, self._session_json()))
+        self.schema = schema
+        self._thread = threading.Thread(target=self._run, name="oxe-writer", daemon=True)
+        self._thread.start()
+
+    @property
+    def started(self) -> bool:
+        return self.schema is not None
+
+    # -- producer side ------------------------------------------------------------------------
+
+    def encode_image(self, image: np.ndarray, codec) -> Future:
+        return self.encoder.submit(image, codec)
+
+    def check(self) -> None:
+        """Raises the writer thread's error, if any (once for per-episode errors)."""
+        if self._closed:
+            raise LoggerClosedError(f"the writer of {self.dir.path} is closed")
+        err = self._error
+        if err is not None:
+            if not self._fatal:
+                self._error = None
+            if isinstance(err, RecordTooLargeError):
+                raise err
+            raise WriterError(f"writing to {self.dir.path} failed: {err}") from err
+
+    def put(self, rows: EpisodeRows) -> None:
+        """Queues a finished episode; blocks (counting a stall) while the queue is full."""
+        self.check()
+        assert self._thread is not None, "start() first"
+        try:
+            self._queue.put_nowait(rows)
+            return
+        except queue.Full:
+            pass
+        t0 = time.perf_counter()
+        while True:
+            try:
+                self._queue.put(rows, timeout=0.5)
+                break
+            except queue.Full:
+                if self._fatal or not self._thread.is_alive():
+                    self.check()
+                    raise WriterError(f"the writer of {self.dir.path} stopped")
+        self.stalls.add(time.perf_counter() - t0)
+
+    def close(self) -> None:
+        """Writes everything queued, commits the last shard, and releases the directory.
+        Idempotent. Raises :class:`WriterError` if something queued could not be written."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._thread is not None:
+                self._queue.put(_CLOSE)
+                self._thread.join()
+        finally:
+            self.encoder.shutdown()
+            try:
+                if self.schema is not None:
+                    self._commit(final=True)
+            finally:
+                if self._registration is not None:
+                    self._registration.release()
+                    self._registration = None
+        self._log_summary()
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise WriterError(f"writing to {self.dir.path} failed: {err}") from err
+
+    # -- writer thread ----------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is _CLOSE:
+                return
+            if self._fatal:
+                continue  # drain; the error is reported to the producer
+            try:
+                self._write_episode(item)
+            except (RecordTooLargeError, ValueError) as e:
+                log.error("episode %s not written: %s", item.episode_id, e)
+                self._error = e
+            except BaseException as e:
+                log.error("writer of %s failed: %s", self.dir.path, e)
+                self._error = e
+                self._fatal = True
+
+    def _serialize(self, columns: list[list[Any]], values: list[Any]) -> bytes:
+        schema = self.schema
+        assert len(columns) == len(schema.step_leaves), (len(columns), len(schema.step_leaves))
+        assert len(values) == len(schema.episode_leaves), (len(values), len(schema.episode_leaves))
+        features = {}
+        for (path, leaf), col in zip(schema.step_leaves, columns):
+            features[f"steps/{path}"] = payload(leaf, col)
+        for (path, leaf), value in zip(schema.episode_leaves, values):
+            features[path] = payload(leaf, [value])
+        return record.encode_example(features)
+
+    def _write_episode(self, rows: EpisodeRows) -> None:
+        schema = self.schema
+        step_columns = rows.step_columns()
+        data = self._serialize(step_columns, rows.episode_values())
+        opts = self.options
+        size = record.framed_size(len(data))
+        if self._shard is not None and self._shard_episodes and (
+                self._shard.bytes_written + size > opts.shard_bytes
+                or (opts.max_episodes_per_file and self._shard_episodes >= opts.max_episodes_per_file)):
+            self._commit()
+        if self._shard is None:
+            os.makedirs(layout.staging_dir(self.dir.path), exist_ok=True)
+            path = os.path.join(layout.staging_dir(self.dir.path),
+                                f"{self.writer_id}-{opts.split}-{self._shard_seq:05d}.tfrecord")
+            self._shard_seq += 1
+            self._shard = record.RecordWriter(path)
+            self._shard_episodes = 0
+            self._shard_stats = stats.StatsSet(
+                {k: dict(schema.step_leaves)[k].shape for k in schema.stat_keys},
+                seed=int(self.writer_id[:8], 16) + self._shard_seq)
+        self._shard.write(data)
+        if opts.fsync:
+            self._shard.sync()
+        self._shard_episodes += 1
+        self.episodes_written += 1
+        self.steps_written += rows.num_steps
+        self.bytes_written += size
+        # Statistics and non-finite counts, from the columns already in memory.
+        index = {p: i for i, (p, _) in enumerate(schema.step_leaves)}
+        columns = {}
+        for key in set(schema.stat_keys) | set(schema.float_keys):
+            columns[key] = np.asarray(step_columns[index[key]], dtype=dict(schema.step_leaves)[key].dtype)
+        for key in schema.float_keys:
+            bad = int(np.count_nonzero(~np.isfinite(columns[key])))
+            if bad:
+                self.nonfinite[key] = self.nonfinite.get(key, 0) + bad
+        self._shard_stats.add_episode({k: columns[k] for k in schema.stat_keys}, rows.num_steps)
+
+    def _commit(self, *, final: bool = False) -> None:
+        """Commits the open staging shard (if any) and refreshes this session's metadata."""
+        shard, self._shard = self._shard, None
+        with self.dir.lock():
+            if shard is not None:
+                shard.close()
+                if self._shard_episodes:
+                    committed = self.dir.commit_shard(shard.path, self._shard_episodes,
+                                                      shard.bytes_written)
+                    self.committed_shards.append(os.path.basename(committed))
+                    stats.merge_into(self.dir.path, self._shard_stats, self.options.split,
+                                     {committed: self._shard_episodes})
+                else:
+                    os.unlink(shard.path)
+            session = self._session_json()
+            if final:
+                session["closed"] = layout.now_iso()
+                session["ended"] = "error: " + str(self._error) if self._fatal else "closed"
+            self.dir.update_metadata(lambda meta: layout.update_session(meta, session))
+        self._shard_episodes = 0
+
+    def _session_json(self) -> dict[str, Any]:
+        out = dict(self.session)
+        out.update({
+            "episodes": self.episodes_written,
+            "steps": self.steps_written,
+            "bytes": self.bytes_written,
+            "shards": list(self.committed_shards),
+            "stalls": self.stalls.to_json(),
+            "nonfinite_values": dict(self.nonfinite),
+            "frames_encoded": self.encoder.frames,
+            "encode_seconds": round(self.encoder.encode_seconds, 3),
+        })
+        return out
+
+    def _log_summary(self) -> None:
+        s = self.stalls
+        log.info("%s: wrote %d episodes (%d steps, %.1f MB) in %d shards; %d stalls, %.3f s blocked",
+                 self.dir.path, self.episodes_written, self.steps_written, self.bytes_written / 1e6,
+                 len(self.committed_shards), s.count, s.seconds)
+        if self.nonfinite:
+            log.warning("%s: non-finite values logged: %s", self.dir.path, self.nonfinite)
+
+
+def _writer_files(directory: str) -> list[str]:
+    path = os.path.join(directory, layout.INTERNAL, "writers")
+    return os.listdir(path) if os.path.isdir(path) else []

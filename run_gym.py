@@ -1,0 +1,89 @@
+"""Run a gymnasium env with a random or scripted policy, optionally logging RLDS.
+
+    python run_gym.py --env_name=HalfCheetah-v5 --enable_envlogger --output_dir=logs/half_cheetah
+    python run_gym.py --env_name=HalfCheetah-v5 --render --enable_envlogger   # + camera images
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("MUJOCO_GL", "egl")
+
+import gymnasium as gym  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import oxe_envlogger.envs  # noqa: E402,F401  (registers oxe_envlogger/SyntheticCamera-v0)
+from oxe_envlogger import AutoOXEEnvLogger  # noqa: E402
+from oxe_envlogger.envs import make_policy  # noqa: E402
+from oxe_envlogger.inspection import format_summary, summarize  # noqa: E402
+from oxe_envlogger.layout import snake_name  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("env_name", "HalfCheetah-v5", "Any gymnasium env id.")
+flags.DEFINE_integer("num_episodes", 5, "Episodes to run.")
+flags.DEFINE_integer("max_episode_steps", None, "Time limit per episode (default: the env's).")
+flags.DEFINE_bool("enable_envlogger", False, "Log the episodes as RLDS.")
+flags.DEFINE_string("output_dir", None, "Dataset directory (default ./logs/<dataset_name>).")
+flags.DEFINE_string("dataset_name", None, "TFDS dataset name (default: from --env_name).")
+flags.DEFINE_enum("policy", "random", ["random", "scripted"], "Policy to run.")
+flags.DEFINE_bool("render", False, "Add camera images (render()) to the observation as 'image'.")
+flags.DEFINE_integer("image_size", 128, "Rendered image width and height (MuJoCo envs).")
+flags.DEFINE_string("image_codec", "png", "png, jpeg, jpeg:<quality> or raw.")
+flags.DEFINE_string("language_instruction", None,
+                    "Instruction stored with every episode (default: info['language_instruction'] "
+                    "where the env gives one).")
+flags.DEFINE_integer("seed", 0, "Seed of the first reset and of the random policy.")
+flags.DEFINE_bool("overwrite", False, "Replace an existing dataset in --output_dir.")
+
+
+def make_env() -> gym.Env:
+    kwargs = {}
+    if FLAGS.max_episode_steps:
+        kwargs["max_episode_steps"] = FLAGS.max_episode_steps
+    if FLAGS.render:
+        kwargs["render_mode"] = "rgb_array"
+        if gym.spec(FLAGS.env_name).entry_point.startswith("gymnasium.envs.mujoco"):
+            kwargs.update(width=FLAGS.image_size, height=FLAGS.image_size)
+    env = gym.make(FLAGS.env_name, **kwargs)
+    if FLAGS.render:
+        env = gym.wrappers.AddRenderObservation(env, render_only=False, render_key="image",
+                                                obs_key="state")
+    return env
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    env = make_env()
+    policy = make_policy(FLAGS.policy, env, FLAGS.seed)
+    if FLAGS.enable_envlogger:
+        name = FLAGS.dataset_name or snake_name(FLAGS.env_name.split("/")[-1])
+        env = AutoOXEEnvLogger(env, name, FLAGS.output_dir, image_codec=FLAGS.image_codec,
+                               overwrite=FLAGS.overwrite)
+        logging.info("logging to %s", env.directory)
+    returns = []
+    with env, tqdm(total=FLAGS.num_episodes, unit="episode") as bar:
+        for ep in range(FLAGS.num_episodes):
+            obs, info = env.reset(seed=FLAGS.seed + ep)
+            instruction = FLAGS.language_instruction or info.get("language_instruction")
+            if FLAGS.enable_envlogger and instruction:
+                env.set_language_instruction(instruction)
+            total, steps, done = 0.0, 0, False
+            while not done:
+                obs, reward, terminated, truncated, info = env.step(policy(obs))
+                total += float(reward)
+                steps += 1
+                done = terminated or truncated
+            returns.append(total)
+            bar.update(1)
+            bar.set_postfix(steps=steps, ret=f"{total:.1f}")
+    print(f"{len(returns)} episodes, mean return {np.mean(returns):.2f}")
+    if FLAGS.enable_envlogger:
+        print(format_summary(summarize(env.directory)))
+
+
+if __name__ == "__main__":
+    app.run(main)
