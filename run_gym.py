@@ -10,16 +10,16 @@ import os
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 
-import gymnasium as gym  # noqa: E402
-import numpy as np  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+import gymnasium as gym
+import numpy as np
+from absl import app, flags, logging
+from tqdm import tqdm
 
-import oxe_envlogger.envs  # noqa: E402,F401  (registers oxe_envlogger/SyntheticCamera-v0)
-from oxe_envlogger import AutoOXEEnvLogger  # noqa: E402
-from oxe_envlogger.envs import make_policy  # noqa: E402
-from oxe_envlogger.inspection import format_summary, summarize  # noqa: E402
-from oxe_envlogger.layout import snake_name  # noqa: E402
+import oxe_envlogger.envs  # noqa: F401  (registers oxe_envlogger/SyntheticCamera-v0)
+from oxe_envlogger import AutoOXEEnvLogger
+from oxe_envlogger.envs import make_policy
+from oxe_envlogger.inspection import format_summary, summarize
+from oxe_envlogger.layout import snake_name
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("env_name", "HalfCheetah-v5", "Any gymnasium env id.")

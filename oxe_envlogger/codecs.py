@@ -39,7 +39,7 @@ def encode_png(image: np.ndarray, *, compress_level: int = 1) -> bytes:
 def encode_png_pillow(image: np.ndarray, *, compress_level: int = 1) -> bytes:
     from PIL import Image
 
-    h, w, c = image.shape
+    c = image.shape[2]
     mode = {1: "L", 3: "RGB", 4: "RGBA"}[c]
     pil = Image.fromarray(image[:, :, 0] if c == 1 else np.ascontiguousarray(image), mode)
     buf = io.BytesIO()

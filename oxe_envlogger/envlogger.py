@@ -115,7 +115,7 @@ class _GymLogger(gym.Wrapper, LoggerMixin):
     def step(self, action, **kwargs) -> tuple[Any, SupportsFloat, bool, bool, dict[str, Any]]:
         flat_action = self._recorder.check_action(action)
         out = self.env.step(action, **kwargs) if kwargs else self.env.step(action)
-        obs, reward, terminated, truncated, info = out
+        obs, reward, terminated, truncated, _ = out
         self._recorder.step(flat_action, reward, obs, terminated=bool(terminated),
                             truncated=bool(truncated))
         return out

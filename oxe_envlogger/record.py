@@ -273,10 +273,7 @@ def decode_feature(payload: bytes | memoryview) -> tuple[Kind, list[bytes] | np.
         if field == 1:
             return "bytes", [bytes(v) for f, _, v in _iter_fields(body) if f == 1]
         if field == 2:
-            chunks = []
-            for f, wire, v in _iter_fields(body):
-                if f == 1:
-                    chunks.append(bytes(v))
+            chunks = [bytes(v) for f, _, v in _iter_fields(body) if f == 1]
             return "float", np.frombuffer(b"".join(chunks), "<f4").astype(np.float32)
         if field == 3:
             parts = []

@@ -140,6 +140,15 @@ class EpisodeRecorder:
         self.directory = self.writer.dir.path
         self._closed = False
 
+        try:
+            self._setup(observation, action, reward_dtype, discount_dtype, step_metadata,
+                        episode_metadata, language)
+        except BaseException:
+            self.writer.close()  # releases the directory; nothing was written
+            raise
+
+    def _setup(self, observation, action, reward_dtype, discount_dtype, step_metadata,
+               episode_metadata, language) -> None:
         existing = self.writer.existing_features()
         existing_steps: dict[str, Spec] = {}
         existing_episode: dict[str, Spec] = {}
@@ -161,7 +170,7 @@ class EpisodeRecorder:
         self._obs = self._part(obs_spec, "observation") if obs_spec is not None else None
         self._act = self._part(act_spec, "action") if act_spec is not None else None
         self._reward = specs.leaf_checker(specs.tensor((), reward_dtype), "reward",
-                                          strict_finite=strict_finite)
+                                          strict_finite=self._strict)
         self._reward_leaf = specs.tensor((), reward_dtype)
         self._discount_leaf = specs.tensor((), discount_dtype)
         self._discount = specs.leaf_checker(self._discount_leaf, "discount")
@@ -291,8 +300,10 @@ class EpisodeRecorder:
         return self._obs.check(obs)
 
     def check_action(self, action: Any) -> list:
-        """Validates an action (call before stepping the env so a bad action changes nothing)."""
+        """Validates an action and the call order (call before stepping the env, so that a bad
+        action or a step out of order changes nothing)."""
         self._ensure_open()
+        self._check_can_step()
         if self._act is None:
             self._act = self._part(_infer_spec(action, "action", self._codec, self._codecs),
                                    "action")
@@ -352,6 +363,13 @@ class EpisodeRecorder:
     def episode_ended(self) -> bool:
         return self._ended
 
+    def _check_can_step(self) -> None:
+        if not self.in_episode:
+            raise StepOrderError("step() before reset(): the logger needs o_0 from reset()")
+        if self._ended:
+            raise StepOrderError("step() after the episode ended (terminated or truncated); "
+                                 "call reset() first")
+
     def begin(self, obs: Any) -> None:
         """Starts an episode at o_0 (ending the one in progress, which counts as truncated)."""
         self._ensure_open()
@@ -364,11 +382,7 @@ class EpisodeRecorder:
              truncated: bool, discount: Any = None) -> None:
         """Records a_t (from :meth:`check_action`), r_t and o_{t+1}."""
         self._ensure_open()
-        if not self.in_episode:
-            raise StepOrderError("step() before reset(): the logger needs o_0 from reset()")
-        if self._ended:
-            raise StepOrderError("step() after the episode ended (terminated or truncated); "
-                                 "call reset() first")
+        self._check_can_step()
         r = self._reward(reward)
         if discount is None:
             d = 0.0 if terminated else 1.0
@@ -436,9 +450,9 @@ class EpisodeRecorder:
             cols.append(rewards)
             cols.append(discounts)
             flags = [False] * n
-            cols.append([True] + flags[1:])
-            cols.append(flags[1:] + [True])
-            cols.append(flags[1:] + [terminal])
+            cols.append([True, *flags[1:]])
+            cols.append([*flags[1:], True])
+            cols.append([*flags[1:], terminal])
             if self._language:
                 cols.append(lang_rows)
             for key, part in self._step_meta.items():

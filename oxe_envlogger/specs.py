@@ -44,6 +44,7 @@ _CLS_TEXT = _TFDS + "text_feature.Text"
 _CLS_CLASS_LABEL = _TFDS + "class_label_feature.ClassLabel"
 
 TEXT_DTYPE = np.dtype(object)
+_FLOAT32 = np.dtype(np.float32)
 TEXT_MAX_LENGTH = 1 << 16
 _TEXT_CHARSET = string.printable
 
@@ -108,7 +109,7 @@ class Leaf:
 
     kind: Literal["tensor", "image", "text"]
     shape: tuple[int, ...] = ()
-    dtype: np.dtype = np.dtype(np.float32)
+    dtype: np.dtype = _FLOAT32
     encoding: Literal["none", "bytes", "zlib"] = "none"
     codec: ImageCodec | None = None
     doc: str = ""

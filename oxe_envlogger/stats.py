@@ -32,9 +32,7 @@ def stat_keys(step_leaves: Iterable[tuple[str, Leaf]]) -> list[str]:
     for path, leaf in step_leaves:
         if leaf.kind != "tensor":
             continue
-        if (path == "action" or path.startswith("action/")) and leaf.dtype.kind in "biuf":
-            out.append(path)
-        elif path.startswith("observation") and leaf.dtype.kind == "f":
+        if ((path == "action" or path.startswith("action/")) and leaf.dtype.kind in "biuf") or (path.startswith("observation") and leaf.dtype.kind == "f"):
             out.append(path)
     return out
 

@@ -314,7 +314,7 @@ class DatasetWriter:
             except queue.Full:
                 if self._fatal or not self._thread.is_alive():
                     self.check()
-                    raise WriterError(f"the writer of {self.dir.path} stopped")
+                    raise WriterError(f"the writer of {self.dir.path} stopped") from None
         self.stalls.add(time.perf_counter() - t0)
 
     def close(self) -> None:

@@ -62,6 +62,18 @@ def run_episodes(env: gym.Env, n: int, *, seed: int = 0, steps: int | None = Non
                 break
 
 
+def in_subprocess(fn, *args, timeout: float = 600):
+    """Runs ``fn(*args)`` in a fresh (spawned) Python process and returns its result.
+
+    MuJoCo's EGL renderer and TensorFlow crash when loaded into the same process (seen with
+    TF 2.21 and mujoco 4.0), so tests that render log in a subprocess and read tfds here."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        return pool.apply_async(fn, args).get(timeout=timeout)
+
+
 def _stack(values: list) -> Any:
     if isinstance(values[0], dict):
         return {k: _stack([v[k] for v in values]) for k in values[0]}
