@@ -1,0 +1,435 @@
+"""The single-process resharder on real logged data (W2-like camera datasets, W1 HalfCheetah):
+byte-identical copies, manifests, determinism, filters, relabelling, splits, feature renames,
+errors that leave nothing behind, and reading the output back with tfds."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from oxe_envlogger import layout, reader, record, reshard, stats
+from oxe_envlogger.errors import CorruptDatasetError, DatasetExistsError, FeatureMismatchError
+from oxe_envlogger.reshard import ReshardOptions
+from oxe_envlogger.validate import validate
+from tests.helpers import read_tfds
+from tests.tools.datasets import REPO, make_w1, make_w2
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    """Three W2-like datasets under one root (one nested), 9 episodes, one of them invalid."""
+    root = tmp_path_factory.mktemp("sources")
+    make_w2(str(root / "a"), 3, seed=0)
+    make_w2(str(root / "b"), 3, seed=10, per_file=3)
+    make_w2(str(root / "runs" / "c"), 2, seed=20, unfinished=True)
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def w1(tmp_path_factory):
+    return make_w1(str(tmp_path_factory.mktemp("w1") / "half_cheetah"), 3)
+
+
+@pytest.fixture(scope="module")
+def merged(sources, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("merged") / "out")
+    report = reshard.reshard([sources], out, ReshardOptions(shard_bytes=40_000))
+    return out, report
+
+
+def source_records(root: str) -> list[tuple[str, str, int, bytes]]:
+    """(dataset dir, shard name, index, serialized episode) in the merged order."""
+    out = []
+    for d in layout.find_datasets(root):
+        for path, i, data in layout.iter_serialized(d):
+            out.append((d, os.path.basename(path), i, data))
+    return out
+
+
+def output_records(directory: str) -> dict[tuple[str, int, int], bytes]:
+    info = layout.read_json(os.path.join(directory, layout.DATASET_INFO))
+    out = {}
+    for split in layout.list_splits(info):
+        for k, (path, _) in enumerate(layout.shard_paths(directory, info, split)):
+            for i, data in enumerate(record.read_records(path)):
+                out[(split, k, i)] = data
+    return out
+
+
+def manifest_rows(directory: str) -> list[dict]:
+    m = layout.read_json(os.path.join(directory, reshard.MANIFEST))
+    return [dict(zip(m["episode_columns"], row)) for row in m["episodes"]]
+
+
+def dir_files(directory: str) -> dict[str, bytes]:
+    out = {}
+    for name in sorted(os.listdir(directory)):
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                out[name] = f.read()
+    return out
+
+
+def no_leftovers(parent: str) -> bool:
+    return not [e for e in os.listdir(parent) if e.startswith(reshard.TMP_PREFIX)]
+
+
+def test_merge_copies_every_episode_byte_for_byte(sources, merged):
+    out, report = merged
+    src = source_records(sources)
+    got = output_records(out)
+    assert report.episodes == len(src) == len(got) == 9
+    # In order: inputs sorted by path, stable order inside each.
+    assert [got[k] for k in sorted(got)] == [r[3] for r in src]
+    manifest = layout.read_json(os.path.join(out, reshard.MANIFEST))
+    sources_by_index = {s["index"]: s["directory"] for s in manifest["sources"]}
+    assert sorted(sources_by_index.values()) == layout.find_datasets(sources)
+    for row in manifest_rows(out):
+        directory = sources_by_index[row["source"]]
+        path = os.path.join(directory, row["source_shard"])
+        want = list(record.read_records(path))[row["source_index"]]
+        assert got[(row["split"], row["shard"], row["index"])] == want
+        assert row["changes"] == ""
+        assert src[row["global_index"]][3] == want
+    for entry in manifest["splits"]["train"]["shards"]:
+        with open(os.path.join(out, entry["file"]), "rb") as f:
+            assert hashlib.sha256(f.read()).hexdigest() == entry["sha256"]
+
+
+def test_output_is_valid_and_reads_with_tfds(sources, merged):
+    out, _ = merged
+    report = validate(out)
+    assert report.ok, report.format()
+    assert report.num_warnings == 0, report.format()
+    episodes = read_tfds(out)
+    ours = list(reader.read_episodes(out))
+    assert len(episodes) == len(ours) == 9
+    for got, want in zip(episodes, ours):
+        assert got["episode_id"] == want["episode_id"]
+        np.testing.assert_array_equal(got["steps"]["observation"]["image"],
+                                      want["steps"]["observation"]["image"])
+        np.testing.assert_array_equal(got["steps"]["action"], want["steps"]["action"])
+        np.testing.assert_array_equal(got["steps"]["language_instruction"],
+                                      want["steps"]["language_instruction"])
+
+
+def test_byte_budget_packs_greedily_with_default_names(merged):
+    out, _ = merged
+    info = layout.read_json(os.path.join(out, layout.DATASET_INFO))
+    entry = layout.split_entry(info, "train")
+    assert entry["filepathTemplate"] == layout.DEFAULT_TEMPLATE
+    paths = layout.shard_paths(out, info, "train")
+    n = len(paths)
+    assert n > 1
+    sizes = []
+    for k, (path, count) in enumerate(paths):
+        assert os.path.basename(path) == f"w2-train.tfrecord-{k:05d}-of-{n:05d}"
+        records = [record.framed_size(len(d)) for d in record.read_records(path)]
+        assert len(records) == count
+        assert sum(records) <= 40_000 or count == 1
+        sizes.append(records)
+    for cur, nxt in itertools.pairwise(sizes):  # greedy: the next episode did not fit
+        assert sum(cur) + nxt[0] > 40_000
+    assert int(entry["numBytes"]) == sum(os.path.getsize(p) for p, _ in paths)
+
+
+def test_same_output_on_every_run(sources, merged, tmp_path):
+    out, _ = merged
+    again = str(tmp_path / "again")
+    reshard.reshard([os.path.join(sources, "runs"), sources], again,
+                    ReshardOptions(shard_bytes=40_000, workers=1))
+    a, b = dir_files(out), dir_files(again)
+    assert a.keys() == b.keys()
+    for name in a:
+        if name != layout.METADATA:  # provenance: creation time, host, argv
+            assert a[name] == b[name], name
+
+
+def test_statistics_equal_a_fresh_catch_up(merged, tmp_path):
+    out, _ = merged
+    copy = str(tmp_path / "copy")
+    shutil.copytree(out, copy)
+    os.unlink(os.path.join(copy, layout.STATISTICS))
+    with layout.dataset_lock(copy):
+        stats.catch_up(copy)
+    assert layout.read_json(os.path.join(copy, layout.STATISTICS)) == \
+        layout.read_json(os.path.join(out, layout.STATISTICS))
+    assert stats.is_current(out)
+
+
+def test_provenance_records_the_sources(sources, merged):
+    out, _ = merged
+    meta = layout.read_json(os.path.join(out, layout.METADATA))
+    assert [s["directory"] for s in meta["resharded_from"]] == layout.find_datasets(sources)
+    assert all(s["metadata"]["sessions"] for s in meta["resharded_from"])
+    assert meta["sessions"][-1]["tool"] == "reshard"
+    assert meta["image_codecs"] == {"steps/observation/image": "png",
+                                    "steps/observation/wrist_image": "png"}
+
+
+def test_skip_indices_drop_invalid_and_shard_size(sources, tmp_path):
+    out = str(tmp_path / "out")
+    report = reshard.reshard([sources], out, ReshardOptions(
+        skip_episodes=(0, 4), drop_invalid=True, shard_episodes=2))
+    src = source_records(sources)
+    invalid = [i for i, r in enumerate(src)
+               if reader.decode_episode(r[3], reader.read_spec(r[0]), keys=())["invalid"]]
+    assert invalid == [8]
+    manifest = layout.read_json(os.path.join(out, reshard.MANIFEST))
+    skipped = {row[0]: row[-1] for row in manifest["skipped"]}
+    assert skipped == {0: "skip_episodes", 4: "skip_episodes", 8: "invalid"}
+    kept = [i for i in range(len(src)) if i not in skipped]
+    rows = manifest_rows(out)
+    assert [r["global_index"] for r in rows] == kept
+    got = output_records(out)
+    assert [got[k] for k in sorted(got)] == [src[i][3] for i in kept]
+    assert [s["episodes"] for s in manifest["splits"]["train"]["shards"]] == [2, 2, 2]
+    assert report.skipped == 3
+    assert validate(out).ok
+
+
+def test_skip_index_out_of_range_is_an_error(sources, tmp_path):
+    with pytest.raises(ValueError, match="skip_episodes"):
+        reshard.reshard([sources], str(tmp_path / "out"), ReshardOptions(skip_episodes=(99,)))
+    assert no_leftovers(str(tmp_path))
+
+
+def test_relabel_language_changes_only_the_language(sources, tmp_path):
+    out = str(tmp_path / "out")
+    reshard.reshard([sources], out, ReshardOptions(relabel_language="pick up the cube"))
+    src = source_records(sources)
+    got = output_records(out)
+    for (_directory, _, _, before), after in zip(src, [got[k] for k in sorted(got)]):
+        a, b = record.split_example(before), record.split_example(after)
+        assert a.keys() == b.keys()
+        for key in a:
+            if key != "steps/language_instruction":
+                assert bytes(a[key]) == bytes(b[key]), key
+        _kind, values = record.decode_feature(b["steps/language_instruction"])
+        assert set(values) == {b"pick up the cube"}
+        assert len(values) == len(record.decode_feature(a["steps/is_first"])[1])
+    assert {r["changes"] for r in manifest_rows(out)} == {"language"}
+    episodes = read_tfds(out)
+    assert all(set(e["steps"]["language_instruction"]) == {b"pick up the cube"} for e in episodes)
+    assert validate(out).ok
+
+
+def test_relabel_to_the_same_text_copies_unchanged(tmp_path):
+    src = make_w2(str(tmp_path / "src"), 2, seed=3)
+    first = next(reader.read_episodes(src, keys={"language_instruction"}))
+    text = first["steps"]["language_instruction"][0].decode()
+    out = str(tmp_path / "out")
+    reshard.reshard([src], out, ReshardOptions(relabel_language=text))
+    rows = manifest_rows(out)
+    assert rows[0]["changes"] == ""  # already said so: copied as it was
+    assert output_records(out)[("train", 0, 0)] == source_records(src)[0][3]
+
+
+def test_language_map_by_id_and_by_index(sources, tmp_path):
+    src = source_records(sources)
+    first_id = reader.decode_episode(src[0][3], reader.read_spec(src[0][0]), keys=())["episode_id"]
+    mapping = {first_id.decode(): "by id", "3": "by index", "nobody": "unused"}
+    out = str(tmp_path / "out")
+    report = reshard.reshard([sources], out, ReshardOptions(language_map=mapping))
+    langs = [set(ep["steps"]["language_instruction"])
+             for ep in reader.read_episodes(out, keys={"language_instruction"})]
+    originals = [set(ep["steps"]["language_instruction"])
+                 for d in layout.find_datasets(sources)
+                 for ep in reader.read_episodes(d, keys={"language_instruction"})]
+    assert langs[0] == {b"by id"} and langs[3] == {b"by index"}
+    assert [lang for i, lang in enumerate(langs) if i not in (0, 3)] == \
+        [lang for i, lang in enumerate(originals) if i not in (0, 3)]
+    changes = [r["changes"] for r in manifest_rows(out)]
+    assert changes[0] == changes[3] == "language" and changes[1] == ""
+    assert report.manifest["unmatched_language_keys"] == ["nobody"]
+
+
+@pytest.mark.parametrize("form", ["json", "jsonl", "tsv"])
+def test_load_language_map(tmp_path, form):
+    path = tmp_path / f"map.{form}"
+    text = {"json": json.dumps({"abc-000001": "open the drawer", "7": "close it"}),
+            "jsonl": '{"episode_id": "abc-000001", "language_instruction": "open the drawer"}\n'
+                     '{"index": 7, "language_instruction": "close it"}\n',
+            "tsv": "# comment\nabc-000001\topen the drawer\n7\tclose it\n"}[form]
+    path.write_text(text)
+    assert reshard.load_language_map(path) == {"abc-000001": "open the drawer", "7": "close it"}
+
+
+def test_relabel_adds_a_language_feature_to_w1(w1, tmp_path):
+    out = str(tmp_path / "out")
+    reshard.reshard([w1], out, ReshardOptions(relabel_language="run forward",
+                                              language_map={"1": "run backward"}))
+    features = layout.read_json(os.path.join(out, layout.FEATURES))
+    assert "steps/language_instruction" in reshard.feature_paths(features)
+    episodes = read_tfds(out)
+    before = read_tfds(w1)
+    assert [set(e["steps"]["language_instruction"]) for e in episodes] == \
+        [{b"run forward"}, {b"run backward"}, {b"run forward"}]
+    for got, want in zip(episodes, before):
+        np.testing.assert_array_equal(got["steps"]["observation"], want["steps"]["observation"])
+        np.testing.assert_array_equal(got["steps"]["action"], want["steps"]["action"])
+        np.testing.assert_array_equal(got["steps"]["reward"], want["steps"]["reward"])
+    assert validate(out).ok
+
+
+def test_w1_reshard_reads_back_identically(w1, tmp_path):
+    out = str(tmp_path / "out")
+    reshard.reshard([w1], out, ReshardOptions(shard_episodes=1))
+    got, want = read_tfds(out), read_tfds(w1)
+    assert len(got) == len(want) == 3
+    for a, b in zip(got, want):
+        for key in ("observation", "action", "reward", "discount", "is_first", "is_last",
+                    "is_terminal"):
+            np.testing.assert_array_equal(a["steps"][key], b["steps"][key])
+        assert a["episode_id"] == b["episode_id"]
+    assert validate(out).ok
+
+
+def test_validation_split_by_fraction_and_seed(sources, tmp_path):
+    def run(seed, name):
+        out = str(tmp_path / name)
+        reshard.reshard([sources], out, ReshardOptions(validation_fraction=0.3, split_seed=seed))
+        rows = manifest_rows(out)
+        return out, sorted(r["global_index"] for r in rows if r["split"] == "val")
+
+    out, val = run(0, "s0")
+    _, val_again = run(0, "s0_again")
+    choices = {tuple(run(seed, f"s{seed}")[1]) for seed in (1, 2, 3)}
+    assert val == val_again and len(val) == 3  # round(0.3 * 9)
+    assert len(choices | {tuple(val)}) > 1
+    rows = manifest_rows(out)
+    assert sorted(r["global_index"] for r in rows) == list(range(9))
+    train = [r["global_index"] for r in rows if r["split"] == "train"]
+    assert train == sorted(train)  # the merged order is kept inside each split
+    info = layout.read_json(os.path.join(out, layout.DATASET_INFO))
+    assert layout.list_splits(info) == ["train", "val"]
+    assert len(read_tfds(out, "val")) == 3 and len(read_tfds(out, "train")) == 6
+    assert validate(out).ok and stats.is_current(out)
+
+
+def test_rename_and_drop_features(sources, tmp_path):
+    out = str(tmp_path / "out")
+    reshard.reshard([sources], out, ReshardOptions(
+        rename_features={"steps/observation/image": "steps/observation/image_0"},
+        drop_features=("steps/observation/wrist_image",), shard_bytes=30_000))
+    paths = reshard.feature_paths(layout.read_json(os.path.join(out, layout.FEATURES)))
+    assert "steps/observation/image_0" in paths
+    assert "steps/observation/image" not in paths and "steps/observation/wrist_image" not in paths
+    src = source_records(sources)
+    got = output_records(out)
+    for (_, _, _, before), after in zip(src, [got[k] for k in sorted(got)]):
+        a, b = record.split_example(before), record.split_example(after)
+        assert bytes(b["steps/observation/image_0"]) == bytes(a["steps/observation/image"])
+        assert "steps/observation/wrist_image" not in b
+        assert set(b) == set(a) - {"steps/observation/image", "steps/observation/wrist_image"} \
+            | {"steps/observation/image_0"}
+    assert {r["changes"] for r in manifest_rows(out)} == {"features"}
+    meta = layout.read_json(os.path.join(out, layout.METADATA))
+    assert meta["image_codecs"] == {"steps/observation/image_0": "png"}
+    episodes = read_tfds(out)
+    assert episodes[0]["steps"]["observation"]["image_0"].shape == (9, 32, 32, 3)
+    assert validate(out).ok
+
+
+@pytest.mark.parametrize("options, match", [
+    (ReshardOptions(drop_features=("steps/observation/depth",)), "does not exist"),
+    (ReshardOptions(drop_features=("steps/is_first",)), "cannot be renamed or dropped"),
+    (ReshardOptions(rename_features={"steps/action": "steps/reward"}), "exists already"),
+    (ReshardOptions(rename_features={"steps/action": "action"}), "inside steps/"),
+])
+def test_bad_feature_transformations_are_errors(sources, tmp_path, options, match):
+    with pytest.raises(ValueError, match=match):
+        reshard.reshard([sources], str(tmp_path / "out"), options)
+    assert os.listdir(tmp_path) == []
+
+
+def test_merging_different_features_lists_the_differences(sources, w1, tmp_path):
+    out = str(tmp_path / "out")
+    with pytest.raises(FeatureMismatchError) as err:
+        reshard.reshard([sources, w1], out)
+    text = str(err.value)
+    assert "steps/action" in text and "steps/observation/image" in text
+    assert all(d.startswith(w1) or d.split(":")[0] in layout.find_datasets(sources)
+               for d in err.value.differences)
+    assert not os.path.exists(out) and no_leftovers(str(tmp_path))
+
+
+def test_corrupt_input_leaves_no_output_and_keeps_the_old_one(sources, merged, tmp_path):
+    root = str(tmp_path / "src")
+    shutil.copytree(os.path.join(sources, "a"), root)
+    path = layout.shard_paths(root, layout.read_json(os.path.join(root, layout.DATASET_INFO)),
+                              "train")[1][0]
+    with open(path, "r+b") as f:  # flip a byte in the middle of an image payload
+        f.seek(os.path.getsize(path) // 2)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 0xFF]))
+    out = str(tmp_path / "out")
+    with pytest.raises(CorruptDatasetError, match="CRC"):
+        reshard.reshard([root], out)
+    assert not os.path.exists(out) and no_leftovers(str(tmp_path))
+    # An existing output survives a failed overwrite untouched.
+    existing = str(tmp_path / "existing")
+    shutil.copytree(merged[0], existing)
+    before = dir_files(existing)
+    with pytest.raises(CorruptDatasetError):
+        reshard.reshard([root], existing, ReshardOptions(overwrite=True))
+    assert dir_files(existing) == before and no_leftovers(str(tmp_path))
+
+
+def test_overwrite_rules(sources, merged, tmp_path):
+    existing = str(tmp_path / "existing")
+    shutil.copytree(merged[0], existing)
+    with pytest.raises(DatasetExistsError, match="overwrite"):
+        reshard.reshard([os.path.join(sources, "a")], existing)
+    reshard.reshard([os.path.join(sources, "a")], existing, ReshardOptions(overwrite=True))
+    assert len(output_records(existing)) == 3
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    with pytest.raises(DatasetExistsError, match="no dataset"):
+        reshard.reshard([sources], str(other), ReshardOptions(overwrite=True))
+    assert (other / "notes.txt").read_text() == "keep me"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    reshard.reshard([os.path.join(sources, "a")], str(empty))
+    assert validate(str(empty)).ok and no_leftovers(str(tmp_path))
+
+
+def test_in_place_reshard_and_output_under_the_input_root(sources, tmp_path):
+    root = str(tmp_path / "root")
+    shutil.copytree(sources, root)
+    a = os.path.join(root, "a")
+    before = [r[3] for r in source_records(a)]
+    reshard.reshard([a], a, ReshardOptions(overwrite=True, shard_episodes=1))
+    assert [output_records(a)[k] for k in sorted(output_records(a))] == before
+    assert validate(a).ok
+    # A previous output under the input root is not read as an input again.
+    out = os.path.join(root, "merged")
+    reshard.reshard([root], out)
+    report = reshard.reshard([root], out, ReshardOptions(overwrite=True))
+    assert report.episodes == 9 and report.sources == 3
+
+
+def test_reshard_does_not_import_tensorflow(merged, tmp_path):
+    code = (
+        "import sys\n"
+        "from oxe_envlogger import reshard, validate\n"
+        f"r = reshard.reshard([{merged[0]!r}], {str(tmp_path / 'out')!r},\n"
+        "    reshard.ReshardOptions(relabel_language='x', drop_features=('steps/reward',)))\n"
+        f"assert validate.validate({str(tmp_path / 'out')!r}).ok\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'jax', 'apache_beam')]\n"
+        "assert not bad, bad\n"
+        "print('ok')\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                         timeout=120, check=False)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]

@@ -1,0 +1,69 @@
+"""Small real datasets for the dataset-tool tests, logged with our own logger.
+
+W2-like: the synthetic camera env (two cameras, state, one language instruction per episode) at
+small image sizes and short episodes; W1-like: HalfCheetah-v5 with random actions.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import gymnasium as gym
+
+import oxe_envlogger.envs  # noqa: F401  (registers oxe_envlogger/SyntheticCamera-v0)
+from oxe_envlogger import AutoOXEEnvLogger
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def make_w2(directory: str, episodes: int, *, seed: int = 0, steps: int = 8,
+            image_size: int = 32, wrist_size: int = 16, per_file: int = 2,
+            unfinished: bool = False, name: str = "w2") -> str:
+    """Logs ``episodes`` W2-like episodes; ``unfinished`` adds one cut short by close()
+    (stored truncated, with ``invalid=True``)."""
+    env = AutoOXEEnvLogger(
+        gym.make("oxe_envlogger/SyntheticCamera-v0", image_size=image_size,
+                 wrist_size=wrist_size, max_episode_steps=steps),
+        name, directory, max_episodes_per_file=per_file)
+    env.action_space.seed(seed)
+    for ep in range(episodes + int(unfinished)):
+        _, info = env.reset(seed=seed + ep)
+        env.set_language_instruction(info["language_instruction"])
+        done, t = False, 0
+        while not done:
+            _, _, term, trunc, _ = env.step(env.action_space.sample())
+            t += 1
+            done = term or trunc or (ep == episodes and t >= steps // 2)
+    env.close()
+    return directory
+
+
+def make_w1(directory: str, episodes: int, *, seed: int = 0, steps: int = 30,
+            per_file: int = 2) -> str:
+    """Logs ``episodes`` HalfCheetah-v5 episodes with random actions (W1-like)."""
+    env = AutoOXEEnvLogger(gym.make("HalfCheetah-v5", max_episode_steps=steps), "half_cheetah",
+                           directory, max_episodes_per_file=per_file)
+    env.action_space.seed(seed)
+    for ep in range(episodes):
+        env.reset(seed=seed + ep)
+        done = False
+        while not done:
+            _, _, term, trunc, _ = env.step(env.action_space.sample())
+            done = term or trunc
+    env.close()
+    return directory
+
+
+def run_tool(tool: str, *args: str, python: str | None = None, env: dict | None = None,
+             timeout: float = 300) -> subprocess.CompletedProcess:
+    """Runs ``tools/<tool>.py`` in a real subprocess (text output captured)."""
+    full_env = dict(os.environ)
+    full_env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    full_env.setdefault("MUJOCO_GL", "egl")
+    full_env["PYTHONPATH"] = REPO + os.pathsep + full_env.get("PYTHONPATH", "")
+    full_env.update(env or {})
+    return subprocess.run([python or sys.executable, os.path.join(REPO, "tools", f"{tool}.py"),
+                           *args], capture_output=True, text=True, timeout=timeout, env=full_env,
+                          cwd=REPO, check=False)
