@@ -36,6 +36,14 @@ def encode_png(image: np.ndarray, *, compress_level: int = 1) -> bytes:
     return encode_png_pillow(image, compress_level=compress_level)
 
 
+def encode_raw(pixels: bytes, shape: tuple[int, ...], codec: ImageCodec) -> bytes:
+    """Encodes raw C-order uint8 pixel bytes of an (H, W, C) image, without copying them."""
+    h, w, c = shape
+    if codec.format == "png" and _fpng is not None and c in (3, 4):
+        return _fpng.encode_image_to_memory(pixels, w, h, c)
+    return encode(np.frombuffer(pixels, np.uint8).reshape(shape), codec)
+
+
 def encode_png_pillow(image: np.ndarray, *, compress_level: int = 1) -> bytes:
     from PIL import Image
 

@@ -113,11 +113,10 @@ class _GymLogger(gym.Wrapper, LoggerMixin):
         return obs, info
 
     def step(self, action, **kwargs) -> tuple[Any, SupportsFloat, bool, bool, dict[str, Any]]:
-        flat_action = self._recorder.check_action(action)
+        recorder = self._recorder
+        flat_action = recorder.check_action(action)
         out = self.env.step(action, **kwargs) if kwargs else self.env.step(action)
-        obs, reward, terminated, truncated, _ = out
-        self._recorder.step(flat_action, reward, obs, terminated=bool(terminated),
-                            truncated=bool(truncated))
+        recorder.step(flat_action, out[1], out[0], terminated=bool(out[2]), truncated=bool(out[3]))
         return out
 
     def close(self) -> None:

@@ -189,21 +189,55 @@ def int64_list_payload(values: np.ndarray) -> bytes:
     return _field(0x1A, _field(0x0A, data) if data else b"")
 
 
-def encode_example(features: Mapping[str, bytes]) -> bytes:
-    """A serialized Example from ``{key: feature payload}`` (payloads from the ``*_payload``
-    functions). Keys are written sorted, so the same content gives the same bytes."""
-    entries = []
+def bytes_list_chunks(values: Sequence[bytes]) -> list[bytes]:
+    """:func:`bytes_list_payload` as a list of chunks that reuses the value objects (no copy of
+    large values such as encoded images)."""
+    parts: list[bytes] = []
+    total = 0
+    for v in values:
+        head = b"\x0a" + varint(len(v))
+        parts.append(head)
+        parts.append(v)
+        total += len(head) + len(v)
+    return [b"\x0a" + varint(total), *parts]
+
+
+Payload = bytes | list[bytes]
+
+
+def encode_example_chunks(features: Mapping[str, Payload]) -> tuple[list[bytes], int]:
+    """A serialized Example from ``{key: feature payload}`` as ``(chunks, total length)``;
+    payloads are bytes (from the ``*_payload`` functions) or chunk lists (from
+    :func:`bytes_list_chunks`). Keys are written sorted: the same content gives the same bytes.
+
+    Raises:
+      RecordTooLargeError: above the 2 GiB a tf.train.Example can hold.
+    """
+    chunks: list[bytes] = []
+    body = 0
     for key in sorted(features):
+        payload = features[key]
+        parts = [payload] if isinstance(payload, (bytes, bytearray, memoryview)) else payload
+        plen = sum(map(len, parts))
         k = key.encode("utf-8")
-        entry = b"\x0a" + varint(len(k)) + k + b"\x12" + varint(len(features[key])) + features[key]
-        entries.append(b"\x0a" + varint(len(entry)) + entry)
-    body = b"".join(entries)
-    out = b"\x0a" + varint(len(body)) + body
-    if len(out) > MAX_RECORD_BYTES:
+        head = b"\x0a" + varint(len(k)) + k + b"\x12" + varint(plen)
+        entry = len(head) + plen
+        outer = b"\x0a" + varint(entry)
+        chunks.append(outer + head)
+        chunks.extend(parts)
+        body += len(outer) + entry
+    top = b"\x0a" + varint(body)
+    total = len(top) + body
+    if total > MAX_RECORD_BYTES:
         raise RecordTooLargeError(
-            f"one episode serializes to {len(out) / 2**30:.2f} GiB; a tf.train.Example holds at "
+            f"one episode serializes to {total / 2**30:.2f} GiB; a tf.train.Example holds at "
             "most 2 GiB: log shorter episodes, or store images as JPEG")
-    return out
+    return [top, *chunks], total
+
+
+def encode_example(features: Mapping[str, Payload]) -> bytes:
+    """A serialized Example (see :func:`encode_example_chunks`)."""
+    return b"".join(encode_example_chunks(features)[0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,6 +329,29 @@ def encode_raw_features(features: Mapping[str, bytes | memoryview]) -> bytes:
     return encode_example({k: bytes(v) for k, v in features.items()})
 
 
+_IOV_MAX = 1024
+
+
+def _writev_all(fd: int, buffers: list) -> None:
+    """Writes every buffer, in order, with as few system calls as the kernel allows."""
+    i = 0
+    while i < len(buffers):
+        batch = buffers[i: i + _IOV_MAX]
+        written = os.writev(fd, batch)
+        for b in batch:
+            n = len(b)
+            if written >= n:
+                written -= n
+                i += 1
+                continue
+            # A short write: finish this buffer, then go on with the next batch.
+            view = memoryview(b)[written:]
+            while view:
+                view = view[os.write(fd, view):]
+            i += 1
+            break
+
+
 class RecordWriter:
     """Appends framed records to a file (unbuffered), tracking the bytes written so far.
 
@@ -309,19 +366,28 @@ class RecordWriter:
 
     def write(self, data: bytes) -> int:
         """Writes one record; returns its framed size."""
+        return self.write_chunks([data], len(data))
+
+    def write_chunks(self, chunks: Sequence[bytes], length: int) -> int:
+        """Writes one record whose data is the concatenation of ``chunks`` (``length`` bytes in
+        all) with vectored writes, never joining the chunks in memory. Returns the framed size."""
         assert self._fd is not None, "write after close"
-        record = memoryview(frame(data))
+        head = _U64.pack(length)
+        crc = 0
+        for c in chunks:
+            crc = google_crc32c.extend(crc, c)
+        masked = (((crc >> 15) | (crc << 17)) + _MASK_DELTA) & 0xFFFFFFFF
+        buffers = [head + _U32.pack(masked_crc(head)), *chunks, _U32.pack(masked)]
         start = self.bytes_written
         try:
-            done = 0
-            while done < len(record):
-                done += os.write(self._fd, record[done:])
+            _writev_all(self._fd, buffers)
         except BaseException:
             self.truncate(start)
             raise
-        self.bytes_written = start + len(record)
+        size = framed_size(length)
+        self.bytes_written = start + size
         self.num_records += 1
-        return len(record)
+        return size
 
     def sync(self) -> None:
         if self._fd is not None:

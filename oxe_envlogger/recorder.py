@@ -60,9 +60,21 @@ class _Part:
         self.spec = spec
         self.path = path
         self.leaves = list(specs.iter_leaves(spec))
-        self._check = specs.compile_checker(spec, path, strict_finite=strict_finite)
-        self._images = [(i, leaf.codec) for i, (_, leaf) in enumerate(self.leaves)
+        if isinstance(spec, Leaf):  # the common case (a Box): one call, no list passing
+            leaf_check = specs.leaf_checker(spec, path, strict_finite=strict_finite)
+            self.check = lambda value: [leaf_check(value)]
+        else:
+            group_check = specs.compile_checker(spec, path, strict_finite=strict_finite)
+
+            def check(value: Any) -> list:
+                out: list = []
+                group_check(value, out)
+                return out
+
+            self.check = check
+        self._images = [(i, leaf.shape, leaf.codec) for i, (_, leaf) in enumerate(self.leaves)
                         if leaf.kind == "image"]
+        self.has_images = bool(self._images)
         self._writer = writer
         self.zero = [self._zero_leaf(leaf) for _, leaf in self.leaves]
 
@@ -73,13 +85,9 @@ class _Part:
             return codecs.encode(np.zeros(leaf.shape, np.uint8), leaf.codec)
         return specs.zero_value(leaf)
 
-    def check(self, value: Any) -> list:
-        out: list = []
-        self._check(value, out)
-        return out
-
     def submit_images(self, flat: list) -> list:
-        for i, codec in self._images:
+        """Replaces image arrays by futures of their encoding (started now, off this thread)."""
+        for i, _, codec in self._images:
             flat[i] = self._writer.encode_image(flat[i], codec)
         return flat
 
@@ -172,6 +180,8 @@ class EpisodeRecorder:
         self._reward = specs.leaf_checker(specs.tensor((), reward_dtype), "reward",
                                           strict_finite=self._strict)
         self._reward_leaf = specs.tensor((), reward_dtype)
+        # Python floats are stored exactly as float64: no check needed on the hot path.
+        self._reward_fast = float if self._reward_leaf.dtype == np.float64 and not self._strict else None
         self._discount_leaf = specs.tensor((), discount_dtype)
         self._discount = specs.leaf_checker(self._discount_leaf, "discount")
 
@@ -200,6 +210,11 @@ class EpisodeRecorder:
 
         self._episode_index = 0
         self._reset_episode()
+        frames = [int(np.prod(leaf.shape)) for part in (self._obs, self._act,
+                                                         *self._step_meta.values())
+                  if part is not None for _, leaf in part.leaves if leaf.kind == "image"]
+        if frames:  # start the encoders now, not in the middle of the first step
+            self.writer.prepare_encoder(max(frames))
         if self._ready_to_start():
             self._start()
 
@@ -302,6 +317,10 @@ class EpisodeRecorder:
     def check_action(self, action: Any) -> list:
         """Validates an action and the call order (call before stepping the env, so that a bad
         action or a step out of order changes nothing)."""
+        act = self._act
+        if (act is not None and not self._closed and self._pending_obs is not None
+                and not self._ended and self.writer._error is None):
+            return act.check(action)  # the hot path
         self._ensure_open()
         self._check_can_step()
         if self._act is None:
@@ -380,22 +399,25 @@ class EpisodeRecorder:
 
     def step(self, action_flat: list, reward: Any, next_obs: Any, *, terminated: bool,
              truncated: bool, discount: Any = None) -> None:
-        """Records a_t (from :meth:`check_action`), r_t and o_{t+1}."""
-        self._ensure_open()
-        self._check_can_step()
-        r = self._reward(reward)
+        """Records a_t (from :meth:`check_action`, which also checked that the logger is open),
+        r_t and o_{t+1}. This is the per-step hot path: checks, copies and list appends."""
+        if self._pending_obs is None or self._ended:
+            self._check_can_step()
+        r = reward if reward.__class__ is self._reward_fast else self._reward(reward)
         if discount is None:
             d = 0.0 if terminated else 1.0
         else:
             d = self._discount(discount)
-        obs_flat = self.check_observation(next_obs)
+        obs = self._obs
+        obs_flat = obs.check(next_obs)
         self._obs_rows.append(self._pending_obs)
-        self._act_rows.append(self._act.submit_images(action_flat))
+        self._act_rows.append(self._act.submit_images(action_flat) if self._act.has_images
+                              else action_flat)
         self._rewards.append(r)
         self._discounts.append(d)
         self._meta_rows.append(self._step_meta_now)
         self._lang_rows.append(self._language_now)
-        self._pending_obs = self._obs.submit_images(obs_flat)
+        self._pending_obs = obs.submit_images(obs_flat) if obs.has_images else obs_flat
         if terminated or truncated:
             self._ended = True
             self._terminal = bool(terminated)

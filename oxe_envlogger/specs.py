@@ -507,7 +507,9 @@ def _describe_value(value: Any) -> str:
 
 
 def leaf_checker(leaf: Leaf, path: str, *, strict_finite: bool = False) -> Callable[[Any], Any]:
-    """``check(value) -> stored value`` for one leaf (see :func:`compile_checker`)."""
+    """``check(value) -> stored value`` for one leaf (see :func:`compile_checker`): bytes for
+    text; for images the validated array itself, which the caller must hand to the encoder
+    (which copies it) before returning to user code; an independent array or scalar otherwise."""
     if leaf.kind == "text":
 
         def check_text(value):
@@ -527,6 +529,16 @@ def leaf_checker(leaf: Leaf, path: str, *, strict_finite: bool = False) -> Calla
 
     dtype, shape = leaf.dtype, leaf.shape
     ndarray = np.ndarray
+    if leaf.kind == "image":
+        # Frames are not copied here: the encoder copies them at once into its own buffer
+        # (the one copy the logger makes), in the same call.
+        def check_image(value):
+            if value.__class__ is ndarray and value.dtype is dtype and value.shape == shape:
+                return value
+            return convert_exact(value, leaf, path)
+
+        return check_image
+
     check_finite = strict_finite and dtype.kind == "f"
     # Python scalars that convert exactly, without numpy, on the hot path.
     py_fast: tuple[type, ...] = ()

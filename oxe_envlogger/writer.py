@@ -20,12 +20,12 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future
 from typing import Any
 
 import numpy as np
 
-from oxe_envlogger import codecs, layout, record, stats
+from oxe_envlogger import codecs, encoding, layout, record, stats
+from oxe_envlogger.encoding import ProcessEncodePool, Stalls, ThreadEncodePool
 from oxe_envlogger.errors import LoggerClosedError, RecordTooLargeError, WriterError
 from oxe_envlogger.specs import Group, Leaf, iter_leaves
 
@@ -43,8 +43,9 @@ class WriterOptions:
       max_episodes_per_file: also close a shard after this many episodes (None: no limit).
       queue_episodes: finished episodes that may wait for the writer thread; a kill can lose
         at most these plus the episode in progress.
-      max_pending_frames: images that may wait for an encoder thread before ``step()`` blocks.
-      encode_threads: image encoder threads (default: CPU count, at most 4).
+      max_pending_frames: images that may wait for an encoder before ``step()`` blocks.
+      encode_processes: image encoder worker processes (default: CPU count - 1, at most 4;
+        0 encodes in threads, which the fastest PNG encoder stalls by holding the GIL).
       fsync: fsync every episode (durable against power loss, not only against crashes).
       split: the TFDS split written.
     """
@@ -52,8 +53,8 @@ class WriterOptions:
     shard_bytes: int = DEFAULT_SHARD_BYTES
     max_episodes_per_file: int | None = None
     queue_episodes: int = 4
-    max_pending_frames: int = 256
-    encode_threads: int | None = None
+    max_pending_frames: int = 64
+    encode_processes: int | None = None
     fsync: bool = True
     split: str = layout.DEFAULT_SPLIT
 
@@ -64,85 +65,6 @@ class WriterOptions:
             raise ValueError(f"max_episodes_per_file: expected > 0, given {self.max_episodes_per_file}")
         if self.queue_episodes < 1:
             raise ValueError(f"queue_episodes: expected >= 1, given {self.queue_episodes}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Stall accounting
-
-
-class Stalls:
-    """Time the control thread spent blocked on the writer (thread-safe enough: one producer)."""
-
-    def __init__(self):
-        self.count = 0
-        self.seconds = 0.0
-        self.longest = 0.0
-
-    def add(self, seconds: float) -> None:
-        self.count += 1
-        self.seconds += seconds
-        self.longest = max(self.longest, seconds)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"count": self.count, "seconds": round(self.seconds, 6),
-                "longest_seconds": round(self.longest, 6)}
-
-
-# ---------------------------------------------------------------------------------------------
-# Image encoding
-
-
-class EncodePool:
-    """Daemon threads that encode frames. ``submit`` blocks while too many frames wait."""
-
-    def __init__(self, threads: int | None = None, max_pending: int = 256, stalls: Stalls | None = None):
-        self._threads_wanted = threads or min(4, os.cpu_count() or 1)
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._slots = threading.BoundedSemaphore(max_pending)
-        self._threads: list[threading.Thread] = []
-        self.stalls = stalls or Stalls()
-        self.frames = 0
-        self.encode_seconds = 0.0
-
-    def _start(self) -> None:
-        for i in range(self._threads_wanted):
-            t = threading.Thread(target=self._run, name=f"oxe-encode-{i}", daemon=True)
-            t.start()
-            self._threads.append(t)
-
-    def _run(self) -> None:
-        while True:
-            job = self._queue.get()
-            if job is None:
-                return
-            image, codec, fut = job
-            try:
-                t0 = time.perf_counter()
-                fut.set_result(codecs.encode(image, codec))
-                self.encode_seconds += time.perf_counter() - t0
-                self.frames += 1
-            except BaseException as e:  # delivered to the writer through the future
-                fut.set_exception(e)
-            finally:
-                self._slots.release()
-
-    def submit(self, image: np.ndarray, codec) -> Future:
-        if not self._threads:
-            self._start()
-        if not self._slots.acquire(blocking=False):
-            t0 = time.perf_counter()
-            self._slots.acquire()
-            self.stalls.add(time.perf_counter() - t0)
-        fut: Future = Future()
-        self._queue.put((image, codec, fut))
-        return fut
-
-    def shutdown(self) -> None:
-        for _ in self._threads:
-            self._queue.put(None)
-        for t in self._threads:
-            t.join(timeout=30)
-        self._threads = []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,11 +94,12 @@ class Schema:
                 if p == prefix or p.startswith(prefix + "/")]
 
 
-def payload(leaf: Leaf, values: Sequence[Any]) -> bytes:
-    """The Feature payload of one leaf's values (one per step, or one for an episode field)."""
+def payload(leaf: Leaf, values: Sequence[Any]) -> record.Payload:
+    """The Feature payload of one leaf's values (one per step, or one for an episode field);
+    strings and encoded images come back as chunks that reference the values, not copies."""
     if leaf.kind in ("text", "image"):
-        data = [v.result() if isinstance(v, Future) else v for v in values]
-        return record.bytes_list_payload(data)
+        data = [v if v.__class__ is bytes else v.result() for v in values]
+        return record.bytes_list_chunks(data)
     arr = np.asarray(values, dtype=leaf.dtype)
     if leaf.encoding == "bytes":
         return record.fixed_bytes_list_payload(arr)
@@ -223,8 +146,7 @@ class DatasetWriter:
         self.dir = layout.DatasetDir(directory, dataset_name, split=self.options.split)
         self.writer_id = uuid.uuid4().hex[:12]
         self.stalls = Stalls()
-        self.encoder = EncodePool(self.options.encode_threads, self.options.max_pending_frames,
-                                  self.stalls)
+        self.encoder: ThreadEncodePool | ProcessEncodePool | None = None
         self.schema: Schema | None = None
         self._queue: queue.Queue = queue.Queue(maxsize=self.options.queue_episodes)
         self._thread: threading.Thread | None = None
@@ -282,7 +204,21 @@ class DatasetWriter:
 
     # -- producer side ------------------------------------------------------------------------
 
-    def encode_image(self, image: np.ndarray, codec) -> Future:
+    def prepare_encoder(self, frame_bytes: int) -> None:
+        """Starts the image encoders now (worker processes take a moment to start), sized for
+        frames of up to ``frame_bytes``."""
+        if self.encoder is None:
+            self.encoder = encoding.make_pool(self.options.encode_processes,
+                                              self.options.max_pending_frames, frame_bytes,
+                                              self.stalls)
+
+    def encode_image(self, image: np.ndarray, codec) -> encoding.EncodedFrame:
+        """Starts encoding a frame (copied before this returns)."""
+        if self.encoder is None:
+            self.prepare_encoder(image.size)
+        if isinstance(self.encoder, ProcessEncodePool) and image.size > self.encoder.slot_bytes:
+            # A frame larger than the ring's slots (a late metadata image): encode it here.
+            return encoding.done_frame(codecs.encode(np.ascontiguousarray(image), codec))
         return self.encoder.submit(image, codec)
 
     def check(self) -> None:
@@ -328,7 +264,8 @@ class DatasetWriter:
                 self._queue.put(_CLOSE)
                 self._thread.join()
         finally:
-            self.encoder.shutdown()
+            if self.encoder is not None:
+                self.encoder.shutdown()
             try:
                 if self.schema is not None:
                     self._commit(final=True)
@@ -360,7 +297,7 @@ class DatasetWriter:
                 self._error = e
                 self._fatal = True
 
-    def _serialize(self, columns: list[list[Any]], values: list[Any]) -> bytes:
+    def _serialize(self, columns: list[list[Any]], values: list[Any]) -> tuple[list[bytes], int]:
         schema = self.schema
         assert len(columns) == len(schema.step_leaves), (len(columns), len(schema.step_leaves))
         assert len(values) == len(schema.episode_leaves), (len(values), len(schema.episode_leaves))
@@ -369,14 +306,14 @@ class DatasetWriter:
             features[f"steps/{path}"] = payload(leaf, col)
         for (path, leaf), value in zip(schema.episode_leaves, values):
             features[path] = payload(leaf, [value])
-        return record.encode_example(features)
+        return record.encode_example_chunks(features)
 
     def _write_episode(self, rows: EpisodeRows) -> None:
         schema = self.schema
         step_columns = rows.step_columns()
-        data = self._serialize(step_columns, rows.episode_values())
+        chunks, length = self._serialize(step_columns, rows.episode_values())
         opts = self.options
-        size = record.framed_size(len(data))
+        size = record.framed_size(length)
         if self._shard is not None and self._shard_episodes and (
                 self._shard.bytes_written + size > opts.shard_bytes
                 or (opts.max_episodes_per_file and self._shard_episodes >= opts.max_episodes_per_file)):
@@ -391,7 +328,7 @@ class DatasetWriter:
             self._shard_stats = stats.StatsSet(
                 {k: dict(schema.step_leaves)[k].shape for k in schema.stat_keys},
                 seed=int(self.writer_id[:8], 16) + self._shard_seq)
-        self._shard.write(data)
+        self._shard.write_chunks(chunks, length)
         if opts.fsync:
             self._shard.sync()
         self._shard_episodes += 1
@@ -439,8 +376,8 @@ class DatasetWriter:
             "shards": list(self.committed_shards),
             "stalls": self.stalls.to_json(),
             "nonfinite_values": dict(self.nonfinite),
-            "frames_encoded": self.encoder.frames,
-            "encode_seconds": round(self.encoder.encode_seconds, 3),
+            "frames_encoded": self.encoder.frames if self.encoder else 0,
+            "image_encoders": self.encoder.kind if self.encoder else None,
         })
         return out
 

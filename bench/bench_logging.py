@@ -1,0 +1,354 @@
+"""W1 and W2 logging overhead (shared/WORKLOADS.md), each as a ratio against the raw loop
+measured in the same process, median of repetitions; one JSON line per figure set.
+
+    python bench/bench_logging.py                 # W1 (ours and envlogger 1.2's TFDS writer), W2
+    python bench/bench_logging.py --workloads=w2 --reps=3
+
+W1: HalfCheetah-v5, random actions seeded 0, 20 episodes of 1000 steps.
+W2: oxe_envlogger/SyntheticCamera-v0 (two cameras + state, language), 10 episodes of 200 steps,
+    seed 0, PNG (default) and JPEG; plus encode time per frame for each codec next to the
+    fastest encoder available for it.
+Figures: overhead = logged wall time (including close()) / raw wall time, steps/s, bytes on disk,
+the longest single step()/reset() call, resident memory above the raw loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+
+os.environ.setdefault("MUJOCO_GL", "egl")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import gymnasium as gym  # noqa: E402
+import numpy as np  # noqa: E402
+
+import oxe_envlogger.envs  # noqa: E402
+from oxe_envlogger import AutoOXEEnvLogger  # noqa: E402
+
+
+def dir_bytes(path: str) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            total += os.path.getsize(os.path.join(root, f))
+    return total
+
+
+class RSSSampler:
+    """Samples this process's resident memory every few ms; reports the peak."""
+
+    def __init__(self):
+        import psutil
+
+        self._proc = psutil.Process()
+        self.peak = self._proc.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+
+
+def run_loop(env, episodes: int, seed: int, *, language: bool = False) -> dict:
+    """Steps ``env`` with seeded random actions; times every call."""
+    env.action_space.seed(seed)
+    longest = 0.0
+    steps = 0
+    for ep in range(episodes):
+        t0 = time.perf_counter()
+        _, info = env.reset(seed=seed + ep)
+        longest = max(longest, time.perf_counter() - t0)
+        if language and hasattr(env, "set_language_instruction"):
+            env.set_language_instruction(info["language_instruction"])
+        done = False
+        while not done:
+            action = env.action_space.sample()
+            t0 = time.perf_counter()
+            _, _, terminated, truncated, _ = env.step(action)
+            longest = max(longest, time.perf_counter() - t0)
+            steps += 1
+            done = terminated or truncated
+    return {"steps": steps, "longest_call_s": longest}
+
+
+def timed(make_env, episodes, seed, *, language=False, close=True) -> dict:
+    env = make_env()
+    gc.collect()
+    with RSSSampler() as rss:
+        base_rss = rss.peak
+        t0 = time.perf_counter()
+        out = run_loop(env, episodes, seed, language=language)
+        t1 = time.perf_counter()
+        if close:
+            env.close()
+        t2 = time.perf_counter()
+    out.update(wall_s=t2 - t0, close_s=t2 - t1, rss_above_start_mb=(rss.peak - base_rss) / 2**20)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The peer: envlogger 1.2's TFDS writer, the path the original oxe_envlogger used.
+
+
+def make_envlogger_peer(gym_env, directory: str):
+    import dm_env
+    import envlogger
+    import tensorflow_datasets as tfds
+    from dm_env import specs as dm_specs
+    from envlogger.backends import tfds_backend_writer
+
+    class GymAsDmEnv(dm_env.Environment):
+        """The original's adapter: gymnasium calls as dm_env timesteps."""
+
+        def __init__(self, env):
+            self.env = env
+            self.reset_kwargs = {}
+
+        def reset(self):
+            obs, _ = self.env.reset(**self.reset_kwargs)
+            return dm_env.restart(obs)
+
+        def step(self, action):
+            obs, reward, terminated, truncated, _ = self.env.step(action)
+            if terminated:
+                return dm_env.termination(np.float64(reward), obs)
+            if truncated:
+                return dm_env.truncation(np.float64(reward), obs, np.float64(1.0))
+            return dm_env.transition(np.float64(reward), obs, np.float64(1.0))
+
+        def observation_spec(self):
+            space = self.env.observation_space
+            return dm_specs.Array(space.shape, space.dtype, "observation")
+
+        def action_spec(self):
+            space = self.env.action_space
+            return dm_specs.BoundedArray(space.shape, space.dtype, space.low, space.high, "action")
+
+    obs_space, act_space = gym_env.observation_space, gym_env.action_space
+    config = tfds.rlds.rlds_base.DatasetConfig(
+        name="peer",
+        observation_info=tfds.features.Tensor(shape=obs_space.shape, dtype=obs_space.dtype),
+        action_info=tfds.features.Tensor(shape=act_space.shape, dtype=act_space.dtype),
+        reward_info=np.float64, discount_info=np.float64)
+    os.makedirs(directory, exist_ok=True)
+    writer = tfds_backend_writer.TFDSBackendWriter(
+        data_directory=directory, split_name="train", max_episodes_per_file=100,
+        ds_config=config)
+    dm = GymAsDmEnv(gym_env)
+    logged = envlogger.EnvLogger(dm, backend=writer)
+
+    class GymFacade:
+        """Lets the same loop drive the dm_env logger."""
+
+        action_space = act_space
+
+        def reset(self, seed=None):
+            dm.reset_kwargs = {"seed": seed}
+            ts = logged.reset()
+            return ts.observation, {}
+
+        def step(self, action):
+            ts = logged.step(action)
+            last = ts.last()
+            terminated = last and ts.discount == 0
+            return ts.observation, ts.reward, terminated, last and not terminated, {}
+
+        def close(self):
+            logged.close()
+
+    return GymFacade()
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def bench_w1(reps: int, episodes: int, steps: int, with_peer: bool) -> dict:
+    def make_raw():
+        return gym.make("HalfCheetah-v5", max_episode_steps=steps)
+
+    raw, ours, peer = [], [], []
+    ours_bytes = peer_bytes = 0
+    longest_ours = longest_peer = 0.0
+    for _ in range(reps):
+        tmp = tempfile.mkdtemp(prefix="w1_")
+        try:
+            raw.append(timed(make_raw, episodes, 0))
+            r = timed(lambda: AutoOXEEnvLogger(make_raw(), "w1", os.path.join(tmp, "ours")),
+                      episodes, 0)
+            ours.append(r)
+            ours_bytes = dir_bytes(os.path.join(tmp, "ours"))
+            if with_peer:
+                p = timed(lambda: make_envlogger_peer(make_raw(), os.path.join(tmp, "peer")),
+                          episodes, 0)
+                peer.append(p)
+                peer_bytes = dir_bytes(os.path.join(tmp, "peer"))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    raw_s = statistics.median(x["wall_s"] for x in raw)
+    ours_s = statistics.median(x["wall_s"] for x in ours)
+    longest_ours = max(x["longest_call_s"] for x in ours)
+    out = {
+        "bench": "W1 state logging (HalfCheetah-v5, 20x1000 steps)",
+        "reps": reps,
+        "raw_steps_per_s": round(raw[0]["steps"] / raw_s),
+        "overhead": round(ours_s / raw_s, 3),
+        "steps_per_s": round(ours[0]["steps"] / ours_s),
+        "bytes_on_disk": ours_bytes,
+        "longest_call_ms": round(longest_ours * 1e3, 2),
+        "raw_longest_call_ms": round(max(x["longest_call_s"] for x in raw) * 1e3, 2),
+        "close_ms": round(statistics.median(x["close_s"] for x in ours) * 1e3, 1),
+    }
+    if with_peer:
+        peer_s = statistics.median(x["wall_s"] for x in peer)
+        longest_peer = max(x["longest_call_s"] for x in peer)
+        out.update({
+            "envlogger12_overhead": round(peer_s / raw_s, 3),
+            "envlogger12_steps_per_s": round(peer[0]["steps"] / peer_s),
+            "envlogger12_bytes_on_disk": peer_bytes,
+            "envlogger12_longest_call_ms": round(longest_peer * 1e3, 2),
+            "speedup_vs_envlogger12": round(peer_s / ours_s, 2),
+        })
+    return out
+
+
+def bench_w2(reps: int, episodes: int, steps: int, codec: str) -> dict:
+    def make_raw():
+        return gym.make(oxe_envlogger.envs.ENV_ID, max_episode_steps=steps)
+
+    raw, ours = [], []
+    nbytes = 0
+    for _ in range(reps):
+        tmp = tempfile.mkdtemp(prefix="w2_")
+        try:
+            raw.append(timed(make_raw, episodes, 0))
+            ours.append(timed(lambda: AutoOXEEnvLogger(make_raw(), "w2", os.path.join(tmp, "ours"),
+                                                       image_codec=codec),
+                              episodes, 0, language=True))
+            nbytes = dir_bytes(os.path.join(tmp, "ours"))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    raw_s = statistics.median(x["wall_s"] for x in raw)
+    ours_s = statistics.median(x["wall_s"] for x in ours)
+    return {
+        "bench": f"W2 camera logging (2 cameras + state, 10x200 steps), codec {codec}",
+        "reps": reps,
+        "raw_steps_per_s": round(raw[0]["steps"] / raw_s),
+        "overhead": round(ours_s / raw_s, 3),
+        "steps_per_s": round(ours[0]["steps"] / ours_s),
+        "bytes_on_disk": nbytes,
+        "longest_call_ms": round(max(x["longest_call_s"] for x in ours) * 1e3, 2),
+        "raw_longest_call_ms": round(max(x["longest_call_s"] for x in raw) * 1e3, 2),
+        "close_ms": round(statistics.median(x["close_s"] for x in ours) * 1e3, 1),
+        "rss_above_raw_mb": round(statistics.median(x["rss_above_start_mb"] for x in ours)
+                                  - statistics.median(x["rss_above_start_mb"] for x in raw), 1),
+    }
+
+
+def bench_codecs(n: int = 200) -> dict:
+    """Encode time per W2 frame for each codec, ours next to every other encoder here."""
+    import io
+
+    from oxe_envlogger import codecs
+
+    env = gym.make(oxe_envlogger.envs.ENV_ID)
+    obs, _ = env.reset(seed=0)
+    frames = []
+    for _ in range(8):
+        obs, *_ = env.step(env.action_space.sample())
+        frames.append(obs["image"])
+
+    def per_frame(fn):
+        fn(frames[0])
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            for i in range(n):
+                fn(frames[i % len(frames)])
+            times.append((time.perf_counter() - t0) / n)
+        return statistics.median(times)
+
+    def pil(fmt, **kw):
+        from PIL import Image
+
+        def enc(a):
+            b = io.BytesIO()
+            Image.fromarray(a).save(b, format=fmt, **kw)
+            return b.getvalue()
+        return enc
+
+    candidates = {
+        "png": {"ours (fpng)": lambda a: codecs.encode_png(a),
+                "pillow level 1": pil("PNG", compress_level=1)},
+        "jpeg:95": {"ours (simplejpeg)": lambda a: codecs.encode_jpeg(a, quality=95),
+                    "pillow": pil("JPEG", quality=95)},
+    }
+    try:
+        import cv2
+
+        candidates["png"]["opencv level 1"] = lambda a: cv2.imencode(
+            ".png", a, [cv2.IMWRITE_PNG_COMPRESSION, 1])[1]
+        candidates["jpeg:95"]["opencv"] = lambda a: cv2.imencode(
+            ".jpg", a, [cv2.IMWRITE_JPEG_QUALITY, 95])[1]
+    except ImportError:
+        pass
+    try:
+        import imagecodecs
+
+        candidates["png"]["imagecodecs level 1"] = lambda a: imagecodecs.png_encode(a, level=1)
+    except ImportError:
+        pass
+    out = {"bench": "encode time per 256x256x3 W2 frame (ms)"}
+    for codec, encoders in candidates.items():
+        times = {name: per_frame(fn) for name, fn in encoders.items()}
+        ours = next(v for k, v in times.items() if k.startswith("ours"))
+        fastest = min(times.values())
+        out[codec] = {k: round(v * 1e3, 3) for k, v in times.items()}
+        out[codec]["ours_over_fastest"] = round(ours / fastest, 2)
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workloads", default="w1,w2,codecs")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--w1_episodes", type=int, default=20)
+    parser.add_argument("--w1_steps", type=int, default=1000)
+    parser.add_argument("--w2_episodes", type=int, default=10)
+    parser.add_argument("--w2_steps", type=int, default=200)
+    parser.add_argument("--no_peer", action="store_true", help="skip envlogger 1.2 on W1")
+    args = parser.parse_args()
+    todo = args.workloads.split(",")
+    if "w1" in todo:
+        print(json.dumps(bench_w1(args.reps, args.w1_episodes, args.w1_steps, not args.no_peer)),
+              flush=True)
+    if "w2" in todo:
+        for codec in ("png", "jpeg"):
+            print(json.dumps(bench_w2(args.reps, args.w2_episodes, args.w2_steps, codec)),
+                  flush=True)
+    if "codecs" in todo:
+        print(json.dumps(bench_codecs()), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

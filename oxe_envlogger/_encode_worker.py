@@ -1,0 +1,49 @@
+"""The image encoder worker process (see :mod:`oxe_envlogger.encoding`).
+
+Reads 30-byte jobs on stdin (frame offset in the shared ring, shape, format, quality), writes
+``job id, status, length`` and the encoded bytes on stdout; exits when stdin closes.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import sys
+
+from oxe_envlogger import codecs
+from oxe_envlogger.encoding import _FORMATS, _JOB, _RESULT
+from oxe_envlogger.specs import ImageCodec
+
+_FORMAT_NAMES = {v: k for k, v in _FORMATS.items()}
+
+
+def main(path: str, size: int) -> int:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        ring = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+    finally:
+        os.close(fd)
+    stdin = sys.stdin.buffer
+    out = sys.stdout.buffer
+    out.write(_RESULT.pack(-1, 0, 0))
+    out.flush()
+    codec_cache: dict[tuple[int, int], ImageCodec] = {}
+    while True:
+        header = stdin.read(_JOB.size)
+        if len(header) < _JOB.size:
+            return 0  # the logger closed (or died): exit
+        job, offset, h, w, c, fmt, quality = _JOB.unpack(header)
+        try:
+            codec = codec_cache.get((fmt, quality))
+            if codec is None:
+                codec = codec_cache[(fmt, quality)] = ImageCodec(_FORMAT_NAMES[fmt], quality)
+            data = codecs.encode_raw(ring[offset: offset + h * w * c], (h, w, c), codec)
+            out.write(_RESULT.pack(job, 0, len(data)) + data)
+        except Exception as e:  # reported with the frame
+            msg = f"{type(e).__name__}: {e}".encode()
+            out.write(_RESULT.pack(job, 1, len(msg)) + msg)
+        out.flush()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1], int(sys.argv[2])))
