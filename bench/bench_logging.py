@@ -29,11 +29,11 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import gymnasium as gym  # noqa: E402
-import numpy as np  # noqa: E402
+import gymnasium as gym
+import numpy as np
 
-import oxe_envlogger.envs  # noqa: E402
-from oxe_envlogger import AutoOXEEnvLogger  # noqa: E402
+import oxe_envlogger.envs
+from oxe_envlogger import AutoOXEEnvLogger
 
 
 def dir_bytes(path: str) -> int:
@@ -193,12 +193,12 @@ def bench_w1(reps: int, episodes: int, steps: int, with_peer: bool) -> dict:
         tmp = tempfile.mkdtemp(prefix="w1_")
         try:
             raw.append(timed(make_raw, episodes, 0))
-            r = timed(lambda: AutoOXEEnvLogger(make_raw(), "w1", os.path.join(tmp, "ours")),
+            r = timed(lambda tmp=tmp: AutoOXEEnvLogger(make_raw(), "w1", os.path.join(tmp, "ours")),
                       episodes, 0)
             ours.append(r)
             ours_bytes = dir_bytes(os.path.join(tmp, "ours"))
             if with_peer:
-                p = timed(lambda: make_envlogger_peer(make_raw(), os.path.join(tmp, "peer")),
+                p = timed(lambda tmp=tmp: make_envlogger_peer(make_raw(), os.path.join(tmp, "peer")),
                           episodes, 0)
                 peer.append(p)
                 peer_bytes = dir_bytes(os.path.join(tmp, "peer"))
@@ -241,7 +241,7 @@ def bench_w2(reps: int, episodes: int, steps: int, codec: str) -> dict:
         tmp = tempfile.mkdtemp(prefix="w2_")
         try:
             raw.append(timed(make_raw, episodes, 0))
-            ours.append(timed(lambda: AutoOXEEnvLogger(make_raw(), "w2", os.path.join(tmp, "ours"),
+            ours.append(timed(lambda tmp=tmp: AutoOXEEnvLogger(make_raw(), "w2", os.path.join(tmp, "ours"),
                                                        image_codec=codec),
                               episodes, 0, language=True))
             nbytes = dir_bytes(os.path.join(tmp, "ours"))
