@@ -171,8 +171,12 @@ def main(argv: list[str]) -> int:
                 return 2
             from oxe_envlogger import reshard_beam
 
-            report = reshard_beam.reshard_beam(FLAGS.rlds_dirs, FLAGS.output_rlds, options,
-                                               beam_args=[f"--runner={FLAGS.runner}", *extra])
+            try:
+                report = reshard_beam.reshard_beam(FLAGS.rlds_dirs, FLAGS.output_rlds, options,
+                                                   beam_args=[f"--runner={FLAGS.runner}", *extra])
+            except RuntimeError as e:  # Beam wraps a worker's error, with its traceback
+                print(f"error: the pipeline failed: {e}", file=sys.stderr)
+                return 1
         else:
             report = reshard.reshard(FLAGS.rlds_dirs, FLAGS.output_rlds, options,
                                      progress=TqdmProgress())
