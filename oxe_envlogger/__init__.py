@@ -22,6 +22,7 @@ from oxe_envlogger.layout import recover
 from oxe_envlogger.reader import read_episodes
 from oxe_envlogger.rlds_logger import RLDSLogger, RLDSStepType
 from oxe_envlogger.specs import ImageCodec, get_gym_space
+from oxe_envlogger.vector import VectorOXEEnvLogger
 from oxe_envlogger.writer import WriterOptions
 
 __version__ = "0.2.0"
@@ -55,6 +56,7 @@ __all__ = [
     "StepOrderError",
     "UnknownKeyError",
     "UnsupportedSpaceError",
+    "VectorOXEEnvLogger",
     "WriterError",
     "WriterOptions",
     "get_gym_space",

@@ -203,15 +203,13 @@ class EpisodeRecorder:
             self._check_meta_key(k, EPISODE_RESERVED, "episode")
             self._episode_meta[k] = self._part(declared(decl, k), k)
 
-        # Current (sticky) values: {key: flat values}; replaced, never mutated.
-        self._step_meta_now: dict[str, list] = {}
-        self._episode_meta_now: dict[str, list] = {}
-        self._language_now: bytes = b""
-
+        # Episode streams (one per sub-env of a vector env); each holds its sticky metadata.
+        self._s0 = _Stream(0)
+        self.streams: list[_Stream] = [self._s0]
         self._episode_index = 0
-        self._reset_episode()
         frames = [int(np.prod(leaf.shape)) for part in (self._obs, self._act,
-                                                         *self._step_meta.values())
+                                                         *self._step_meta.values(),
+                                                         *self._episode_meta.values())
                   if part is not None for _, leaf in part.leaves if leaf.kind == "image"]
         if frames:  # start the encoders now, not in the middle of the first step
             self.writer.prepare_encoder(max(frames))
@@ -289,17 +287,6 @@ class EpisodeRecorder:
                                     "and discount that followed a_t; the final step holds o_N "
                                     "with a zero action"})
 
-    def _reset_episode(self) -> None:
-        self._obs_rows: list[list] = []
-        self._act_rows: list[list] = []
-        self._rewards: list = []
-        self._discounts: list = []
-        self._meta_rows: list[dict] = []
-        self._lang_rows: list[bytes] = []
-        self._pending_obs: list | None = None
-        self._ended = False
-        self._terminal = False
-
     def _ensure_open(self) -> None:
         if self._closed:
             raise LoggerClosedError(f"the logger of {self.directory} is closed")
@@ -314,35 +301,48 @@ class EpisodeRecorder:
                                    "observation")
         return self._obs.check(obs)
 
-    def check_action(self, action: Any) -> list:
+    def check_action(self, action: Any, stream: _Stream | None = None) -> list:
         """Validates an action and the call order (call before stepping the env, so that a bad
         action or a step out of order changes nothing)."""
+        s = stream or self._s0
         act = self._act
-        if (act is not None and not self._closed and self._pending_obs is not None
-                and not self._ended and self.writer._error is None):
+        if (act is not None and not self._closed and s.pending_obs is not None
+                and not s.ended and self.writer._error is None):
             return act.check(action)  # the hot path
         self._ensure_open()
-        self._check_can_step()
+        self._check_can_step(s)
         if self._act is None:
             self._act = self._part(_infer_spec(action, "action", self._codec, self._codecs),
                                    "action")
         return self._act.check(action)
 
-    def set_step_metadata(self, metadata: Mapping[str, Any]) -> None:
-        self._ensure_open()
-        self._step_meta_now = self._update_meta(metadata, self._step_meta, self._step_meta_now,
-                                                self._step_meta_frozen, STEP_RESERVED, "step")
+    def _targets(self, stream: _Stream | None) -> list[_Stream]:
+        return self.streams if stream is None else [stream]
 
-    def set_episode_metadata(self, metadata: Mapping[str, Any]) -> None:
+    def set_step_metadata(self, metadata: Mapping[str, Any], stream: _Stream | None = None,
+                          ) -> None:
         self._ensure_open()
-        self._episode_meta_now = self._update_meta(
-            metadata, self._episode_meta, self._episode_meta_now, self._episode_meta_frozen,
-            EPISODE_RESERVED, "episode")
+        targets = self._targets(stream) if stream is not None or len(self.streams) > 1 else [self._s0]
+        updates = self._check_meta(metadata, self._step_meta, self._step_meta_frozen,
+                                   STEP_RESERVED, "step")
+        submitted = self._submit(updates)
+        for s in targets:
+            s.step_meta_now = {**s.step_meta_now, **submitted}
 
-    def _update_meta(self, metadata, parts, current, frozen, reserved, what) -> dict:
+    def set_episode_metadata(self, metadata: Mapping[str, Any], stream: _Stream | None = None,
+                             ) -> None:
+        self._ensure_open()
+        targets = self._targets(stream) if stream is not None or len(self.streams) > 1 else [self._s0]
+        updates = self._check_meta(metadata, self._episode_meta, self._episode_meta_frozen,
+                                   EPISODE_RESERVED, "episode")
+        submitted = self._submit(updates)
+        for s in targets:
+            s.episode_meta_now = {**s.episode_meta_now, **submitted}
+
+    def _check_meta(self, metadata, parts, frozen, reserved, what) -> dict[str, tuple[_Part, list]]:
+        """Checks every value before anything changes; registers parts of new keys."""
         if not isinstance(metadata, Mapping):
             raise SpecError(f"{what}_metadata", "a dict", type(metadata).__name__)
-        new = dict(current)
         checked = {}
         for key, value in metadata.items():
             part = parts.get(key)
@@ -353,15 +353,17 @@ class EpisodeRecorder:
                         "the dataset's features were fixed by its first episode or declaration")
                 self._check_meta_key(key, reserved, what)
                 part = self._part(_infer_spec(value, key, self._codec, self._codecs), key)
-                checked[key] = (part, None)
-            flat = part.check(value)
-            checked[key] = (part, flat)
-        for key, (part, flat) in checked.items():
+            checked[key] = (part, part.check(value))
+        for key, (part, _) in checked.items():
             parts[key] = part
-            new[key] = part.submit_images(flat)
-        return new
+        return checked
 
-    def set_language_instruction(self, instruction: str) -> None:
+    @staticmethod
+    def _submit(checked: dict[str, tuple[_Part, list]]) -> dict[str, list]:
+        return {key: part.submit_images(list(flat)) if part.has_images else flat
+                for key, (part, flat) in checked.items()}
+
+    def set_language_instruction(self, instruction: str, stream: _Stream | None = None) -> None:
         self._ensure_open()
         if self._language is False:
             raise SpecError("language_instruction", "no language instruction (the dataset has "
@@ -370,39 +372,45 @@ class EpisodeRecorder:
             raise SpecError("language_instruction", "a str", type(instruction).__name__)
         if self._language is None:
             self._language = True
-        self._language_now = instruction.encode("utf-8") if isinstance(instruction, str) else instruction
+        value = instruction.encode("utf-8") if isinstance(instruction, str) else instruction
+        for s in (self._targets(stream) if stream is not None or len(self.streams) > 1
+                  else [self._s0]):
+            s.language_now = value
 
     # -- the episode stream ------------------------------------------------------------------------
 
     @property
     def in_episode(self) -> bool:
-        return self._pending_obs is not None
+        return self._s0.pending_obs is not None
 
     @property
     def episode_ended(self) -> bool:
-        return self._ended
+        return self._s0.ended
 
-    def _check_can_step(self) -> None:
-        if not self.in_episode:
+    @staticmethod
+    def _check_can_step(s: _Stream) -> None:
+        if s.pending_obs is None:
             raise StepOrderError("step() before reset(): the logger needs o_0 from reset()")
-        if self._ended:
+        if s.ended:
             raise StepOrderError("step() after the episode ended (terminated or truncated); "
                                  "call reset() first")
 
-    def begin(self, obs: Any) -> None:
+    def begin(self, obs: Any, stream: _Stream | None = None) -> None:
         """Starts an episode at o_0 (ending the one in progress, which counts as truncated)."""
+        s = stream or self._s0
         self._ensure_open()
         flat = self.check_observation(obs)
-        if self.in_episode:
-            self.end()
-        self._pending_obs = self._obs.submit_images(flat)
+        if s.pending_obs is not None:
+            self.end(stream=s)
+        s.pending_obs = self._obs.submit_images(flat)
 
     def step(self, action_flat: list, reward: Any, next_obs: Any, *, terminated: bool,
-             truncated: bool, discount: Any = None) -> None:
+             truncated: bool, discount: Any = None, stream: _Stream | None = None) -> None:
         """Records a_t (from :meth:`check_action`, which also checked that the logger is open),
         r_t and o_{t+1}. This is the per-step hot path: checks, copies and list appends."""
-        if self._pending_obs is None or self._ended:
-            self._check_can_step()
+        s = stream or self._s0
+        if s.pending_obs is None or s.ended:
+            self._check_can_step(s)
         r = reward if reward.__class__ is self._reward_fast else self._reward(reward)
         if discount is None:
             d = 0.0 if terminated else 1.0
@@ -410,31 +418,32 @@ class EpisodeRecorder:
             d = self._discount(discount)
         obs = self._obs
         obs_flat = obs.check(next_obs)
-        self._obs_rows.append(self._pending_obs)
-        self._act_rows.append(self._act.submit_images(action_flat) if self._act.has_images
-                              else action_flat)
-        self._rewards.append(r)
-        self._discounts.append(d)
-        self._meta_rows.append(self._step_meta_now)
-        self._lang_rows.append(self._language_now)
-        self._pending_obs = obs.submit_images(obs_flat) if obs.has_images else obs_flat
+        s.obs_rows.append(s.pending_obs)
+        s.act_rows.append(self._act.submit_images(action_flat) if self._act.has_images
+                          else action_flat)
+        s.rewards.append(r)
+        s.discounts.append(d)
+        s.meta_rows.append(s.step_meta_now)
+        s.lang_rows.append(s.language_now)
+        s.pending_obs = obs.submit_images(obs_flat) if obs.has_images else obs_flat
         if terminated or truncated:
-            self._ended = True
-            self._terminal = bool(terminated)
+            s.ended = True
+            s.terminal = bool(terminated)
 
-    def end(self, *, invalid: bool = False) -> None:
+    def end(self, *, invalid: bool = False, stream: _Stream | None = None) -> None:
         """Writes the episode in progress (if it has at least one step) and clears it."""
-        if not self.in_episode:
+        s = stream or self._s0
+        if s.pending_obs is None:
             return
-        if not self._obs_rows:
+        if not s.obs_rows:
             log.debug("dropping an episode without steps")
-            self._reset_episode()
+            s.clear()
             return
-        rows = self._build_rows(invalid=invalid)
-        self._reset_episode()
-        self._episode_index += 1
         if not self.writer.started:
             self._freeze()
+        rows = self._build_rows(s, invalid=invalid)
+        s.clear()
+        self._episode_index += 1
         self.writer.put(rows)
 
     def _freeze(self) -> None:
@@ -445,25 +454,28 @@ class EpisodeRecorder:
             self._language = False
         self._start()
 
-    def _build_rows(self, *, invalid: bool) -> EpisodeRows:
+    def _build_rows(self, s: _Stream, *, invalid: bool) -> EpisodeRows:
         """Hands the episode's rows over. Only references move here, on the control thread;
         the columns are built (transposed, stacked, encoded) in the writer thread."""
-        n = len(self._obs_rows) + 1
-        obs_rows = self._obs_rows
-        obs_rows.append(self._pending_obs)
-        act_rows = self._act_rows
+        n = len(s.obs_rows) + 1
+        obs_rows = s.obs_rows
+        obs_rows.append(s.pending_obs)
+        act_rows = s.act_rows
         act_rows.append(self._act.zero)
-        rewards = self._rewards
+        rewards = s.rewards
         rewards.append(0.0)
-        discounts = self._discounts
-        discounts.append(0.0 if self._terminal else 1.0)
-        meta_rows = self._meta_rows
-        meta_rows.append(self._step_meta_now)
-        lang_rows = self._lang_rows
-        lang_rows.append(self._language_now)
-        terminal = self._terminal
-        episode_meta = self._episode_meta_now
+        discounts = s.discounts
+        discounts.append(0.0 if s.terminal else 1.0)
+        meta_rows = s.meta_rows
+        meta_rows.append(s.step_meta_now)
+        lang_rows = s.lang_rows
+        lang_rows.append(s.language_now)
+        terminal = s.terminal
+        episode_meta = s.episode_meta_now
         episode_id = f"{self.writer.writer_id}-{self._episode_index:06d}"
+        language = self._language
+        step_meta = list(self._step_meta.items())
+        episode_meta_parts = list(self._episode_meta.items())
 
         def columns() -> list[list]:
             cols: list[list] = []
@@ -475,35 +487,65 @@ class EpisodeRecorder:
             cols.append([True, *flags[1:]])
             cols.append([*flags[1:], True])
             cols.append([*flags[1:], terminal])
-            if self._language:
+            if language:
                 cols.append(lang_rows)
-            for key, part in self._step_meta.items():
+            for key, part in step_meta:
                 rows = [row.get(key, part.zero) for row in meta_rows]
                 cols.extend(map(list, zip(*rows)))
             return cols
 
         def episode_values() -> list:
             out: list = [episode_id.encode(), invalid]
-            for key, part in self._episode_meta.items():
+            for key, part in episode_meta_parts:
                 out.extend(episode_meta.get(key, part.zero))
             return out
 
         return EpisodeRows(columns, episode_values, n, episode_id)
 
+    def add_streams(self, n: int) -> list[_Stream]:
+        """Makes the recorder hold ``n`` independent episode streams (vector envs)."""
+        while len(self.streams) < n:
+            self.streams.append(_Stream(len(self.streams)))
+        return self.streams[:n]
+
     def close(self) -> None:
-        """Writes the episode in progress (see ``incomplete``), flushes and commits. Idempotent."""
+        """Writes the episodes in progress (see ``incomplete``), flushes and commits. Idempotent."""
         if self._closed:
             return
         try:
-            if self.in_episode:
-                if self._ended:
-                    self.end()
-                elif self._incomplete == "keep" and self._obs_rows:
-                    self.end(invalid=True)
+            for s in self.streams:
+                if s.pending_obs is None:
+                    continue
+                if s.ended:
+                    self.end(stream=s)
+                elif self._incomplete == "keep" and s.obs_rows:
+                    self.end(invalid=True, stream=s)
                 else:
-                    self._reset_episode()
+                    s.clear()
             if not self.writer.started and self._ready_to_start():
                 self._start()
         finally:
             self._closed = True
             self.writer.close()
+
+
+class _Stream:
+    """One sequence of episodes: the episode in progress and the sticky metadata values."""
+
+    def __init__(self, index: int = 0):
+        self.index = index
+        self.step_meta_now: dict[str, list] = {}
+        self.episode_meta_now: dict[str, list] = {}
+        self.language_now: bytes = b""
+        self.clear()
+
+    def clear(self) -> None:
+        self.obs_rows: list[list] = []
+        self.act_rows: list[list] = []
+        self.rewards: list = []
+        self.discounts: list = []
+        self.meta_rows: list[dict] = []
+        self.lang_rows: list[bytes] = []
+        self.pending_obs: list | None = None
+        self.ended = False
+        self.terminal = False
