@@ -33,6 +33,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import mmap
 import os
 import shutil
 import threading
@@ -873,10 +874,113 @@ class _StatsHelper:
                        len(self.reader.get_path(steps, "is_first")))
 
 
+def _crc32c_function() -> Callable[[Any], int]:
+    """crc32c of any buffer (a memoryview of a mapped file included), releasing the GIL.
+
+    google-crc32c (a base dependency) takes ``bytes`` only, which would mean copying every
+    record into fresh memory; the ``crc32c`` package reads buffers in place where installed."""
+    try:
+        import crc32c as fast  # the ICRAR package: hardware crc32c over any buffer
+    except ImportError:
+        fast = None
+    if fast is not None and hasattr(fast, "crc32c"):
+        return fast.crc32c
+    import google_crc32c
+
+    return lambda buf: google_crc32c.value(bytes(buf))
+
+
+_crc32c = _crc32c_function()
+
+
+def _mask(crc: int) -> int:
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+class _MappedInput:
+    """The input file being read, mapped into memory: records are hashed, checked and handed
+    to ``copy_file_range`` without being copied into Python objects."""
+
+    def __init__(self):
+        self.path: str | None = None
+        self.fd: int | None = None
+        self.map: mmap.mmap | None = None
+        self.view: memoryview | None = None
+
+    def open(self, path: str) -> memoryview:
+        if path != self.path:
+            self.close()
+            self.fd = os.open(path, os.O_RDONLY)
+            self.path = path
+            if os.fstat(self.fd).st_size:
+                self.map = mmap.mmap(self.fd, 0, prot=mmap.PROT_READ)
+                with contextlib.suppress(AttributeError, OSError):
+                    self.map.madvise(mmap.MADV_SEQUENTIAL)
+                self.view = memoryview(self.map)
+            else:
+                self.view = memoryview(b"")
+        return self.view
+
+    def close(self) -> None:
+        if self.view is not None:
+            self.view.release()
+            self.view = None
+        if self.map is not None:
+            with contextlib.suppress(BufferError):  # a view still held by a traceback
+                self.map.close()
+            self.map = None
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        self.path = None
+
+
+class _SourceHasher(threading.Thread):
+    """sha256 of the framed source records of an unchanged shard, in a thread of its own: the
+    output holds exactly these bytes, and hashing (the costliest part of a copy) then runs
+    beside the kernel copy instead of after it."""
+
+    def __init__(self, episodes: Sequence[PlannedEpisode]):
+        super().__init__(name="oxe-reshard-hash", daemon=True)
+        self.episodes = episodes
+        self.digest = hashlib.sha256()
+        self.error: BaseException | None = None
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        src = _MappedInput()
+        try:
+            for ep in self.episodes:
+                if self.stop.is_set():
+                    return
+                view = src.open(ep.ref.path)
+                start = ep.ref.offset
+                self.digest.update(view[start: start + record.framed_size(ep.ref.length)])
+        except BaseException as e:  # reported by result()
+            self.error = e
+        finally:
+            src.close()
+
+    def result(self) -> str:
+        self.join()
+        if self.error is not None:
+            raise self.error
+        return self.digest.hexdigest()
+
+
+def _write_all(fd: int, data) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def write_shard(task: ShardTask, staging: str, *, transform: Transform, features: dict,
                 options: ReshardOptions, progress: Callable[[int, int], None] | None = None
                 ) -> ShardResult:
     """Writes one output shard into ``staging`` (CRC-checking copied records).
+
+    An unchanged episode is copied with ``copy_file_range`` (in the kernel, as ``cp`` does)
+    and hashed from the mapped input; a changed one is re-assembled and written.
 
     Args:
       task: the shard (from :func:`build_plan`).
@@ -891,23 +995,24 @@ def write_shard(task: ShardTask, staging: str, *, transform: Transform, features
     st = helper.new()
     digest = hashlib.sha256()
     path = os.path.join(staging, task.filename)
-    fds: dict[str, int] = {}
+    src = _MappedInput()
     out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    kernel_copy = hasattr(os, "copy_file_range")
+    hasher = None
+    if not any(ep.changes for ep in task.episodes):
+        hasher = _SourceHasher(task.episodes)
+        hasher.start()
     written = 0
     try:
         for ep in task.episodes:
             ref = ep.ref
-            fd = fds.get(ref.path)
-            if fd is None:
-                for old in fds.values():
-                    os.close(old)
-                fds = {ref.path: (fd := os.open(ref.path, os.O_RDONLY))}
-            header = os.pread(fd, 12, ref.offset)
-            data = os.pread(fd, ref.length, ref.offset + 12)
-            footer = os.pread(fd, 4, ref.offset + 12 + ref.length)
-            if len(data) != ref.length or len(footer) != 4:
+            view = src.open(ref.path)
+            start, end = ref.offset, ref.offset + record.framed_size(ref.length)
+            if end > len(view):
                 raise CorruptDatasetError(f"{ref.path}: record {ref.index} changed while read")
-            if options.verify and int.from_bytes(footer, "little") != record.masked_crc(data):
+            framed = view[start:end]
+            data = framed[12: 12 + ref.length]
+            if options.verify and _mask(_crc32c(data)) != int.from_bytes(framed[-4:], "little"):
                 raise CorruptDatasetError(f"{ref.path}: bad data CRC in record {ref.index} "
                                           f"(byte {ref.offset})")
             if ep.changes:
@@ -915,29 +1020,39 @@ def write_shard(task: ShardTask, staging: str, *, transform: Transform, features
                 framed = record.frame(data)
                 if len(framed) != ep.size:  # the plan's packing relies on this
                     raise AssertionError(f"planned {ep.size} bytes, wrote {len(framed)}")
-                parts = [framed]
+                _write_all(out, framed)
             else:
-                parts = [header, data, footer]
-            n = sum(len(p) for p in parts)
-            done = os.writev(out, parts)
-            if done != n:  # short write: finish it
-                blob = b"".join(parts)[done:]
-                while blob:
-                    blob = blob[os.write(out, blob):]
-            for p in parts:
-                digest.update(p)
-            written += n
+                n = len(framed)
+                while kernel_copy and n:
+                    try:
+                        done = os.copy_file_range(src.fd, out, n, end - n)
+                    except OSError:  # e.g. across file systems on older kernels
+                        kernel_copy = False
+                        break
+                    if done == 0:
+                        raise CorruptDatasetError(f"{ref.path}: record {ref.index} changed "
+                                                  "while read")
+                    n -= done
+                if n:
+                    _write_all(out, framed[len(framed) - n:])
+            if hasher is None:
+                digest.update(framed)
+            written += len(framed)
             helper.add(st, data)
+            del framed, data
             if progress is not None:
-                progress(1, n)
+                progress(1, end - start if not ep.changes else ep.size)
         if options.fsync:
             os.fsync(out)
+        sha256 = hasher.result() if hasher is not None else digest.hexdigest()
     finally:
+        if hasher is not None:
+            hasher.stop.set()
+            hasher.join()
         os.close(out)
-        for fd in fds.values():
-            os.close(fd)
+        src.close()
     return ShardResult(task.split, task.index, task.filename, len(task.episodes), written,
-                       digest.hexdigest(), st.to_json({}) if st is not None else None)
+                       sha256, st.to_json({}) if st is not None else None)
 
 
 # ---------------------------------------------------------------------------------------------
