@@ -114,7 +114,7 @@ class DmEnvLogger(dm_env.Environment, LoggerMixin):
             overwrite=overwrite, session=provenance.session_info(env, {"front": "DmEnvLogger"}),
             description="RLDS episodes of a dm_env environment logged by oxe_envlogger.",
             version=version)
-        lifecycle.register(self, handle_signals=handle_signals)
+        lifecycle.register(self._recorder, handle_signals=handle_signals)
 
     def reset(self) -> dm_env.TimeStep:
         ts = self._env.reset()
@@ -206,7 +206,7 @@ class RLDSBackendWriter(_BackendBase, LoggerMixin):
             session=provenance.session_info(None, {"front": "RLDSBackendWriter",
                                                    "envlogger_metadata": provenance.json_safe(metadata)}),
             description="RLDS episodes logged through envlogger.EnvLogger by oxe_envlogger.")
-        lifecycle.register(self, handle_signals=handle_signals)
+        lifecycle.register(self._recorder, handle_signals=handle_signals)
 
     def _record_step(self, data, is_new_episode: bool) -> None:
         rec = self._recorder

@@ -64,7 +64,7 @@ class LoggerMixin:
         try:
             rec.close()
         finally:
-            lifecycle.unregister(self)
+            lifecycle.unregister(rec)
 
 
 def _writer_options(options: WriterOptions | None, shard_bytes: int | None,
@@ -104,7 +104,7 @@ class _GymLogger(gym.Wrapper, LoggerMixin):
             overwrite=overwrite, session=provenance.session_info(env, {"reset_seeds": self._seeds}),
             description=description or f"RLDS episodes of {provenance.env_info(env).get('id', 'an environment')} logged by oxe_envlogger.",
             version=version)
-        lifecycle.register(self, handle_signals=handle_signals)
+        lifecycle.register(self._recorder, handle_signals=handle_signals)
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         obs, info = self.env.reset(seed=seed, options=options)

@@ -10,10 +10,10 @@ SIGKILL cannot be caught: completed episodes are already durable and recovery co
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import signal
 import threading
-import weakref
 from typing import Protocol
 
 log = logging.getLogger(__name__)
@@ -23,7 +23,9 @@ class Closable(Protocol):
     def close(self) -> None: ...
 
 
-_open: weakref.WeakSet = weakref.WeakSet()
+# Strong references: a logger dropped without close() (say, a local variable in a function
+# left by an exception) must still be closed at exit, so nothing here may be garbage collected.
+_open: dict[int, Closable] = {}
 _closing = threading.Event()
 _deferred_signal: list[int] = []
 _installed = False
@@ -31,7 +33,7 @@ _installed = False
 
 def register(logger: Closable, *, handle_signals: bool = True) -> None:
     global _installed
-    _open.add(logger)
+    _open[id(logger)] = logger
     if not _installed:
         atexit.register(close_all)
         _installed = True
@@ -40,20 +42,50 @@ def register(logger: Closable, *, handle_signals: bool = True) -> None:
 
 
 def unregister(logger: Closable) -> None:
-    _open.discard(logger)
+    _open.pop(id(logger), None)
 
 
 def close_all() -> None:
     """Closes every registered logger (exit handler)."""
     _closing.set()
     try:
-        for logger in list(_open):
+        for logger in list(_open.values()):
             try:
                 logger.close()
             except Exception as e:  # keep closing the others
                 log.error("closing %r at exit failed: %s", logger, e)
     finally:
         _closing.clear()
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """Holds SIGINT and SIGTERM back for the duration (main thread only), then delivers them:
+    for short sections that must not be cut in two, such as handing an episode over."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {}
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, lambda signum, frame: caught.append(signum))
+    except (ValueError, OSError):  # not the main interpreter, or signals unavailable
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        yield
+        return
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for signum in caught:
+            handler = previous[signum]
+            if callable(handler):
+                handler(signum, None)
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(signum)
 
 
 def _on_sigterm(signum, frame):

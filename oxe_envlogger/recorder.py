@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from oxe_envlogger import layout, specs
+from oxe_envlogger import layout, lifecycle, specs
 from oxe_envlogger.errors import (
     LoggerClosedError,
     SpecError,
@@ -418,14 +418,13 @@ class EpisodeRecorder:
             d = self._discount(discount)
         obs = self._obs
         obs_flat = obs.check(next_obs)
-        s.obs_rows.append(s.pending_obs)
-        s.act_rows.append(self._act.submit_images(action_flat) if self._act.has_images
-                          else action_flat)
-        s.rewards.append(r)
-        s.discounts.append(d)
-        s.meta_rows.append(s.step_meta_now)
-        s.lang_rows.append(s.language_now)
-        s.pending_obs = obs.submit_images(obs_flat) if obs.has_images else obs_flat
+        act = self._act
+        pending = obs.submit_images(obs_flat) if obs.has_images else obs_flat
+        # One append, then the new pending observation: an interrupt between the two leaves
+        # rows[-1][0] is s.pending_obs, which close() detects and undoes.
+        s.rows.append((s.pending_obs, act.submit_images(action_flat) if act.has_images
+                       else action_flat, r, d, s.step_meta_now, s.language_now))
+        s.pending_obs = pending
         if terminated or truncated:
             s.ended = True
             s.terminal = bool(terminated)
@@ -435,16 +434,19 @@ class EpisodeRecorder:
         s = stream or self._s0
         if s.pending_obs is None:
             return
-        if not s.obs_rows:
+        if s.rows and s.rows[-1][0] is s.pending_obs:
+            s.rows.pop()  # step() was interrupted between its two updates
+        if not s.rows:
             log.debug("dropping an episode without steps")
             s.clear()
             return
         if not self.writer.started:
             self._freeze()
-        rows = self._build_rows(s, invalid=invalid)
-        s.clear()
-        self._episode_index += 1
-        self.writer.put(rows)
+        with lifecycle.signals_deferred():  # hand over exactly once, even on Ctrl-C
+            rows = self._build_rows(s, invalid=invalid)
+            s.clear()
+            self._episode_index += 1
+            self.writer.put(rows)
 
     def _freeze(self) -> None:
         """Fixes the features from what the first episode showed."""
@@ -457,19 +459,10 @@ class EpisodeRecorder:
     def _build_rows(self, s: _Stream, *, invalid: bool) -> EpisodeRows:
         """Hands the episode's rows over. Only references move here, on the control thread;
         the columns are built (transposed, stacked, encoded) in the writer thread."""
-        n = len(s.obs_rows) + 1
-        obs_rows = s.obs_rows
-        obs_rows.append(s.pending_obs)
-        act_rows = s.act_rows
-        act_rows.append(self._act.zero)
-        rewards = s.rewards
-        rewards.append(0.0)
-        discounts = s.discounts
-        discounts.append(0.0 if s.terminal else 1.0)
-        meta_rows = s.meta_rows
-        meta_rows.append(s.step_meta_now)
-        lang_rows = s.lang_rows
-        lang_rows.append(s.language_now)
+        rows = s.rows
+        rows.append((s.pending_obs, self._act.zero, 0.0, 0.0 if s.terminal else 1.0,
+                     s.step_meta_now, s.language_now))
+        n = len(rows)
         terminal = s.terminal
         episode_meta = s.episode_meta_now
         episode_id = f"{self.writer.writer_id}-{self._episode_index:06d}"
@@ -478,20 +471,21 @@ class EpisodeRecorder:
         episode_meta_parts = list(self._episode_meta.items())
 
         def columns() -> list[list]:
+            obs_rows, act_rows, rewards, discounts, meta_rows, lang_rows = zip(*rows)
             cols: list[list] = []
             cols.extend(map(list, zip(*obs_rows)))
             cols.extend(map(list, zip(*act_rows)))
-            cols.append(rewards)
-            cols.append(discounts)
+            cols.append(list(rewards))
+            cols.append(list(discounts))
             flags = [False] * n
             cols.append([True, *flags[1:]])
             cols.append([*flags[1:], True])
             cols.append([*flags[1:], terminal])
             if language:
-                cols.append(lang_rows)
+                cols.append(list(lang_rows))
             for key, part in step_meta:
-                rows = [row.get(key, part.zero) for row in meta_rows]
-                cols.extend(map(list, zip(*rows)))
+                values = [row.get(key, part.zero) for row in meta_rows]
+                cols.extend(map(list, zip(*values)))
             return cols
 
         def episode_values() -> list:
@@ -518,7 +512,7 @@ class EpisodeRecorder:
                     continue
                 if s.ended:
                     self.end(stream=s)
-                elif self._incomplete == "keep" and s.obs_rows:
+                elif self._incomplete == "keep" and s.rows:
                     self.end(invalid=True, stream=s)
                 else:
                     s.clear()
@@ -540,12 +534,8 @@ class _Stream:
         self.clear()
 
     def clear(self) -> None:
-        self.obs_rows: list[list] = []
-        self.act_rows: list[list] = []
-        self.rewards: list = []
-        self.discounts: list = []
-        self.meta_rows: list[dict] = []
-        self.lang_rows: list[bytes] = []
+        # (observation, action, reward, discount, step metadata, language) per step
+        self.rows: list[tuple] = []
         self.pending_obs: list | None = None
         self.ended = False
         self.terminal = False

@@ -75,7 +75,7 @@ class RLDSLogger(LoggerMixin):
             overwrite=overwrite, session=provenance.session_info(None, {"front": "RLDSLogger"}),
             description=description or "RLDS episodes logged by oxe_envlogger.RLDSLogger.",
             version=version)
-        lifecycle.register(self, handle_signals=handle_signals)
+        lifecycle.register(self._recorder, handle_signals=handle_signals)
 
     def __call__(self, action: Any, obs: Any, reward: Any, metadata: Mapping[str, Any] | None = None,
                  step_type: RLDSStepType = RLDSStepType.TRANSITION, *, discount: Any = None) -> None:

@@ -75,7 +75,7 @@ class VectorOXEEnvLogger(gym.vector.VectorWrapper, LoggerMixin):
                                        "oxe_envlogger.", version=version)
         self._streams = self._recorder.add_streams(env.num_envs)
         self._autoreset = np.zeros(env.num_envs, dtype=bool)
-        lifecycle.register(self, handle_signals=handle_signals)
+        lifecycle.register(self._recorder, handle_signals=handle_signals)
 
     def _split(self, space: gym.Space, batch: Any) -> list[Any]:
         return list(iterate(space, batch))
