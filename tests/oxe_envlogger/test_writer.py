@@ -1,0 +1,147 @@
+"""The writer: byte-budget shards, statistics merged across writers and appends, records too
+large for the format, image encoders."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from gymnasium import spaces
+
+import oxe_envlogger
+from oxe_envlogger import OXEEnvLogger, RecordTooLargeError, WriterOptions, layout, record, stats
+from tests.helpers import RecordingEnv, read_tfds, run_episodes
+
+BOX = spaces.Box(-5, 5, (4,), np.float32)
+
+
+def test_shards_close_at_the_byte_budget(dataset_dir):
+    space = spaces.Dict({"x": spaces.Box(-1, 1, (64,), np.float64)})
+    env = OXEEnvLogger(RecordingEnv(space, BOX, episode_len=10), "budget", dataset_dir,
+                       shard_bytes=20_000)
+    run_episodes(env, 12)
+    env.close()
+    info = layout.read_json(os.path.join(dataset_dir, layout.DATASET_INFO))
+    shards = layout.shard_paths(dataset_dir, info, "train")
+    assert len(shards) > 2
+    sizes = [os.path.getsize(p) for p, _ in shards]
+    one = max(sizes) / max(n for _, n in shards)
+    for size in sizes:
+        assert size <= 20_000 + one  # closed at the first episode that would cross the budget
+    assert sum(n for _, n in shards) == 12
+    assert int(info["splits"][0]["numBytes"]) == sum(sizes)
+    for (path, n) in shards:
+        assert sum(1 for _ in record.read_records(path)) == n
+    assert len(read_tfds(dataset_dir)) == 12
+
+
+def test_statistics_merge_across_appends_and_match_the_data(dataset_dir):
+    for run in range(3):
+        env = OXEEnvLogger(RecordingEnv(BOX, BOX, episode_len=6, seed=run), "stats", dataset_dir,
+                           max_episodes_per_file=2)
+        run_episodes(env, 3, seed=run * 10)
+        env.close()
+    assert stats.is_current(dataset_dir)
+    loaded, covers = stats.load(dataset_dir)
+    episodes = read_tfds(dataset_dir)
+    obs = np.concatenate([e["steps"]["observation"][:-1] for e in episodes]).astype(np.float64)
+    act = np.concatenate([e["steps"]["action"][:-1] for e in episodes]).astype(np.float64)
+    for key, data in (("observation", obs), ("action", act)):
+        summary = loaded.keys[key].summary()
+        np.testing.assert_allclose(summary["mean"], data.mean(0), rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(summary["std"], data.std(0), rtol=1e-9, atol=1e-12)
+        np.testing.assert_array_equal(summary["min"], data.min(0))
+        np.testing.assert_array_equal(summary["max"], data.max(0))
+        assert summary["count"] == [len(data)] * 4
+        q50 = np.asarray(summary["q50"])  # exact here: fewer rows than the sample keeps
+        np.testing.assert_allclose(q50, np.quantile(data, 0.5, axis=0))
+    assert loaded.num_episodes == 9
+    assert sum(len(v) for v in covers.values()) == len(
+        layout.shard_paths(dataset_dir, layout.read_json(os.path.join(dataset_dir, layout.DATASET_INFO)), "train"))
+
+
+def test_running_stats_merge_equals_one_pass():
+    rng = np.random.default_rng(0)
+    data = rng.normal(3, 2, (5000, 3))
+    data[7, 1] = np.nan
+    whole = stats.RunningStats((3,), seed=1)
+    whole.update(data)
+    parts = [stats.RunningStats((3,), seed=i) for i in range(4)]
+    for part, chunk in zip(parts, np.array_split(data, 4)):
+        part.update(chunk)
+    merged = parts[0]
+    for p in parts[1:]:
+        merged.merge(stats.RunningStats.from_json(p.to_json()))
+    a, b = whole.summary(), merged.summary()
+    np.testing.assert_allclose(a["mean"], b["mean"], rtol=1e-12)
+    np.testing.assert_allclose(a["std"], b["std"], rtol=1e-12)
+    assert a["count"] == b["count"] == [5000, 4999, 5000]
+    finite = np.where(np.isfinite(data), data, np.nan)
+    np.testing.assert_allclose(b["q50"], np.nanquantile(finite, 0.5, axis=0), atol=0.2)
+    np.testing.assert_allclose(b["q95"], np.nanquantile(finite, 0.95, axis=0), atol=0.4)
+
+
+def test_record_too_large_is_a_clear_error_and_the_logger_goes_on(dataset_dir, monkeypatch):
+    import time
+
+    monkeypatch.setattr(record, "MAX_RECORD_BYTES", 3000)
+    space = spaces.Box(-1, 1, (40,), np.float64)
+    env = OXEEnvLogger(RecordingEnv(space, BOX, episode_len=3), "large", dataset_dir)
+    run_episodes(env, 1)  # 4 steps x 40 float64: fits
+    env.reset(seed=5)
+    env.unwrapped.episode_len = 30
+    for _ in range(30):
+        env.step(BOX.sample())
+    env.reset(seed=6)  # hands the large episode over; the writer rejects it
+    env.unwrapped.episode_len = 3
+    with pytest.raises(RecordTooLargeError, match="2 GiB"):
+        for _ in range(500):  # the error reaches the next call into the logger
+            env._recorder.writer.check()
+            time.sleep(0.01)
+    for _ in range(3):
+        env.step(BOX.sample())
+    env.reset(seed=7)
+    env.close()
+    lengths = [len(e["steps"]["is_first"]) for e in read_tfds(dataset_dir)]
+    assert lengths == [4, 4]
+
+
+@pytest.mark.parametrize("processes", [0, 1])
+def test_image_encoders_threads_and_processes(processes, dataset_dir):
+    space = spaces.Dict({"cam": spaces.Box(0, 255, (32, 24, 3), np.uint8),
+                         "gray": spaces.Box(0, 255, (8, 8, 1), np.uint8)})
+    env = OXEEnvLogger(RecordingEnv(space, BOX, episode_len=5), "enc", dataset_dir,
+                       writer_options=WriterOptions(encode_processes=processes,
+                                                    max_pending_frames=8))
+    run_episodes(env, 4)
+    kind = env._recorder.writer.encoder.kind
+    env.close()
+    assert kind == ("threads" if processes == 0 else "processes")
+    for got, want in zip(read_tfds(dataset_dir), env.unwrapped.episodes):
+        np.testing.assert_array_equal(got["steps"]["observation"]["cam"],
+                                      np.stack([o["cam"] for o in want["obs"]]))
+        np.testing.assert_array_equal(got["steps"]["observation"]["gray"],
+                                      np.stack([o["gray"] for o in want["obs"]]))
+
+
+def test_encoder_worker_death_is_reported(dataset_dir):
+    space = spaces.Dict({"cam": spaces.Box(0, 255, (16, 16, 3), np.uint8)})
+    env = OXEEnvLogger(RecordingEnv(space, BOX, episode_len=50), "dead", dataset_dir,
+                       writer_options=WriterOptions(encode_processes=1, max_pending_frames=8))
+    run_episodes(env, 1)
+    env.reset(seed=1)  # hands the first episode over
+    import time
+
+    while env._recorder.writer.episodes_written < 1:
+        time.sleep(0.01)
+    for w in env._recorder.writer.encoder._workers:
+        w.proc.kill()
+    with pytest.raises(oxe_envlogger.WriterError, match="encod"):
+        for _ in range(50):
+            env.step(BOX.sample())
+        env.reset(seed=2)
+    with pytest.raises(oxe_envlogger.WriterError, match="encod"):
+        env.close()  # close reports the failure too
+    env.close()  # and is idempotent
+    assert len(read_tfds(dataset_dir)) == 1  # the episode written before stays readable
