@@ -67,3 +67,51 @@ def run_tool(tool: str, *args: str, python: str | None = None, env: dict | None 
     return subprocess.run([python or sys.executable, os.path.join(REPO, "tools", f"{tool}.py"),
                            *args], capture_output=True, text=True, timeout=timeout, env=full_env,
                           cwd=REPO, check=False)
+
+
+def make_foreign(directory: str, episodes: int = 3) -> str:
+    """An RLDS dataset written by TFDS itself (not by us), with features our TF-free reader does
+    not decode (a variable-length zlib tensor), JPEG images under another key, a float32
+    reward, a language instruction and an ``episode_metadata`` dict."""
+    import numpy as np
+    import tensorflow_datasets as tfds
+
+    os.makedirs(directory, exist_ok=True)
+    features = tfds.features.FeaturesDict({
+        "steps": tfds.features.Dataset({
+            "observation": tfds.features.FeaturesDict({
+                "rgb": tfds.features.Image(shape=(24, 32, 3), encoding_format="jpeg"),
+                "joints": tfds.features.Tensor(shape=(None,), dtype=np.float32,
+                                               encoding="zlib"),
+            }),
+            "action": tfds.features.Tensor(shape=(4,), dtype=np.float32),
+            "reward": tfds.features.Scalar(dtype=np.float32),
+            "is_first": tfds.features.Scalar(dtype=np.bool_),
+            "is_last": tfds.features.Scalar(dtype=np.bool_),
+            "is_terminal": tfds.features.Scalar(dtype=np.bool_),
+            "language_instruction": tfds.features.Text(),
+        }),
+        "episode_metadata": tfds.features.FeaturesDict({"file_path": tfds.features.Text()}),
+    })
+    info = tfds.core.DatasetInfo(
+        builder=tfds.core.DatasetIdentity(name="foreign", version="1.0.0", data_dir=directory,
+                                          module_name=""), features=features)
+    writer = tfds.core.SequentialWriter(info, max_examples_per_shard=2, overwrite=True)
+    writer.initialize_splits(["train"])
+    rng = np.random.default_rng(0)
+    out = []
+    for e in range(episodes):
+        n = 5 + e
+        y, x = np.mgrid[0:24, 0:32]
+        steps = [{"observation": {
+                      "rgb": np.stack([(x * 8 + 20 * t) % 255, y * 10, np.full_like(x, 60 * e)],
+                                      -1).astype(np.uint8),
+                      "joints": rng.normal(size=3).astype(np.float32)},
+                  "action": rng.normal(size=4).astype(np.float32),
+                  "reward": np.float32(t == n - 1),
+                  "is_first": t == 0, "is_last": t == n - 1, "is_terminal": t == n - 1,
+                  "language_instruction": f"task {e % 2}"} for t in range(n)]
+        out.append({"steps": steps, "episode_metadata": {"file_path": f"ep{e}"}})
+    writer.add_examples({"train": out})
+    writer.close_all()
+    return directory
