@@ -854,7 +854,7 @@ class _StatsHelper:
         try:
             self.spec = spec_from_features_json(features)
         except Exception as e:  # a foreign dataset with features our reader does not know
-            log.warning("no statistics.json: %s", e)
+            log.debug("no statistics: %s", e)
             self.spec = None
             return
         leaves = dict(reader.step_leaves(self.spec))
@@ -1190,6 +1190,8 @@ def finalize(plan: Plan, results: Sequence[ShardResult], staging: str, runner: s
     stats_json = _statistics_json(plan, results)
     if stats_json is not None:
         layout.atomic_write_json(os.path.join(staging, layout.STATISTICS), stats_json)
+    else:
+        log.warning("no statistics.json: the TF-free reader does not know these features")
     layout.atomic_write_bytes(os.path.join(staging, MANIFEST), dump_manifest(manifest))
     layout.atomic_write_json(os.path.join(staging, layout.METADATA),
                              _metadata_json(plan, results, runner))
@@ -1223,6 +1225,11 @@ def make_staging(output_dir: str) -> str:
     """A fresh hidden sibling directory of ``output_dir`` to write into."""
     parent = os.path.dirname(output_dir)
     os.makedirs(parent, exist_ok=True)
+    stale = sorted(e for e in os.listdir(parent)
+                   if e.startswith(TMP_PREFIX) and f"-{os.path.basename(output_dir)}-" in e)
+    if stale:
+        log.warning("%s holds %s, left by a resharder that was killed (or is running); delete "
+                    "them once no resharder runs", parent, stale)
     staging = os.path.join(parent, f"{TMP_PREFIX}tmp-{os.path.basename(output_dir)}-"
                                    f"{uuid.uuid4().hex[:12]}")
     os.makedirs(staging)

@@ -433,3 +433,25 @@ def test_reshard_does_not_import_tensorflow(merged, tmp_path):
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
                          timeout=120, check=False)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
+
+
+def test_a_tfds_written_dataset_reshards_with_transformations(tmp_path):
+    from tests.tools.datasets import make_foreign
+
+    src = make_foreign(str(tmp_path / "foreign"))
+    out = str(tmp_path / "out")
+    reshard.reshard([src], out, ReshardOptions(
+        relabel_language="new task", language_map={"0": "first"},
+        rename_features={"steps/observation/rgb": "steps/observation/image"}))
+    before, after = read_tfds(src), read_tfds(out)
+    assert [set(e["steps"]["language_instruction"]) for e in after] == \
+        [{b"first"}, {b"new task"}, {b"new task"}]
+    for a, b in zip(before, after):
+        np.testing.assert_array_equal(a["steps"]["observation"]["rgb"],
+                                      b["steps"]["observation"]["image"])
+        np.testing.assert_array_equal(a["steps"]["observation"]["joints"],
+                                      b["steps"]["observation"]["joints"])
+        assert a["episode_metadata"] == b["episode_metadata"]
+    report = validate(out)
+    assert report.ok, report.format()
+    assert not os.path.exists(os.path.join(out, layout.STATISTICS))  # features we cannot decode
