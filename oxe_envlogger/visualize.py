@@ -27,7 +27,7 @@ from oxe_envlogger.errors import OXEEnvLoggerError
 PathLike = str | os.PathLike
 _MIN_WIDTH = 512
 _MAX_CAMERA_HEIGHT = 320
-_HEADER = 30
+_HEADER = 42  # two lines: episode, step and reward; the language instruction
 _TRACE_HEIGHT = 260
 
 
@@ -239,7 +239,10 @@ def episode_frames(episode: dict[str, Any], *, title: str = "",
     total_h = _HEADER + 16 + height + trace.shape[0]
     out_h, out_w = -(-total_h // 16) * 16, -(-width // 16) * 16  # video codecs want /16
     lang = _texts(episode)
-    heading = title + (f"  |  {lang[0]}" if lang else "")
+    header = np.full((_HEADER, out_w, 3), 255, np.uint8)
+    if lang:
+        header = _text(header, lang[0] + (f"  (+{len(lang) - 1} more)" if len(lang) > 1 else ""),
+                       (6, 22), size=13)
     labels = np.full((16, out_w, 3), 255, np.uint8)
     x = 0
     for key, cam in zip(keys, cams):
@@ -264,7 +267,7 @@ def episode_frames(episode: dict[str, Any], *, title: str = "",
                 plot[y0:y1, xs[t]: xs[t] + 2] = (220, 30, 30)
             frame[top + height: top + height + plot.shape[0], : plot.shape[1]] = plot
             r = f"  reward {rewards[t]:+.3f}" if rewards is not None else ""
-            frame[:_HEADER] = _text(frame[:_HEADER], f"{heading}   step {t}/{n - 1}{r}", (6, 7))
+            frame[:_HEADER] = _text(header, f"{title}   step {t}/{n - 1}{r}", (6, 3), size=13)
             yield frame
 
     return frames(), desc
