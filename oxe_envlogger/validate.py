@@ -146,7 +146,7 @@ def _check_image(data: bytes, leaf: Leaf, decode: bool) -> str | None:
             if decode:
                 im.load()
     except Exception as e:
-        return f"not a readable image ({len(data)} bytes): {e}"
+        return f"not a readable image ({len(data)} bytes): {str(e).split(' <')[0]}"
     if size != (w, h):
         return f"{fmt} of {size[0]}x{size[1]}, declared {w}x{h}"
     channels = _CHANNELS.get(mode)

@@ -199,3 +199,25 @@ def test_many_issues_are_capped(w2):
     report = validate(w2, max_per_check=2)
     assert len([i for i in report.issues if i.check == "episode_id"]) == 2
     assert report.num_errors == 3 and "1 more errors [episode_id]" in report.format()
+
+
+def test_images_that_do_not_decode(w2):
+    path = shards(w2)[0]
+
+    def broken_image(f):
+        _, frames = record.decode_feature(f["steps/observation/image"])
+        frames[3] = frames[3][:40] + bytes(200)  # a PNG header, then garbage
+        frames[4] = b"not an image"
+        f["steps/observation/image"] = record.bytes_list_payload(frames)
+        return f
+
+    rewrite_episode(path, 0, broken_image)
+    quick = validate(w2)
+    # one error per key and episode: the first bad frame
+    assert "steps/observation/image[3]: not a readable image" in quick.format()
+    full = validate(w2, decode_images=True)
+    assert "features" in checks(full) and not full.ok
+
+
+def test_decoding_every_image_of_a_sound_dataset(pristine):
+    assert validate(pristine["w2"], decode_images=True).ok

@@ -89,3 +89,15 @@ def test_bad_flags_are_usage_errors(inputs, tmp_path, args, message):
                    f"--output_rlds={tmp_path / 'out'}", *args)
     assert res.returncode != 0 and message in res.stderr
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_runner_without_beam_is_a_clear_error(inputs, tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("apache_beam") is not None:
+        pytest.skip("apache-beam is installed here (tests/oxe_envlogger/test_reshard_beam.py)")
+    res = run_tool("reshard_rlds", f"--rlds_dirs={inputs['a']}",
+                   f"--output_rlds={tmp_path / 'out'}", "--runner=DirectRunner",
+                   "--direct_num_workers=2")
+    assert res.returncode == 2 and "pip install apache-beam" in res.stderr
+    assert not (tmp_path / "out").exists()
