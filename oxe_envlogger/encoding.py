@@ -227,6 +227,7 @@ class ProcessEncodePool:
         self._next_worker = itertools.cycle(range(workers))
         self._done = threading.Condition()
         self._error: BaseException | None = None
+        self._closing = False
         self._workers: list[_Worker] = []
         self._collectors: list[threading.Thread] = []
         try:
@@ -283,22 +284,39 @@ class ProcessEncodePool:
         return frame
 
     def _collect(self, worker: _Worker) -> None:
+        """Completes frames as results arrive. Reads whatever the pipe holds at once and
+        handles every whole result in it, so one wake-up (one GIL acquisition) serves many."""
+        fd = worker.proc.stdout.fileno()
+        buf = bytearray()
+        head = _RESULT.size
         try:
             while True:
-                job, status, length = _RESULT.unpack(worker.read_exact(_RESULT.size))
-                payload = worker.read_exact(length)
-                with worker.lock:
-                    frame, offset = worker.outstanding.pop(job)
-                self._free.put(offset)
-                if status == 0:
-                    self.frames += 1
-                    frame._finish(payload)
-                else:
-                    frame._finish(None, WriterError(payload.decode("utf-8", "replace")))
+                chunk = os.read(fd, _PIPE_BYTES)
+                if not chunk:
+                    raise EOFError
+                buf += chunk
+                pos = 0
+                while len(buf) - pos >= head:
+                    job, status, length = _RESULT.unpack_from(buf, pos)
+                    end = pos + head + length
+                    if end > len(buf):
+                        break
+                    payload = bytes(buf[pos + head: end])
+                    pos = end
+                    with worker.lock:
+                        frame, offset = worker.outstanding.pop(job)
+                    self._free.put(offset)
+                    if status == 0:
+                        self.frames += 1
+                        frame._finish(payload)
+                    else:
+                        frame._finish(None, WriterError(payload.decode("utf-8", "replace")))
+                del buf[:pos]
         except EOFError:
-            if worker.outstanding:
-                self._fail(WriterError(f"encoder worker {worker.index} exited with "
-                                       f"{len(worker.outstanding)} frames in flight"))
+            if worker.outstanding or not self._closing:
+                self._fail(WriterError(f"encoder worker {worker.index} exited (code "
+                                       f"{worker.proc.poll()}) with {len(worker.outstanding)} "
+                                       "frames in flight"))
         except BaseException as e:
             self._fail(e)
 
@@ -315,6 +333,7 @@ class ProcessEncodePool:
                 self._free.put(offset)
 
     def shutdown(self) -> None:
+        self._closing = True
         for w in self._workers:
             with contextlib.suppress(OSError):
                 w.proc.stdin.close()
