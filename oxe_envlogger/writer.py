@@ -329,7 +329,10 @@ class DatasetWriter:
                 {k: dict(schema.step_leaves)[k].shape for k in schema.stat_keys},
                 seed=int(self.writer_id[:8], 16) + self._shard_seq)
         self._shard.write_chunks(chunks, length)
-        if opts.fsync:
+        # Once write() returns the episode survives a crash of this process (it is in the page
+        # cache); fsync makes it survive power loss too. Episodes queued behind this one share
+        # one fsync (group commit), so many short episodes do not wait on the disk each.
+        if opts.fsync and self._queue.empty():
             self._shard.sync()
         self._shard_episodes += 1
         self.episodes_written += 1
@@ -351,6 +354,8 @@ class DatasetWriter:
         shard, self._shard = self._shard, None
         with self.dir.lock():
             if shard is not None:
+                if self.options.fsync:
+                    shard.sync()
                 shard.close()
                 if self._shard_episodes:
                     committed = self.dir.commit_shard(shard.path, self._shard_episodes,
