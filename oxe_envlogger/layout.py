@@ -159,7 +159,8 @@ class WriterRegistration:
         self._fd = None
 
 
-def _writer_alive(directory: PathLike, writer_id: str) -> bool:
+def writer_alive(directory: PathLike, writer_id: str) -> bool:
+    """Whether the writer `writer_id` still holds its lock (a live process on this host)."""
     path = os.path.join(directory, INTERNAL, "writers", f"{writer_id}.lock")
     try:
         fd = os.open(path, os.O_RDWR)
@@ -461,7 +462,7 @@ def recover(directory: PathLike) -> dict:
             path = os.path.join(stage, fname)
             if not m:
                 continue
-            if _writer_alive(directory, m["writer"]):
+            if writer_alive(directory, m["writer"]):
                 continue
             dead_writers.add(m["writer"])
             count, end = record.valid_prefix(path)
@@ -510,7 +511,7 @@ def needs_recovery(directory: PathLike) -> bool:
         return False
     for fname in os.listdir(stage):
         m = re.match(r"^(?P<writer>[0-9a-f]+)-", fname)
-        if m and not _writer_alive(directory, m["writer"]):
+        if m and not writer_alive(directory, m["writer"]):
             return True
     return False
 

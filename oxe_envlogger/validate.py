@@ -235,7 +235,7 @@ def _leftovers(report: ValidationReport, directory: str, info: dict) -> None:
             m = re.match(r"^(?P<writer>[0-9a-f]+)-", entry)
             if not m:
                 continue
-            if layout._writer_alive(directory, m["writer"]):
+            if layout.writer_alive(directory, m["writer"]):
                 report.add("warning", "leftovers", f"{layout.INTERNAL}/staging/{entry}",
                            f"writer {m['writer']} is live; its episodes are not committed yet")
             else:

@@ -169,7 +169,7 @@ class DatasetWriter:
         os.makedirs(self.dir.path, exist_ok=True)
         with self.dir.lock():
             if overwrite:
-                if any(layout._writer_alive(self.dir.path, f[:-5]) for f in _writer_files(self.dir.path)):
+                if any(layout.writer_alive(self.dir.path, f[:-5]) for f in _writer_files(self.dir.path)):
                     raise WriterError(f"{self.dir.path}: cannot overwrite while another writer is live")
                 self.dir.remove_dataset()
         if layout.needs_recovery(self.dir.path):
