@@ -4,10 +4,12 @@ The fastest PNG encoder here (fpng) holds the GIL for the whole encode, so encod
 stall the env loop; encoding runs in worker processes instead. Frames travel through one shared
 memory ring (a file in /dev/shm, mapped by every worker): the control thread copies a frame into
 a free slot and writes a 30-byte job to a worker's stdin; the worker writes the encoded bytes
-back on its stdout, where a collector thread completes the frame's future and frees the slot.
+back on its stdout.
 When every slot is taken the control thread blocks (lossless) and the stall is counted.
 
-Workers are plain ``python -m oxe_envlogger._encode_worker`` subprocesses (not ``multiprocessing``,
+Results are read back in batches by whichever thread needs them (no collector thread, so
+nothing else competes with the env loop for the GIL). Workers are plain
+``python -m oxe_envlogger._encode_worker`` subprocesses (not ``multiprocessing``,
 which would re-import the user's ``__main__``); they exit when their stdin closes, so a killed
 logger does not leave them behind.
 """
@@ -21,6 +23,7 @@ import logging
 import mmap
 import os
 import queue
+import select
 import struct
 import subprocess
 import sys
@@ -63,42 +66,29 @@ class Stalls:
 
 
 class EncodedFrame:
-    """A frame being encoded; ``result()`` waits for its bytes. Lighter than a Future (no lock
-    per frame): completion is signalled on the pool's one condition variable."""
+    """A frame being encoded; ``result()`` waits for its bytes. Lighter than a Future: no lock
+    per frame; the pool that encodes it says how to wait."""
 
-    __slots__ = ("_done", "data", "error")
+    __slots__ = ("_pool", "data", "error")
 
-    def __init__(self, done: threading.Condition):
-        self._done = done
+    def __init__(self, pool: Any):
+        self._pool = pool
         self.data: bytes | None = None
         self.error: BaseException | None = None
 
-    def result(self, timeout: float | None = None) -> bytes:
+    def result(self) -> bytes:
         if self.data is None and self.error is None:
-            deadline = None if timeout is None else time.monotonic() + timeout
-            with self._done:
-                while self.data is None and self.error is None:
-                    if deadline is not None and time.monotonic() > deadline:
-                        raise TimeoutError("image encoding timed out")
-                    self._done.wait(1.0)
+            self._pool.wait(self)
         if self.error is not None:
             raise self.error
         return self.data
 
-    def _finish(self, data: bytes | None, error: BaseException | None = None) -> None:
-        self.data, self.error = data, error
-        with self._done:
-            self._done.notify_all()
-
 
 def done_frame(data: bytes) -> EncodedFrame:
     """An already encoded frame."""
-    frame = EncodedFrame(_DONE)
+    frame = EncodedFrame(None)
     frame.data = data
     return frame
-
-
-_DONE = threading.Condition()
 
 
 class ThreadEncodePool:
@@ -134,11 +124,18 @@ class ThreadEncodePool:
                 data = codecs.encode_raw(pixels, shape, codec)
                 self.encode_seconds += time.perf_counter() - t0
                 self.frames += 1
-                frame._finish(data)
+                frame.data = data
             except BaseException as e:  # delivered to the writer through the frame
-                frame._finish(None, e)
+                frame.error = e
             finally:
                 self._slots.release()
+                with self._done:
+                    self._done.notify_all()
+
+    def wait(self, frame: EncodedFrame) -> None:
+        with self._done:
+            while frame.data is None and frame.error is None:
+                self._done.wait(1.0)
 
     def submit(self, image: np.ndarray, codec: ImageCodec) -> EncodedFrame:
         """Starts encoding a uint8 (H, W, C) frame (copied now); returns it."""
@@ -149,7 +146,7 @@ class ThreadEncodePool:
             t0 = time.perf_counter()
             self._slots.acquire()
             self.stalls.add(time.perf_counter() - t0)
-        frame = EncodedFrame(self._done)
+        frame = EncodedFrame(self)
         self._queue.put((pixels, image.shape, codec, frame))
         return frame
 
@@ -168,30 +165,33 @@ class _Worker:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "oxe_envlogger._encode_worker", shm_path, str(size)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, bufsize=0)
-        # Room for several encoded frames in the pipe, so a worker rarely waits for the
-        # collector thread (which needs the GIL) before taking the next frame.
+        # Room for many encoded frames in the pipe: results are read in batches.
         for pipe in (self.proc.stdout, self.proc.stdin):
             with contextlib.suppress(OSError):
                 fcntl.fcntl(pipe.fileno(), _F_SETPIPE_SZ, _PIPE_BYTES)
+        self.fd = self.proc.stdout.fileno()
         self.index = index
         self.outstanding: dict[int, tuple[EncodedFrame, int]] = {}
-        self.lock = threading.Lock()
-        self.dead = False
+        self.buffer = bytearray()
+        self.eof = False
 
     def read_exact(self, n: int) -> bytes:
-        buf = bytearray(n)
-        view = memoryview(buf)
-        got = 0
-        while got < n:
-            k = self.proc.stdout.readinto(view[got:])
-            if not k:
+        """Blocking read of ``n`` bytes (only at start, before the fd turns non-blocking)."""
+        buf = bytearray()
+        while len(buf) < n:
+            chunk = os.read(self.fd, n - len(buf))
+            if not chunk:
                 raise EOFError("encoder worker exited")
-            got += k
+            buf += chunk
         return bytes(buf)
 
 
 class ProcessEncodePool:
     """Encoder worker processes fed through a shared-memory ring of frame slots.
+
+    There is no collector thread: results are drained from the workers' pipes by whichever
+    thread needs them (the control thread, without blocking, when it submits a frame; the
+    writer thread when it waits for a frame), so no extra thread competes for the GIL.
 
     Args:
       workers: number of worker processes.
@@ -220,34 +220,31 @@ class ProcessEncodePool:
         finally:
             os.close(fd)
         self._ring = np.frombuffer(self._map, dtype=np.uint8)
-        self._free: queue.SimpleQueue = queue.SimpleQueue()
-        for i in range(slots):
-            self._free.put(i * self.slot_bytes)
+        self._free: list[int] = [i * self.slot_bytes for i in range(slots)]
         self._ids = itertools.count()
         self._next_worker = itertools.cycle(range(workers))
-        self._done = threading.Condition()
+        self._rx = threading.Lock()  # one drainer at a time
         self._error: BaseException | None = None
         self._closing = False
         self._workers: list[_Worker] = []
-        self._collectors: list[threading.Thread] = []
         try:
             for i in range(workers):
                 self._workers.append(_Worker(self._path, size, i))
             for w in self._workers:  # wait until each has mapped the ring
-                header = w.read_exact(_RESULT.size)
-                if _RESULT.unpack(header)[0] != -1:
+                if _RESULT.unpack(w.read_exact(_RESULT.size))[0] != -1:
                     raise OSError("encoder worker did not start")
+                os.set_blocking(w.fd, False)
         except BaseException:
             self.shutdown()
             raise
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._path)  # mapped by everyone; nothing to leak from now on
+        self._poll = select.poll()
         for w in self._workers:
-            t = threading.Thread(target=self._collect, args=(w,), name=f"oxe-encode-rx-{w.index}",
-                                 daemon=True)
-            t.start()
-            self._collectors.append(t)
+            self._poll.register(w.fd, select.POLLIN)
+
+    # -- control thread -------------------------------------------------------------------------
 
     def submit(self, image: np.ndarray, codec: ImageCodec) -> EncodedFrame:
         """Copies a uint8 (H, W, C) frame into the ring and hands it to a worker."""
@@ -256,25 +253,21 @@ class ProcessEncodePool:
         n = image.size
         if n > self.slot_bytes:
             raise ValueError(f"frame of {n} bytes exceeds the ring's slot of {self.slot_bytes}")
-        try:
-            offset = self._free.get_nowait()
-        except queue.Empty:
+        self._drain(0.0)
+        if not self._free:
             t0 = time.perf_counter()
-            while True:
-                try:
-                    offset = self._free.get(timeout=1.0)
-                    break
-                except queue.Empty:
-                    if self._error is not None:
-                        raise WriterError(f"image encoding failed: {self._error}") from None
+            while not self._free:
+                self._drain(0.05)
+                if self._error is not None:
+                    raise WriterError(f"image encoding failed: {self._error}") from self._error
             self.stalls.add(time.perf_counter() - t0)
+        offset = self._free.pop()
         self._ring[offset: offset + n].reshape(image.shape)[...] = image
-        frame = EncodedFrame(self._done)
+        frame = EncodedFrame(self)
         job = next(self._ids)
         worker = self._workers[next(self._next_worker)]
         h, w_, c = image.shape
-        with worker.lock:
-            worker.outstanding[job] = (frame, offset)
+        worker.outstanding[job] = (frame, offset)
         try:
             worker.proc.stdin.write(_JOB.pack(job, offset, h, w_, c, _FORMATS[codec.format],
                                               codec.quality))
@@ -283,69 +276,92 @@ class ProcessEncodePool:
             raise WriterError(f"image encoding failed: {e}") from e
         return frame
 
-    def _collect(self, worker: _Worker) -> None:
-        """Completes frames as results arrive. Reads whatever the pipe holds at once and
-        handles every whole result in it, so one wake-up (one GIL acquisition) serves many."""
-        fd = worker.proc.stdout.fileno()
-        buf = bytearray()
-        head = _RESULT.size
+    # -- any thread -------------------------------------------------------------------------------
+
+    def wait(self, frame: EncodedFrame) -> None:
+        """Drains results until ``frame`` is done (or the pool failed)."""
+        while frame.data is None and frame.error is None:
+            self._drain(0.05)
+
+    def _drain(self, timeout: float) -> None:
+        """Reads whatever results are waiting (waiting up to ``timeout`` seconds for some) and
+        completes their frames. Another thread draining already does the work for this one."""
+        locked = self._rx.acquire(timeout=timeout) if timeout > 0 else self._rx.acquire(False)
+        if not locked:
+            return
         try:
-            while True:
-                chunk = os.read(fd, _PIPE_BYTES)
-                if not chunk:
-                    raise EOFError
-                buf += chunk
-                pos = 0
-                while len(buf) - pos >= head:
-                    job, status, length = _RESULT.unpack_from(buf, pos)
-                    end = pos + head + length
-                    if end > len(buf):
+            if timeout > 0:
+                self._poll.poll(timeout * 1000)
+            for w in self._workers:
+                if w.eof:
+                    continue
+                while True:
+                    try:
+                        chunk = os.read(w.fd, _PIPE_BYTES)
+                    except BlockingIOError:
                         break
-                    payload = bytes(buf[pos + head: end])
-                    pos = end
-                    with worker.lock:
-                        frame, offset = worker.outstanding.pop(job)
-                    self._free.put(offset)
-                    if status == 0:
-                        self.frames += 1
-                        frame._finish(payload)
-                    else:
-                        frame._finish(None, WriterError(payload.decode("utf-8", "replace")))
-                del buf[:pos]
-        except EOFError:
-            if worker.outstanding or not self._closing:
-                self._fail(WriterError(f"encoder worker {worker.index} exited (code "
-                                       f"{worker.proc.poll()}) with {len(worker.outstanding)} "
-                                       "frames in flight"))
-        except BaseException as e:
-            self._fail(e)
+                    if not chunk:
+                        w.eof = True
+                        self._poll.unregister(w.fd)
+                        if w.outstanding or not self._closing:
+                            self._fail(WriterError(
+                                f"encoder worker {w.index} exited (code {w.proc.poll()}) "
+                                f"with {len(w.outstanding)} frames in flight"))
+                        break
+                    w.buffer += chunk
+                    self._parse(w)
+                    if len(chunk) < _PIPE_BYTES:
+                        break
+        finally:
+            self._rx.release()
+
+    def _parse(self, w: _Worker) -> None:
+        buf, head, pos = w.buffer, _RESULT.size, 0
+        while len(buf) - pos >= head:
+            job, status, length = _RESULT.unpack_from(buf, pos)
+            end = pos + head + length
+            if end > len(buf):
+                break
+            payload = bytes(buf[pos + head: end])
+            pos = end
+            entry = w.outstanding.pop(job, None)
+            if entry is None:
+                continue
+            frame, offset = entry
+            self._free.append(offset)
+            if status == 0:
+                self.frames += 1
+                frame.data = payload
+            else:
+                frame.error = WriterError(payload.decode("utf-8", "replace"))
+        del buf[:pos]
 
     def _fail(self, error: BaseException) -> None:
         if self._error is None:
             self._error = error
             log.error("image encoding failed: %s", error)
         for w in self._workers:
-            with w.lock:
-                pending, w.outstanding = w.outstanding, {}
+            pending, w.outstanding = w.outstanding, {}
             for frame, offset in pending.values():
                 if frame.data is None and frame.error is None:
-                    frame._finish(None, WriterError(f"image encoding failed: {error}"))
-                self._free.put(offset)
+                    frame.error = WriterError(f"image encoding failed: {error}")
+                self._free.append(offset)
 
     def shutdown(self) -> None:
         self._closing = True
         for w in self._workers:
             with contextlib.suppress(OSError):
                 w.proc.stdin.close()
-        for t in self._collectors:  # each ends when its worker closes stdout (it is exiting)
-            t.join(timeout=60)
+        deadline = time.monotonic() + 60
+        for w in self._workers:  # collect what is still in flight, then let them exit
+            while w.outstanding and not w.eof and time.monotonic() < deadline:
+                self._drain(0.05)
         for w in self._workers:
             try:
                 w.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 w.proc.kill()
         self._workers = []
-        self._collectors = []
 
 
 def make_pool(processes: int | None, max_pending: int, slot_bytes: int,
