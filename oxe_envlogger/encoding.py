@@ -221,6 +221,7 @@ class ProcessEncodePool:
             os.close(fd)
         self._ring = np.frombuffer(self._map, dtype=np.uint8)
         self._free: list[int] = [i * self.slot_bytes for i in range(slots)]
+        self._low_water = max(2, slots // 2)
         self._ids = itertools.count()
         self._next_worker = itertools.cycle(range(workers))
         self._rx = threading.Lock()  # one drainer at a time
@@ -253,7 +254,8 @@ class ProcessEncodePool:
         n = image.size
         if n > self.slot_bytes:
             raise ValueError(f"frame of {n} bytes exceeds the ring's slot of {self.slot_bytes}")
-        self._drain(0.0)
+        if len(self._free) < self._low_water:
+            self._drain(0.0)  # free the slots of finished frames (cheap, but not free: syscalls)
         if not self._free:
             t0 = time.perf_counter()
             while not self._free:
