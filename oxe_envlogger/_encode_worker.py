@@ -31,7 +31,8 @@ def main(path: str, size: int) -> int:
     while True:
         header = stdin.read(_JOB.size)
         if len(header) < _JOB.size:
-            return 0  # the logger closed (or died): exit
+            out.flush()
+            os._exit(0)  # the logger closed (or died): exit now, skipping interpreter teardown
         job, offset, h, w, c, fmt, quality = _JOB.unpack(header)
         try:
             codec = codec_cache.get((fmt, quality))

@@ -358,12 +358,18 @@ class ProcessEncodePool:
         for w in self._workers:  # collect what is still in flight, then let them exit
             while w.outstanding and not w.eof and time.monotonic() < deadline:
                 self._drain(0.05)
-        for w in self._workers:
-            try:
-                w.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                w.proc.kill()
+        for w in self._workers:  # they exit by themselves now; reap them off this thread
+            if w.proc.poll() is None:
+                threading.Thread(target=_reap, args=(w.proc,), daemon=True).start()
         self._workers = []
+
+
+def _reap(proc: subprocess.Popen) -> None:
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def make_pool(processes: int | None, max_pending: int, slot_bytes: int,
