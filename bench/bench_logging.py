@@ -138,6 +138,8 @@ def make_envlogger_peer(gym_env, directory: str):
 
         def observation_spec(self):
             space = self.env.observation_space
+            if isinstance(space, gym.spaces.Dict):
+                return {k: dm_specs.Array(v.shape, v.dtype, k) for k, v in space.spaces.items()}
             return dm_specs.Array(space.shape, space.dtype, "observation")
 
         def action_spec(self):
@@ -145,9 +147,17 @@ def make_envlogger_peer(gym_env, directory: str):
             return dm_specs.BoundedArray(space.shape, space.dtype, space.low, space.high, "action")
 
     obs_space, act_space = gym_env.observation_space, gym_env.action_space
+
+    def feature(space):  # as the original oxe_envlogger mapped spaces
+        if isinstance(space, gym.spaces.Dict):
+            return tfds.features.FeaturesDict({k: feature(v) for k, v in space.spaces.items()})
+        if space.dtype == np.uint8 and len(space.shape) == 3:
+            return tfds.features.Image(shape=space.shape)
+        return tfds.features.Tensor(shape=space.shape, dtype=space.dtype)
+
     config = tfds.rlds.rlds_base.DatasetConfig(
         name="peer",
-        observation_info=tfds.features.Tensor(shape=obs_space.shape, dtype=obs_space.dtype),
+        observation_info=feature(obs_space),
         action_info=tfds.features.Tensor(shape=act_space.shape, dtype=act_space.dtype),
         reward_info=np.float64, discount_info=np.float64)
     os.makedirs(directory, exist_ok=True)
@@ -234,6 +244,34 @@ def bench_w1(reps: int, episodes: int, steps: int, with_peer: bool) -> dict:
             "speedup_vs_envlogger12": _median_ratio(peer, ours, 2),
         })
     return out
+
+
+def bench_w2_peer(reps: int, episodes: int, steps: int) -> dict:
+    """W2 through envlogger 1.2's TFDS writer (PNG, encoded by TensorFlow in the env loop)."""
+
+    def make_raw():
+        return gym.make(oxe_envlogger.envs.ENV_ID, max_episode_steps=steps)
+
+    raw, peer = [], []
+    for _ in range(reps):
+        tmp = tempfile.mkdtemp(prefix="w2peer_")
+        try:
+            raw.append(timed(make_raw, episodes, 0))
+            peer.append(timed(lambda tmp=tmp: make_envlogger_peer(make_raw(), os.path.join(tmp, "p")),
+                              episodes, 0))
+            nbytes = dir_bytes(os.path.join(tmp, "p"))
+        finally:
+            gc.collect()
+            shutil.rmtree(tmp, ignore_errors=True)
+    peer_s = statistics.median(x["wall_s"] for x in peer)
+    return {
+        "bench": "W2 camera logging through envlogger 1.2's TFDS writer (png)",
+        "reps": reps,
+        "overhead": _median_ratio(peer, raw),
+        "steps_per_s": round(peer[0]["steps"] / peer_s),
+        "bytes_on_disk": nbytes,
+        "longest_call_ms": round(max(x["longest_call_s"] for x in peer) * 1e3, 2),
+    }
 
 
 def bench_w2(reps: int, episodes: int, steps: int, codec: str) -> dict:
@@ -340,7 +378,9 @@ def main() -> int:
     parser.add_argument("--w1_steps", type=int, default=1000)
     parser.add_argument("--w2_episodes", type=int, default=10)
     parser.add_argument("--w2_steps", type=int, default=200)
-    parser.add_argument("--no_peer", action="store_true", help="skip envlogger 1.2 on W1")
+    parser.add_argument("--no_peer", action="store_true", help="skip envlogger 1.2")
+    parser.add_argument("--w2_peer_reps", type=int, default=1,
+                        help="repetitions of W2 through envlogger 1.2 (slow: ~1 min each)")
     args = parser.parse_args()
     todo = args.workloads.split(",")
     if "w1" in todo:
@@ -349,6 +389,9 @@ def main() -> int:
     if "w2" in todo:
         for codec in ("png", "jpeg"):
             print(json.dumps(bench_w2(args.reps, args.w2_episodes, args.w2_steps, codec)),
+                  flush=True)
+        if not args.no_peer and args.w2_peer_reps > 0:
+            print(json.dumps(bench_w2_peer(args.w2_peer_reps, args.w2_episodes, args.w2_steps)),
                   flush=True)
     if "codecs" in todo:
         print(json.dumps(bench_codecs()), flush=True)
