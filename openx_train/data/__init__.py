@@ -1,0 +1,70 @@
+"""The training input pipeline: RLDS datasets on disk to numpy batches for JAX.
+
+Functional pieces, each usable alone (tf.data in, tf.data out)::
+
+    episodes = load_dataset(path, "train")                        # episodes, images encoded
+    stats = compute_dataset_statistics(path)                      # stored, cached or computed
+    episodes = standardize_dataset(episodes, structure=..., statistics=stats, n_obs=2, n_action=4)
+    frames = flatten_dataset(episodes)                            # one element per frame
+
+and the loader that mixes datasets into batches (shuffling indices, reading images after the
+shuffle)::
+
+    loader = make_dataloader([DatasetConfig(path, structure)], LoaderConfig(batch_size=256))
+    for batch in loader: ...
+"""
+
+from openx_train.data.config import (
+    AugmentConfig,
+    Camera,
+    DatasetConfig,
+    LoaderConfig,
+    Normalization,
+    Structure,
+)
+from openx_train.data.errors import (
+    ConfigError,
+    DataPipelineError,
+    DatasetFormatError,
+    MissingKeyError,
+)
+from openx_train.data.loader import DataLoader, make_dataloader
+from openx_train.data.loading import load_dataset
+from openx_train.data.mixture import (
+    load_mixture_weights,
+    resolve_mixture_weights,
+    save_mixture_weights,
+)
+from openx_train.data.ops import normalize, unnormalize
+from openx_train.data.standardize import flatten_dataset, standardize_dataset
+from openx_train.data.statistics import (
+    DatasetStatistics,
+    KeyStatistics,
+    compute_dataset_statistics,
+)
+
+__all__ = [
+    "AugmentConfig",
+    "Camera",
+    "ConfigError",
+    "DataLoader",
+    "DataPipelineError",
+    "DatasetConfig",
+    "DatasetFormatError",
+    "DatasetStatistics",
+    "KeyStatistics",
+    "LoaderConfig",
+    "MissingKeyError",
+    "Normalization",
+    "Structure",
+    "compute_dataset_statistics",
+    "flatten_dataset",
+    "load_dataset",
+    "load_mixture_weights",
+    "make_dataloader",
+    "normalize",
+    "resolve_mixture_weights",
+    "save_mixture_weights",
+    "standardize_dataset",
+    "unnormalize",
+]

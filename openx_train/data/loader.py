@@ -1,0 +1,549 @@
+"""``make_dataloader``: several datasets mixed into training (or validation) batches.
+
+How it stays fast and small:
+
+* Each dataset is read once (``load_dataset`` without images, ``select_structure`` normalizes
+  state and action) into a **step table** held in memory: per step the state, action and
+  language, and per camera a byte-range reference to the encoded image in its shard (see
+  :mod:`openx_train.data.image_index`), never the image itself.
+* The shuffle is an **index permutation**: frame ``p`` of a dataset's epoch ``e`` is
+  ``RandomIndexShuffle(p, seed=(seed, dataset, e))``, a stateless bijection; it holds nothing,
+  covers the whole dataset, and gives each process of a multi-host run a disjoint share.
+* A whole batch is gathered at once (``ops.gather_frames``: windows, chunks, masks, goals) from
+  the step table, so a state-only batch costs a few vectorized ops. With cameras, the batch's
+  image bytes are read by ``pread`` after the shuffle, and each sample is decoded, cropped,
+  resized and colour-jittered in parallel (one crop for the whole history window and the goal).
+* Every random draw is stateless, seeded by ``(seed, batch number)``; with
+  ``deterministic=True`` the same seed gives the same batches.
+
+Batches are numpy trees (see :func:`make_dataloader`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from openx_train.data import ops
+from openx_train.data.cache import read_dataset_info
+from openx_train.data.config import DatasetConfig, LoaderConfig
+from openx_train.data.errors import ConfigError, DatasetFormatError
+from openx_train.data.image_index import RangeReader, build_image_index
+from openx_train.data.loading import load_dataset, step_leaves
+from openx_train.data.mixture import resolve_mixture_weights
+from openx_train.data.standardize import ResolvedStructure, resolve_structure, select_structure
+from openx_train.data.statistics import DatasetStatistics, compute_dataset_statistics
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "validation")
+_HOLDOUT_SALT = b"openx_train.validation"
+
+
+@dataclasses.dataclass(frozen=True)
+class StepTable:
+    """Every step of one dataset's episodes (those of this loader's split), in episode order.
+
+    Attributes:
+      name: the dataset's name.
+      resolved: its structure checked against its keys.
+      statistics: the statistics it was normalized with (None when nothing is normalized).
+      state: float32 ``[S, D]`` normalized state, or None.
+      action: float32 ``[S, A]`` normalized action.
+      language: ``[S]`` bytes, or None.
+      images: camera name to int64 ``[S, 3]`` references ``(file id, offset, length)``.
+      files: the shard files the references point into.
+      episode_start: int64 ``[S]``: the row of each step's episode's first step.
+      episode_length: int64 ``[S]``: RLDS steps of each step's episode.
+      episode_index: int64 ``[S]``: each step's episode index in its split.
+      frames: int64 ``[F]``: the rows that are training frames.
+      num_episodes: episodes in the table.
+    """
+
+    name: str
+    resolved: ResolvedStructure
+    statistics: DatasetStatistics | None
+    state: np.ndarray | None
+    action: np.ndarray
+    language: np.ndarray | None
+    images: Mapping[str, np.ndarray]
+    files: tuple[str, ...]
+    episode_start: np.ndarray
+    episode_length: np.ndarray
+    episode_index: np.ndarray
+    frames: np.ndarray
+    num_episodes: int
+
+
+def dataset_name(cfg: DatasetConfig) -> str:
+    return cfg.name or str(read_dataset_info(cfg.path).get("name") or os.path.basename(cfg.path))
+
+
+def _held_out(ids: Sequence[bytes], fraction: float, seed: int) -> np.ndarray:
+    """Which episodes are validation: a hash of (seed, episode id) below ``fraction``; stable
+    when episodes are appended or reordered; at least one episode when ``fraction > 0``."""
+    if fraction <= 0 or not len(ids):
+        return np.zeros(len(ids), bool)
+    u = np.array([int.from_bytes(hashlib.blake2b(
+        _HOLDOUT_SALT + str(seed).encode() + b":" + i, digest_size=8).digest(), "little")
+        / 2.0**64 for i in ids])
+    held = u < fraction
+    if not held.any():
+        held[np.argmin(u)] = True
+    return held
+
+
+def _source_split(cfg: DatasetConfig, split: str, name: str) -> str:
+    if split == "train" or cfg.val_split is None:
+        if split == "validation" and not cfg.val_fraction:
+            raise ConfigError(f"dataset {name!r}: no validation data; give "
+                              "DatasetConfig(val_split=...) or val_fraction")
+        return cfg.split
+    return cfg.val_split
+
+
+def build_step_table(cfg: DatasetConfig, config: LoaderConfig, *, split: str = "train",
+                     name: str | None = None) -> StepTable:
+    """Reads one dataset's (non-image) steps and image references into a :class:`StepTable`.
+
+    Raises:
+      ConfigError, MissingKeyError: when the structure does not fit the dataset.
+      DatasetFormatError: when the dataset cannot be read or its image index does not match.
+    """
+    name = name or dataset_name(cfg)
+    resolved = resolve_structure(cfg.structure, step_leaves(cfg.path))
+    statistics = cfg.statistics
+    norm_keys = cfg.structure.normalized_keys()
+    if statistics is None and norm_keys:
+        statistics = compute_dataset_statistics(cfg.path, split=cfg.split, keys=norm_keys)
+    missing = [k for k in norm_keys if k not in statistics]
+    if missing:
+        raise ConfigError(f"dataset {name!r}: statistics lack the normalized keys {missing}")
+    source = _source_split(cfg, split, name)
+    min_length = max(cfg.min_length, 2 if config.drop_final_step else 1)
+    episodes = load_dataset(cfg.path, source, keys=resolved.load_keys(images=False),
+                            filters=cfg.filters, min_length=min_length,
+                            drop_invalid=cfg.drop_invalid, deterministic=False)
+    no_images = dataclasses.replace(resolved, cameras=())
+
+    def select(episode):
+        table = select_structure(episode["steps"], no_images, statistics=statistics)
+        out = {"episode_index": episode["episode_index"],
+               "episode_length": episode["episode_length"],
+               "episode_id": (episode["episode_id"] if "episode_id" in episode
+                              else tf.strings.as_string(episode["episode_index"])),
+               "action": table["action"]}
+        if table["state"] is not None:
+            out["state"] = table["state"]
+        if table["language"] is not None:
+            out["language"] = table["language"]
+        return out
+
+    rows = list(episodes.map(select, num_parallel_calls=tf.data.AUTOTUNE,
+                             deterministic=False).as_numpy_iterator())
+    rows.sort(key=lambda r: int(r["episode_index"]))
+    if cfg.val_fraction:
+        held = _held_out([r["episode_id"] for r in rows], cfg.val_fraction, config.seed)
+        keep = held if split == "validation" else ~held
+        rows = [r for r, k in zip(rows, keep) if k]
+    if not rows:
+        raise ConfigError(f"dataset {name!r}: no episodes left in split {source!r} after "
+                          f"filters and min_length={min_length}")
+    lengths = np.array([int(r["episode_length"]) for r in rows], np.int64)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    per_step = np.repeat(np.arange(len(rows)), lengths)
+    t = np.arange(int(lengths.sum())) - starts[per_step]
+    last_frame = lengths - 1 if config.drop_final_step else lengths
+    frames = np.flatnonzero(t < last_frame[per_step]).astype(np.int64)
+
+    images: dict[str, np.ndarray] = {}
+    files: tuple[str, ...] = ()
+    cams = [c for c in resolved.cameras if c.key is not None]
+    if cams:
+        index = build_image_index(cfg.path, source, [c.key for c in cams])
+        files = index.files
+        for cam in cams:
+            parts = []
+            for r in rows:
+                ep = int(r["episode_index"])
+                if ep >= len(index.episode_length) or \
+                        index.episode_length[ep] != int(r["episode_length"]):
+                    raise DatasetFormatError(
+                        f"dataset {name!r}: the image index of episode {ep} does not match its "
+                        "records (the dataset changed while loading?)")
+                parts.append(index.refs(cam.key, ep))
+            images[cam.name] = np.concatenate(parts)
+    for cam in resolved.cameras:
+        if cam.key is None:
+            images[cam.name] = np.zeros((len(per_step), 3), np.int64)
+    return StepTable(
+        name=name, resolved=resolved, statistics=statistics,
+        state=np.concatenate([r["state"] for r in rows]) if resolved.state else None,
+        action=np.concatenate([r["action"] for r in rows]),
+        language=np.concatenate([r["language"] for r in rows]) if resolved.language else None,
+        images=images, files=files, episode_start=starts[per_step],
+        episode_length=lengths[per_step],
+        episode_index=np.repeat([int(r["episode_index"]) for r in rows], lengths).astype(np.int64),
+        frames=frames, num_episodes=len(rows))
+
+
+def _check_compatible(tables: Sequence[StepTable]) -> None:
+    first = tables[0]
+
+    def sig(t: StepTable):
+        return {"state dim": t.resolved.state_dim, "action dim": t.resolved.action_dim,
+                "cameras": {c.name: c.size for c in t.resolved.cameras}}
+
+    for t in tables[1:]:
+        a, b = sig(first), sig(t)
+        for k in a:
+            if a[k] != b[k]:
+                raise ConfigError(f"datasets {first.name!r} and {t.name!r} cannot share batches: "
+                                  f"{k} {a[k]} vs {b[k]}")
+
+
+class DataLoader:
+    """An iterable of numpy batches, with what the trainer needs to know about them.
+
+    Attributes:
+      dataset: the underlying ``tf.data.Dataset`` of batches (tensors).
+      split: ``"train"`` (endless) or ``"validation"`` (one pass).
+      names: dataset names, indexed by ``dataset_id``.
+      weights: sampling probability of each dataset (training).
+      num_frames: training frames of each dataset (this split, before the process shard).
+      num_episodes: episodes of each dataset (this split).
+      statistics: per dataset name, the statistics its state and action were normalized with
+        (use ``ops.unnormalize`` to turn predicted actions back).
+      config: the loader options.
+    """
+
+    def __init__(self, dataset: tf.data.Dataset, *, split: str, tables: Sequence[StepTable],
+                 weights: np.ndarray, config: LoaderConfig, num_batches: int | None):
+        self.dataset = dataset
+        self.split = split
+        self.names = tuple(t.name for t in tables)
+        self.weights = weights
+        self.num_frames = tuple(len(t.frames) for t in tables)
+        self.num_episodes = tuple(t.num_episodes for t in tables)
+        self.statistics = {t.name: t.statistics for t in tables}
+        self.structures = {t.name: t.resolved.structure for t in tables}
+        self.config = config
+        self._num_batches = num_batches
+
+    @property
+    def element_spec(self) -> Any:
+        return self.dataset.element_spec
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return self.dataset.as_numpy_iterator()
+
+    def __len__(self) -> int:
+        if self._num_batches is None:
+            raise TypeError("a training DataLoader never ends; it has no length")
+        return self._num_batches
+
+
+def _concat_tables(tables: Sequence[StepTable]) -> tuple[dict[str, Any], list[str], np.ndarray,
+                                                         np.ndarray]:
+    """Stacks the tables into one (global rows and file ids); returns the TF table, the files,
+    the frame rows of all datasets and each dataset's first position among them."""
+    row_base = np.concatenate([[0], np.cumsum([len(t.action) for t in tables])[:-1]]).astype(
+        np.int64)
+    files: list[str] = []
+    file_base = []
+    for t in tables:
+        file_base.append(len(files))
+        files.extend(t.files)
+    table: dict[str, Any] = {
+        "action": tf.constant(np.concatenate([t.action for t in tables]), tf.float32),
+        "episode_start": tf.constant(np.concatenate(
+            [t.episode_start + b for t, b in zip(tables, row_base)])),
+        "episode_length": tf.constant(np.concatenate([t.episode_length for t in tables])),
+        "episode_index": tf.constant(np.concatenate([t.episode_index for t in tables])),
+        "state": None, "language": None, "images": {},
+    }
+    if tables[0].state is not None:
+        table["state"] = tf.constant(np.concatenate([t.state for t in tables]), tf.float32)
+    if any(t.language is not None for t in tables):
+        table["language"] = tf.constant(np.concatenate(
+            [t.language if t.language is not None else np.full(len(t.action), b"", object)
+             for t in tables]), tf.string)
+    for cam in tables[0].resolved.cameras:
+        refs = []
+        for t, fb in zip(tables, file_base):
+            r = t.images[cam.name].copy()
+            r[:, 0] += fb
+            refs.append(r)
+        table["images"][cam.name] = tf.constant(np.concatenate(refs), tf.int64)
+    frames = np.concatenate([t.frames + b for t, b in zip(tables, row_base)]).astype(np.int64)
+    frame_base = np.concatenate([[0], np.cumsum([len(t.frames) for t in tables])[:-1]]).astype(
+        np.int64)
+    return table, files, frames, frame_base
+
+
+def _train_indices(config: LoaderConfig, weights: np.ndarray, frames: np.ndarray,
+                   frame_base: np.ndarray, counts: np.ndarray) -> tf.data.Dataset:
+    """Endless ``(batch number, dataset ids [B], rows [B])``: datasets drawn by weight, frames
+    in a fresh permutation of each dataset per epoch, this process's share only."""
+    k = len(weights)
+    b_size = config.batch_size
+    logits = tf.constant(np.log(np.maximum(weights, 1e-30))[None] +
+                         np.where(weights > 0, 0.0, -np.inf)[None], tf.float32)
+    frames_t = tf.constant(frames)
+    base_t = tf.constant(frame_base)
+    counts_t = tf.constant(np.maximum(counts, 1).astype(np.int64))
+    seed = tf.constant([config.seed, 0x5EED], tf.int64)
+    shard_count = tf.constant(config.process_count, tf.int64)
+    shard_index = tf.constant(config.process_index, tf.int64)
+
+    def draw(counters, b):
+        s = tf.random.experimental.stateless_fold_in(seed, b)
+        ids = tf.random.stateless_categorical(logits, b_size, s, dtype=tf.int32)[0]
+        onehot = tf.one_hot(ids, k, dtype=tf.int64)
+        before = tf.reduce_sum(tf.cumsum(onehot, axis=0, exclusive=True) * onehot, axis=1)
+        position = tf.gather(counters, ids) + before
+        q = position * shard_count + shard_index
+        n = tf.gather(counts_t, ids)
+        epoch, r = q // n, q % n
+        perm = ops.permute_indices(r, n, seed=config.seed, stream=ids, epoch=epoch)
+        rows = tf.gather(frames_t, tf.gather(base_t, ids) + perm)
+        return counters + tf.reduce_sum(onehot, axis=0), (b, ids, rows)
+
+    return tf.data.Dataset.counter().scan(tf.zeros([k], tf.int64), draw)
+
+
+def _validation_indices(config: LoaderConfig, frames: np.ndarray, frame_base: np.ndarray,
+                        counts: np.ndarray) -> tuple[tf.data.Dataset, int]:
+    ids = np.repeat(np.arange(len(counts), dtype=np.int32), counts)
+    mine = slice(config.process_index, None, config.process_count)
+    ids, rows = ids[mine], frames[mine]
+    n = len(rows)
+    num_batches = n // config.batch_size if config.drop_remainder else -(-n // config.batch_size)
+    ds = tf.data.Dataset.from_tensor_slices((ids, rows)).batch(
+        config.batch_size, drop_remainder=config.drop_remainder).enumerate()
+    return ds.map(lambda b, x: (b, x[0], x[1])), num_batches
+
+
+def make_dataloader(
+    datasets: DatasetConfig | Sequence[DatasetConfig],
+    config: LoaderConfig | None = None,
+    *,
+    split: str = "train",
+) -> DataLoader:
+    """Mixed, shuffled, decoded, augmented batches of one or more datasets.
+
+    Each batch (numpy) is::
+
+        {"observation": {"state": float32 [B, n_obs, D],            # when the structure has state
+                         <camera>: uint8 [B, n_obs, h, w, 3],        # one per camera
+                         "pad_mask": bool [B, n_obs],                # False: before the episode start
+                         "pad_mask_dict": {"state"|<camera>: bool [B, n_obs]}},  # also False for a
+                                                                     # camera the dataset lacks
+         "action": float32 [B, n_action, A],
+         "action_pad_mask": bool [B, n_action],                      # False: past the episode end
+         "language_instruction": bytes [B],                          # when any dataset has language
+         "goal": {"state": [B, D], <camera>: [B, h, w, 3]},          # with goal_relabeling
+         "goal_step_index": int32 [B],                               # with goal_relabeling
+         "dataset_id": int32 [B],                                    # index into DataLoader.names
+         "episode_index": int64 [B], "step_index": int32 [B]}
+
+    Args:
+      datasets: the datasets to mix (names must be unique).
+      config: batching options (:class:`~openx_train.data.LoaderConfig`).
+      split: ``"train"``: an endless stream mixed by weight; ``"validation"``: one pass over
+        every dataset's validation frames, in order, without augmentation.
+
+    Returns:
+      A :class:`DataLoader`.
+
+    Raises:
+      ConfigError, MissingKeyError: for options or structures that do not fit the datasets.
+      DatasetFormatError: for a dataset that cannot be read.
+    """
+    config = config or LoaderConfig()
+    if split not in SPLITS:
+        raise ConfigError(f"make_dataloader split: expected one of {SPLITS}, given {split!r}")
+    if isinstance(datasets, DatasetConfig):
+        datasets = [datasets]
+    datasets = list(datasets)
+    if not datasets:
+        raise ConfigError("make_dataloader: expected at least one DatasetConfig, given none")
+    names = [dataset_name(d) for d in datasets]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(f"make_dataloader: dataset names {dupes} appear twice; give "
+                          "DatasetConfig(name=...) to tell them apart")
+    tables = [build_step_table(d, config, split=split, name=n) for d, n in zip(datasets, names)]
+    _check_compatible(tables)
+    counts = np.array([len(t.frames) for t in tables], np.int64)
+    weights = resolve_mixture_weights(config.weights, names, counts.tolist())
+    empty = [t.name for t, w, c in zip(tables, weights, counts) if w > 0 and c == 0]
+    if empty:
+        raise ConfigError(f"make_dataloader: datasets {empty} have weight but no frames")
+    table, files, frames, frame_base = _concat_tables(tables)
+    if split == "train":
+        indices = _train_indices(config, weights, frames, frame_base, counts)
+        num_batches = None
+    else:
+        indices, num_batches = _validation_indices(config, frames, frame_base, counts)
+    dataset = _batches(indices, table, files, tables, config, train=split == "train")
+    log.info("data loader (%s): %s", split, ", ".join(
+        f"{t.name}: {len(t.frames)} frames, weight {w:.3f}" for t, w in zip(tables, weights)))
+    return DataLoader(dataset, split=split, tables=tables, weights=weights, config=config,
+                      num_batches=num_batches)
+
+
+def _batches(indices: tf.data.Dataset, table: dict[str, Any], files: list[str],
+             tables: Sequence[StepTable], config: LoaderConfig, *, train: bool
+             ) -> tf.data.Dataset:
+    cameras = tables[0].resolved.cameras
+    present = {cam.name: tf.constant([any(c.name == cam.name and c.key is not None
+                                          for c in t.resolved.cameras) for t in tables])
+               for cam in cameras}
+    has_state = table["state"] is not None
+    seed = tf.constant([config.seed, 0xA06], tf.int64)
+    reader = RangeReader(files)
+    augment = config.augment if train else None
+
+    def gather(b, ids, rows):
+        s_goal, s_aug = tf.unstack(tf.random.experimental.stateless_split(
+            tf.random.experimental.stateless_fold_in(seed, b), 2))
+        n = tf.shape(rows)[0]
+        uniform = tf.random.stateless_uniform([n], s_goal) if config.goal_relabeling else None
+        out = ops.gather_frames(table, rows, tf.gather(table["episode_start"], rows),
+                                tf.gather(table["episode_length"], rows), n_obs=config.n_obs,
+                                n_action=config.n_action, goal_uniform=uniform,
+                                final_action_is_padding=config.drop_final_step)
+        obs = out["observation"]
+        mask_dict = {}
+        if has_state:
+            mask_dict["state"] = obs["pad_mask"]
+        for cam in cameras:
+            mask_dict[cam.name] = tf.logical_and(obs["pad_mask"],
+                                                 tf.gather(present[cam.name], ids)[:, None])
+        obs["pad_mask_dict"] = mask_dict
+        out["dataset_id"] = ids
+        out["episode_index"] = tf.gather(table["episode_index"], rows)
+        if cameras:
+            if augment is not None:
+                # Drawn for the whole batch at once: [B, cameras, ...].
+                seeds = tf.reshape(tf.random.experimental.stateless_split(
+                    s_aug, n * len(cameras)), [n, len(cameras), 2])
+                out["_augment"] = ops.sample_augmentation(seeds, augment)
+            _fetch_images(out, cameras, reader)
+        return out
+
+    par = tf.data.AUTOTUNE if config.num_parallel_calls == -1 else config.num_parallel_calls
+    ds = indices.map(gather, num_parallel_calls=tf.data.AUTOTUNE,
+                     deterministic=config.deterministic)
+    if cameras:
+        sources = _camera_sources(tables)
+        ds = ds.unbatch().map(
+            lambda x: _decode_sample(x, cameras, sources, augment, config),
+            num_parallel_calls=par, deterministic=config.deterministic)
+        ds = ds.batch(config.batch_size, drop_remainder=train or config.drop_remainder)
+    options = tf.data.Options()
+    options.deterministic = config.deterministic
+    options.experimental_optimization.map_parallelization = True
+    return ds.prefetch(config.prefetch).with_options(options)
+
+
+def _fetch_images(out: dict[str, Any], cameras, reader: RangeReader) -> None:
+    """Replaces every camera's references by the encoded bytes (one read call per batch)."""
+    refs = [out["observation"][c.name] for c in cameras]  # [B, n_obs, 3]
+    if "goal" in out:
+        refs += [out["goal"][c.name][:, None] for c in cameras]  # [B, 1, 3]
+    widths = [r.shape[1] for r in refs]
+    data = tf.numpy_function(reader, [tf.concat(refs, axis=1)], tf.string, stateful=False)
+    data.set_shape([None, sum(widths)])
+    parts = tf.split(data, widths, axis=1)
+    for c, part in zip(cameras, parts[: len(cameras)]):
+        out["observation"][c.name] = part
+    if "goal" in out:
+        for c, part in zip(cameras, parts[len(cameras):]):
+            out["goal"][c.name] = part[:, 0]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Source:
+    static_shape: tuple[int, ...] | None  # (H, W, C) when every dataset agrees and none is raw
+    raw_shapes: tf.Tensor | None  # int32 [K, 3]: (H, W, C) of raw images per dataset
+    raw: tf.Tensor | None  # bool [K]
+
+
+def _camera_sources(tables: Sequence[StepTable]) -> dict[str, _Source]:
+    out = {}
+    for i, cam in enumerate(tables[0].resolved.cameras):
+        srcs = [t.resolved.cameras[i] for t in tables]
+        shapes = {s.source_shape for s in srcs if s.key is not None}
+        any_raw = any(s.raw for s in srcs if s.key is not None)
+        static = next(iter(shapes)) if len(shapes) == 1 and not any_raw else None
+        if static is not None and static[-1] != 3:
+            static = None
+        raw_shapes = raw = None
+        if any_raw:
+            raw_shapes = tf.constant([s.source_shape if s.raw else (1, 1, 1) for s in srcs],
+                                     tf.int32)
+            raw = tf.constant([s.raw and s.key is not None for s in srcs])
+        out[cam.name] = _Source(static, raw_shapes, raw)
+    return out
+
+
+def _decode_window(frames: tf.Tensor, dataset_id: tf.Tensor, source: _Source) -> tf.Tensor:
+    """Encoded or raw frames ``[n]`` to uint8 ``[n, H, W, 3]``."""
+    n = frames.shape[0]
+
+    def encoded():
+        pixels = tf.stack([tf.io.decode_image(frames[i], channels=3, expand_animations=False)
+                           for i in range(n)])
+        if source.static_shape is not None:
+            pixels = tf.ensure_shape(pixels, [n, *source.static_shape])
+        return pixels
+
+    if source.raw is None:
+        return encoded()
+
+    def raw():
+        shape = source.raw_shapes[dataset_id]
+        pixels = tf.reshape(tf.io.decode_raw(frames, tf.uint8), tf.concat([[n], shape], 0))
+        return tf.cond(shape[2] == 1, lambda: tf.tile(pixels, [1, 1, 1, 3]),
+                       lambda: pixels[..., :3])
+
+    return tf.cond(source.raw[dataset_id], raw, encoded)
+
+
+def _decode_sample(x: dict[str, Any], cameras, sources: Mapping[str, _Source], augment,
+                   config: LoaderConfig) -> dict[str, Any]:
+    params = x.pop("_augment", None)
+    n_obs = config.n_obs
+    has_goal = "goal" in x
+    dtype = tf.uint8 if config.image_dtype == "uint8" else tf.float32
+    for i, cam in enumerate(cameras):
+        frames = x["observation"][cam.name]
+        if has_goal:
+            frames = tf.concat([frames, x["goal"][cam.name][None]], axis=0)
+        n = n_obs + int(has_goal)
+        cam_params = None if params is None else {k: v[i] for k, v in params.items()}
+
+        def process(frames=frames, source=sources[cam.name], cam=cam, cam_params=cam_params):
+            pixels = _decode_window(frames, x["dataset_id"], source)
+            return ops.preprocess_frames(pixels, cam.size, augment=augment, params=cam_params,
+                                         dtype=config.image_dtype)
+
+        def blank(cam=cam, n=n):
+            return tf.zeros([n, *cam.size, 3], dtype)
+
+        images = tf.cond(tf.reduce_any(x["observation"]["pad_mask_dict"][cam.name]),
+                         process, blank)
+        images = tf.ensure_shape(images, [n, *cam.size, 3])
+        x["observation"][cam.name] = images[:n_obs]
+        if has_goal:
+            x["goal"][cam.name] = images[n_obs]
+    return x

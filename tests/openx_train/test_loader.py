@@ -1,0 +1,228 @@
+"""make_dataloader end to end on datasets logged by our logger: every sample checked against the
+logged steps, epochs, determinism, process shards, validation, mixtures, cameras."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from openx_train.data import (
+    AugmentConfig,
+    Camera,
+    ConfigError,
+    DatasetConfig,
+    LoaderConfig,
+    Structure,
+    make_dataloader,
+    ops,
+    save_mixture_weights,
+)
+from oxe_envlogger import read_episodes
+from tests.openx_train.conftest import (
+    CAMERA_EPISODES,
+    CHEETAH_EPISODES,
+    CHEETAH_STEPS,
+    log_camera,
+    log_cheetah,
+)
+
+STATE = Structure(state=("observation",), action=("action",), action_normalization="bounds")
+FRAMES = CHEETAH_EPISODES * CHEETAH_STEPS
+
+
+def _take(loader, n):
+    it = iter(loader)
+    out = [next(it) for _ in range(n)]
+    del it
+    return out
+
+
+@pytest.fixture(scope="module")
+def cheetah_steps(cheetah_dir):
+    return [ep["steps"] for ep in read_episodes(cheetah_dir)]
+
+
+def test_state_batches_match_the_logged_steps(cheetah_dir, cheetah_steps):
+    config = LoaderConfig(batch_size=16, n_obs=2, n_action=3, goal_relabeling=True, seed=1)
+    loader = make_dataloader(DatasetConfig(cheetah_dir, STATE), config)
+    stats = loader.statistics["half_cheetah"]
+    assert loader.names == ("half_cheetah",) and loader.num_frames == (FRAMES,)
+    for batch in _take(loader, 6):
+        obs = batch["observation"]
+        assert obs["state"].shape == (16, 2, 17) and obs["state"].dtype == np.float32
+        assert batch["action"].shape == (16, 3, 6) and batch["dataset_id"].dtype == np.int32
+        state = ops.unnormalize(obs["state"], stats["observation"], "gaussian").numpy()
+        action = ops.unnormalize(batch["action"], stats["action"], "bounds").numpy()
+        goal = ops.unnormalize(batch["goal"]["state"], stats["observation"], "gaussian").numpy()
+        for i in range(16):
+            ep, t = int(batch["episode_index"][i]), int(batch["step_index"][i])
+            steps = cheetah_steps[ep]
+            last = len(steps["is_first"]) - 2  # the last frame; its successor is final
+            assert 0 <= t <= last
+            for k, dt in enumerate((-1, 0)):
+                np.testing.assert_allclose(state[i, k], steps["observation"][max(t + dt, 0)],
+                                           rtol=1e-5, atol=1e-5)
+                assert obs["pad_mask"][i, k] == (t + dt >= 0)
+            for k in range(3):
+                np.testing.assert_allclose(action[i, k], steps["action"][min(t + k, last)],
+                                           rtol=1e-5, atol=1e-5)
+                assert batch["action_pad_mask"][i, k] == (t + k <= last)
+            g = int(batch["goal_step_index"][i])
+            assert t < g <= last + 1
+            np.testing.assert_allclose(goal[i], steps["observation"][g], rtol=1e-5, atol=1e-5)
+        assert (batch["dataset_id"] == 0).all()
+        assert np.abs(batch["action"]).max() <= 1.0 + 1e-6  # bounds: within [-1, 1]
+
+
+def test_each_epoch_visits_every_frame_once_in_a_new_order(cheetah_dir):
+    loader = make_dataloader(DatasetConfig(cheetah_dir, STATE),
+                             LoaderConfig(batch_size=15, seed=2))
+    batches = _take(loader, 2 * FRAMES // 15)
+    keys = [(int(e), int(t)) for b in batches for e, t in zip(b["episode_index"],
+                                                              b["step_index"])]
+    first, second = keys[:FRAMES], keys[FRAMES:]
+    assert len(set(first)) == FRAMES and len(set(second)) == FRAMES
+    assert set(first) == set(second) and first != second
+    steps_in_batch = [int(t) for t in batches[0]["step_index"]]
+    assert steps_in_batch != sorted(steps_in_batch)
+
+
+def test_deterministic_given_a_seed(camera_dir):
+    structure = Structure(state=("observation/state",),
+                          images={"image_primary": Camera("observation/image", 24)})
+
+    def batches(seed):
+        config = LoaderConfig(batch_size=8, n_obs=2, seed=seed, deterministic=True,
+                              goal_relabeling=True, augment=AugmentConfig())
+        return _take(make_dataloader(DatasetConfig(camera_dir, structure), config), 3)
+
+    a, b, c = batches(5), batches(5), batches(6)
+    for x, y in zip(a, b):
+        tf.nest.map_structure(np.testing.assert_array_equal, x, y)
+    assert not np.array_equal(a[0]["observation"]["image_primary"],
+                              c[0]["observation"]["image_primary"])
+
+
+def test_process_shards_are_disjoint(cheetah_dir):
+    seen = []
+    for index in range(2):
+        config = LoaderConfig(batch_size=37, seed=3, process_index=index, process_count=2)
+        (batch,) = _take(make_dataloader(DatasetConfig(cheetah_dir, STATE), config), 1)
+        seen.append({(int(e), int(t)) for e, t in zip(batch["episode_index"],
+                                                      batch["step_index"])})
+    assert len(seen[0]) == len(seen[1]) == 37
+    assert not seen[0] & seen[1]  # the two processes share one permutation, alternately
+
+
+def test_validation_holds_out_episodes_and_reads_them_once(cheetah_dir):
+    cfg = DatasetConfig(cheetah_dir, STATE, val_fraction=0.3)
+    config = LoaderConfig(batch_size=10, seed=4, drop_remainder=False)
+    val = make_dataloader(cfg, config, split="validation")
+    train = make_dataloader(cfg, config)
+    val_batches = list(val)
+    assert len(val_batches) == len(val) == -(-val.num_frames[0] // 10)
+    val_keys = [(int(e), int(t)) for b in val_batches
+                for e, t in zip(b["episode_index"], b["step_index"])]
+    assert len(val_keys) == len(set(val_keys)) == val.num_frames[0]
+    assert val_keys == sorted(val_keys)  # in order
+    val_episodes = {e for e, _ in val_keys}
+    assert 1 <= len(val_episodes) < CHEETAH_EPISODES
+    train_episodes = {int(e) for b in _take(train, 10) for e in b["episode_index"]}
+    assert not train_episodes & val_episodes
+    assert train.num_frames[0] + val.num_frames[0] == FRAMES
+    with pytest.raises(ConfigError, match="no validation data"):
+        make_dataloader(DatasetConfig(cheetah_dir, STATE), config, split="validation")
+
+
+def test_mixture_proportions_follow_the_weights(cheetah_dir, tmp_path):
+    other = log_cheetah(str(tmp_path / "other"), episodes=2, seed=7)
+    datasets = [DatasetConfig(cheetah_dir, STATE),
+                DatasetConfig(other, STATE, name="half_cheetah_b")]
+    path = tmp_path / "weights.json"
+    save_mixture_weights(path, {"half_cheetah": 0.8, "half_cheetah_b": 0.2})
+    loader = make_dataloader(datasets, LoaderConfig(batch_size=64, seed=5, weights=str(path)))
+    ids = np.concatenate([b["dataset_id"] for b in _take(loader, 50)])
+    assert loader.names == ("half_cheetah", "half_cheetah_b")
+    assert abs((ids == 0).mean() - 0.8) < 0.03  # 3200 draws: 4 standard deviations
+    by_size = make_dataloader(datasets, LoaderConfig(batch_size=64, seed=5, weights="size"))
+    np.testing.assert_allclose(by_size.weights, [FRAMES / (FRAMES + 2 * CHEETAH_STEPS),
+                                                 2 * CHEETAH_STEPS / (FRAMES + 2 * CHEETAH_STEPS)])
+    ids = np.concatenate([b["dataset_id"] for b in _take(by_size, 50)])
+    assert abs((ids == 0).mean() - by_size.weights[0]) < 0.035
+    with pytest.raises(ConfigError, match="appear twice"):
+        make_dataloader([datasets[0], DatasetConfig(other, STATE)], LoaderConfig())
+
+
+def test_camera_pipeline_end_to_end(camera_dir):
+    structure = Structure(state=("observation/state",),
+                          images={"image_primary": Camera("observation/image", 16),
+                                  "image_wrist": Camera("observation/wrist_image", 16)})
+    config = LoaderConfig(batch_size=12, n_obs=2, n_action=2, goal_relabeling=True, seed=6,
+                          augment=None)
+    loader = make_dataloader(DatasetConfig(camera_dir, structure), config)
+    episodes = list(read_episodes(camera_dir))
+    for batch in _take(loader, 3):
+        obs = batch["observation"]
+        assert obs["image_primary"].shape == (12, 2, 16, 16, 3)
+        assert obs["image_primary"].dtype == np.uint8
+        assert batch["goal"]["image_wrist"].shape == (12, 16, 16, 3)
+        for i in range(12):
+            ep, t = int(batch["episode_index"][i]), int(batch["step_index"][i])
+            steps = episodes[ep]["steps"]
+            assert batch["language_instruction"][i] == steps["language_instruction"][0]
+            for k, dt in enumerate((-1, 0)):
+                frame = steps["observation"]["image"][max(t + dt, 0)]
+                want = tf.image.resize(frame[None], (16, 16)).numpy()[0]
+                np.testing.assert_allclose(obs["image_primary"][i, k], want, atol=0.51)
+                np.testing.assert_array_equal(obs["image_wrist"][i, k],
+                                              steps["observation"]["wrist_image"][max(t + dt, 0)])
+            g = int(batch["goal_step_index"][i])
+            np.testing.assert_array_equal(batch["goal"]["image_wrist"][i],
+                                          steps["observation"]["wrist_image"][g])
+    augmented = make_dataloader(DatasetConfig(camera_dir, structure),
+                                LoaderConfig(batch_size=12, n_obs=2, seed=6))
+    (batch,) = _take(augmented, 1)
+    assert batch["observation"]["image_primary"].shape == (12, 2, 16, 16, 3)
+    assert len({batch["observation"]["image_primary"][i].tobytes() for i in range(12)}) == 12
+
+
+def test_missing_camera_and_raw_images(camera_dir, tmp_path):
+    raw_dir = log_camera(str(tmp_path / "raw"), episodes=CAMERA_EPISODES, name="camera_raw",
+                         image_codec="raw")
+    full = Structure(state=("observation/state",),
+                     images={"image_primary": Camera("observation/image", 32),
+                             "image_wrist": Camera("observation/wrist_image", 16)})
+    no_wrist = Structure(state=("observation/state",),
+                         images={"image_primary": Camera("observation/image", 32),
+                                 "image_wrist": Camera(None, 16)})
+    loader = make_dataloader([DatasetConfig(camera_dir, full), DatasetConfig(raw_dir, no_wrist)],
+                             LoaderConfig(batch_size=32, seed=8, augment=None))
+    png_frames = [ep["steps"]["observation"] for ep in read_episodes(camera_dir)]
+    counts = collections.Counter()
+    for batch in _take(loader, 3):
+        for i in range(32):
+            d, ep, t = (int(batch[k][i]) for k in ("dataset_id", "episode_index", "step_index"))
+            counts[d] += 1
+            masks = batch["observation"]["pad_mask_dict"]
+            # Same seeds: the raw and PNG logs hold the same frames.
+            np.testing.assert_array_equal(batch["observation"]["image_primary"][i, 0],
+                                          png_frames[ep]["image"][t])
+            if d == 1:
+                assert not masks["image_wrist"][i].any()
+                assert not batch["observation"]["image_wrist"][i].any()
+            else:
+                assert masks["image_wrist"][i].all()
+                np.testing.assert_array_equal(batch["observation"]["image_wrist"][i, 0],
+                                              png_frames[ep]["wrist_image"][t])
+    assert counts[0] > 10 and counts[1] > 10
+
+
+def test_datasets_that_cannot_share_batches(cheetah_dir, camera_dir):
+    with pytest.raises(ConfigError, match="state dim 17 vs 8"):
+        make_dataloader([DatasetConfig(cheetah_dir, STATE),
+                         DatasetConfig(camera_dir, Structure(state=("observation/state",)))])
+    with pytest.raises(ConfigError, match="split"):
+        make_dataloader(DatasetConfig(cheetah_dir, STATE), split="test")
