@@ -128,9 +128,12 @@ def build_step_table(cfg: DatasetConfig, config: LoaderConfig, *, split: str = "
         raise ConfigError(f"dataset {name!r}: statistics lack the normalized keys {missing}")
     source = _source_split(cfg, split, name)
     min_length = max(cfg.min_length, 2 if config.drop_final_step else 1)
+    # One shard at a time, two records in flight: a record holds its images (tens of MB for
+    # long camera episodes) until it is parsed, and only the small columns are kept.
     episodes = load_dataset(cfg.path, source, keys=resolved.load_keys(images=False),
                             filters=cfg.filters, min_length=min_length,
-                            drop_invalid=cfg.drop_invalid, deterministic=False)
+                            drop_invalid=cfg.drop_invalid, num_parallel_reads=1,
+                            num_parallel_calls=2, deterministic=False)
     no_images = dataclasses.replace(resolved, cameras=())
 
     def select(episode):
@@ -146,8 +149,7 @@ def build_step_table(cfg: DatasetConfig, config: LoaderConfig, *, split: str = "
             out["language"] = table["language"]
         return out
 
-    rows = list(episodes.map(select, num_parallel_calls=tf.data.AUTOTUNE,
-                             deterministic=False).as_numpy_iterator())
+    rows = list(episodes.map(select).prefetch(2).as_numpy_iterator())
     rows.sort(key=lambda r: int(r["episode_index"]))
     if cfg.val_fraction:
         held = _held_out([r["episode_id"] for r in rows], cfg.val_fraction, config.seed)
@@ -225,7 +227,8 @@ class DataLoader:
     """
 
     def __init__(self, dataset: tf.data.Dataset, *, split: str, tables: Sequence[StepTable],
-                 weights: np.ndarray, config: LoaderConfig, num_batches: int | None):
+                 weights: np.ndarray, config: LoaderConfig, num_batches: int | None,
+                 batches_per_fetch: int = 1):
         self.dataset = dataset
         self.split = split
         self.names = tuple(t.name for t in tables)
@@ -236,13 +239,23 @@ class DataLoader:
         self.structures = {t.name: t.resolved.structure for t in tables}
         self.config = config
         self._num_batches = num_batches
+        self._per_fetch = max(1, int(batches_per_fetch))
 
     @property
     def element_spec(self) -> Any:
         return self.dataset.element_spec
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        return self.dataset.as_numpy_iterator()
+        if self._per_fetch == 1:
+            yield from self.dataset.as_numpy_iterator()
+            return
+        # A call into a tf.data iterator costs about a millisecond after the consumer was busy
+        # elsewhere (a train step): small batches are fetched several at a time, then sliced.
+        blocks = self.dataset.batch(self._per_fetch).prefetch(1)
+        for block in blocks.as_numpy_iterator():
+            n = len(tf.nest.flatten(block)[0])
+            for i in range(n):
+                yield tf.nest.map_structure(lambda x, i=i: x[i], block)
 
     def __len__(self) -> int:
         if self._num_batches is None:
@@ -396,8 +409,12 @@ def make_dataloader(
     dataset = _batches(indices, table, files, tables, config, train=split == "train")
     log.info("data loader (%s): %s", split, ", ".join(
         f"{t.name}: {len(t.frames)} frames, weight {w:.3f}" for t, w in zip(tables, weights)))
+    # State-only batches are small: fetch 8 at a time (see DataLoader.__iter__), when they all
+    # have the same size.
+    same_size = split == "train" or config.drop_remainder
+    per_fetch = 8 if same_size and not tables[0].resolved.cameras else 1
     return DataLoader(dataset, split=split, tables=tables, weights=weights, config=config,
-                      num_batches=num_batches)
+                      num_batches=num_batches, batches_per_fetch=per_fetch)
 
 
 def _batches(indices: tf.data.Dataset, table: dict[str, Any], files: list[str],
@@ -411,6 +428,12 @@ def _batches(indices: tf.data.Dataset, table: dict[str, Any], files: list[str],
     seed = tf.constant([config.seed, 0xA06], tf.int64)
     reader = RangeReader(files)
     augment = config.augment if train else None
+    # Frame sizes per dataset and camera, when every one is known: crops are drawn per batch.
+    hw = [[c.source_shape[:2] if c.source_shape else (1, 1) for c in t.resolved.cameras]
+          for t in tables]
+    known = all(c.source_shape and min(c.source_shape) > 0
+                for t in tables for c in t.resolved.cameras if c.key is not None)
+    source_hw = tf.constant(hw, tf.int32) if cameras and known else None
 
     def gather(b, ids, rows):
         s_goal, s_aug = tf.unstack(tf.random.experimental.stateless_split(
@@ -436,21 +459,29 @@ def _batches(indices: tf.data.Dataset, table: dict[str, Any], files: list[str],
                 # Drawn for the whole batch at once: [B, cameras, ...].
                 seeds = tf.reshape(tf.random.experimental.stateless_split(
                     s_aug, n * len(cameras)), [n, len(cameras), 2])
-                out["_augment"] = ops.sample_augmentation(seeds, augment)
+                params = ops.sample_augmentation(seeds, augment)
+                if source_hw is not None and augment.crop_scale is not None:
+                    params["crop_pixels"] = ops.crop_pixels(params["crop"],
+                                                            tf.gather(source_hw, ids))
+                out["_augment"] = params
             _fetch_images(out, cameras, reader)
         return out
 
     par = tf.data.AUTOTUNE if config.num_parallel_calls == -1 else config.num_parallel_calls
-    ds = indices.map(gather, num_parallel_calls=tf.data.AUTOTUNE,
-                     deterministic=config.deterministic)
+    # Batches keep their order (epochs stay whole; validation is in order). With cameras and
+    # deterministic=False, a sample may move to a neighbouring batch if its decoding is slow.
+    deterministic = config.deterministic or not train
+    # With cameras a batch holds its encoded images (tens of MB): two in flight at most.
+    ds = indices.map(gather, num_parallel_calls=2 if cameras else tf.data.AUTOTUNE,
+                     deterministic=True)
     if cameras:
         sources = _camera_sources(tables)
-        ds = ds.unbatch().map(
+        ds = ds.prefetch(1).unbatch().map(
             lambda x: _decode_sample(x, cameras, sources, augment, config),
-            num_parallel_calls=par, deterministic=config.deterministic)
+            num_parallel_calls=par, deterministic=deterministic)
         ds = ds.batch(config.batch_size, drop_remainder=train or config.drop_remainder)
     options = tf.data.Options()
-    options.deterministic = config.deterministic
+    options.deterministic = deterministic
     options.experimental_optimization.map_parallelization = True
     return ds.prefetch(config.prefetch).with_options(options)
 
@@ -476,6 +507,7 @@ class _Source:
     static_shape: tuple[int, ...] | None  # (H, W, C) when every dataset agrees and none is raw
     raw_shapes: tf.Tensor | None  # int32 [K, 3]: (H, W, C) of raw images per dataset
     raw: tf.Tensor | None  # bool [K]
+    always_present: bool  # every dataset has this camera
 
 
 def _camera_sources(tables: Sequence[StepTable]) -> dict[str, _Source]:
@@ -492,7 +524,8 @@ def _camera_sources(tables: Sequence[StepTable]) -> dict[str, _Source]:
             raw_shapes = tf.constant([s.source_shape if s.raw else (1, 1, 1) for s in srcs],
                                      tf.int32)
             raw = tf.constant([s.raw and s.key is not None for s in srcs])
-        out[cam.name] = _Source(static, raw_shapes, raw)
+        out[cam.name] = _Source(static, raw_shapes, raw,
+                                all(s.key is not None for s in srcs))
     return out
 
 
@@ -540,8 +573,11 @@ def _decode_sample(x: dict[str, Any], cameras, sources: Mapping[str, _Source], a
         def blank(cam=cam, n=n):
             return tf.zeros([n, *cam.size, 3], dtype)
 
-        images = tf.cond(tf.reduce_any(x["observation"]["pad_mask_dict"][cam.name]),
-                         process, blank)
+        if sources[cam.name].always_present:
+            images = process()
+        else:
+            images = tf.cond(tf.reduce_any(x["observation"]["pad_mask_dict"][cam.name]),
+                             process, blank)
         images = tf.ensure_shape(images, [n, *cam.size, 3])
         x["observation"][cam.name] = images[:n_obs]
         if has_goal:

@@ -153,6 +153,7 @@ def load_dataset(
     shuffle_files: bool = False,
     seed: int = 0,
     num_parallel_reads: int = 4,
+    num_parallel_calls: int = tf.data.AUTOTUNE,
     deterministic: bool = True,
 ) -> tf.data.Dataset:
     """An RLDS/TFDS dataset directory as a ``tf.data`` dataset of episodes (see the module
@@ -170,6 +171,8 @@ def load_dataset(
       shuffle_files: visit the shards in a random order (per ``seed``, new each iteration).
       seed: seed of the file shuffle.
       num_parallel_reads: shards read at once.
+      num_parallel_calls: records parsed at once (each record, images included, is in memory
+        while it is parsed: lower this for long episodes of large images).
       deterministic: keep the order of episodes (in shard order unless ``shuffle_files``).
 
     Returns:
@@ -203,9 +206,13 @@ def load_dataset(
         records = tf.data.TFRecordDataset(name, buffer_size=_READ_BUFFER)
         return records.enumerate().map(lambda i, r: (offset + i, r))
 
-    ds = ds.interleave(read_shard, cycle_length=max(1, min(num_parallel_reads, len(names))),
-                       num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
-    ds = ds.map(_parse_fn(spec, step_keys), num_parallel_calls=tf.data.AUTOTUNE,
+    cycle = max(1, min(num_parallel_reads, len(names)))
+    if cycle > 1:
+        ds = ds.interleave(read_shard, cycle_length=cycle, num_parallel_calls=cycle,
+                           deterministic=deterministic)
+    else:
+        ds = ds.flat_map(read_shard)
+    ds = ds.map(_parse_fn(spec, step_keys), num_parallel_calls=num_parallel_calls,
                 deterministic=deterministic)
     if min_length > 1:
         ds = ds.filter(lambda ep: ep["episode_length"] >= min_length)

@@ -309,12 +309,12 @@ def sample_augmentation(seed: tf.Tensor, augment: AugmentConfig) -> dict[str, tf
 
 
 def crop_pixels(crop: tf.Tensor, image_hw: tf.Tensor) -> tf.Tensor:
-    """A crop ``[u_y, u_x, h, w]`` (fractions, see :func:`sample_augmentation`) in pixels of an
-    image of ``image_hw``: int32 ``[y, x, h, w]``."""
+    """Crops ``[..., 4]`` (``u_y, u_x, h, w`` fractions, see :func:`sample_augmentation`) in
+    pixels of images of ``image_hw`` (``[..., 2]``): int32 ``[..., 4]`` = ``[y, x, h, w]``."""
     hw = tf.cast(image_hw, tf.float32)
-    size = tf.clip_by_value(tf.round(crop[2:] * hw), 1.0, hw)
-    corner = tf.minimum(tf.floor(crop[:2] * (hw - size + 1.0)), hw - size)
-    return tf.cast(tf.concat([corner, size], 0), tf.int32)
+    size = tf.clip_by_value(tf.round(crop[..., 2:] * hw), 1.0, hw)
+    corner = tf.minimum(tf.floor(crop[..., :2] * (hw - size + 1.0)), hw - size)
+    return tf.cast(tf.concat([corner, size], -1), tf.int32)
 
 
 def resize_frames(pixels: tf.Tensor, size: tuple[int, int], crop: tf.Tensor | None = None
@@ -400,7 +400,7 @@ def preprocess_frames(
       augment: augmentation (one crop and one colour draw for all ``n`` frames); None: resize.
       seed: int ``[2]``: draws the augmentation (with ``augment``).
       params: augmentation parameters already drawn (:func:`sample_augmentation`), instead of
-        ``seed``.
+        ``seed``; with ``"crop_pixels"`` (:func:`crop_pixels`) when the frame size is known.
       raw_shape: the ``(H, W, C)`` of raw-bytes frames.
       num_frames: ``n`` when the frames' static shape does not say it.
       dtype: ``"uint8"`` or ``"float32"`` (in [0, 1]).
@@ -419,7 +419,9 @@ def preprocess_frames(
                 raise ConfigError("preprocess_frames: augmentation needs a seed or params")
             params = sample_augmentation(seed, augment)
         if augment.crop_scale is not None:
-            crop = crop_pixels(params["crop"], tf.shape(pixels)[1:3])
+            crop = params.get("crop_pixels")
+            if crop is None:
+                crop = crop_pixels(params["crop"], tf.shape(pixels)[1:3])
     jitter = augment is not None and bool(augment.brightness or augment.contrast is not None
                                           or augment.saturation is not None or augment.hue)
     if not jitter and crop is None and pixels.shape[1:3] == tuple(size) and dtype == "uint8":
