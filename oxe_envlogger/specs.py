@@ -207,9 +207,7 @@ def space_to_spec(
     Raises:
       UnsupportedSpaceError: for a space with no RLDS feature, naming its key path.
     """
-    image_codecs = dict(image_codecs or {})
-    spec = _space_to_spec(space, path, image_codec, image_codecs)
-    return spec
+    return _space_to_spec(space, path, image_codec, dict(image_codecs or {}))
 
 
 def _space_to_spec(space, path, image_codec, image_codecs) -> Spec:

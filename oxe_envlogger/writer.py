@@ -153,7 +153,6 @@ class DatasetWriter:
         self._error: BaseException | None = None
         self._fatal = False
         self._closed = False
-        self._lock = threading.Lock()
         self._registration: layout.WriterRegistration | None = None
         self._shard: record.RecordWriter | None = None
         self._shard_seq = 0
