@@ -36,7 +36,7 @@ from openx_train.data.mixture import (
     save_mixture_weights,
 )
 from openx_train.data.ops import normalize, unnormalize
-from openx_train.data.standardize import flatten_dataset, standardize_dataset
+from openx_train.data.standardize import flatten_dataset, infer_structure, standardize_dataset
 from openx_train.data.statistics import (
     DatasetStatistics,
     KeyStatistics,
@@ -59,6 +59,7 @@ __all__ = [
     "Structure",
     "compute_dataset_statistics",
     "flatten_dataset",
+    "infer_structure",
     "load_dataset",
     "load_mixture_weights",
     "make_dataloader",

@@ -19,9 +19,9 @@ import numpy as np
 import tensorflow as tf
 
 from openx_train.data import ops
-from openx_train.data.config import LANGUAGE_KEY, Normalization, Structure
+from openx_train.data.config import LANGUAGE_KEY, Camera, Normalization, Structure
 from openx_train.data.errors import ConfigError, MissingKeyError
-from openx_train.data.loading import is_image_leaf
+from openx_train.data.loading import is_image_leaf, step_leaves
 from oxe_envlogger import reader
 from oxe_envlogger.specs import Leaf
 
@@ -294,4 +294,36 @@ def flatten_dataset(dataset: tf.data.Dataset) -> tf.data.Dataset:
 
         dataset = dataset.map(steps_with_episode, num_parallel_calls=tf.data.AUTOTUNE)
     return dataset.unbatch()
+
+
+def infer_structure(path: str, *, image_size: int | tuple[int, int] | None = None,
+                    **options: Any) -> Structure:
+    """A structure that uses everything a dataset logged: every float observation tensor as
+    state (in storage order), every observation image as a camera (``observation/image`` is
+    ``image``, ``observation/wrist_image`` is ``image_wrist``), every numeric action tensor as
+    action.
+
+    Args:
+      path: the dataset directory.
+      image_size: the cameras' output size; default: as logged.
+      **options: other :class:`~openx_train.data.Structure` fields (normalization, ...).
+
+    Raises:
+      ConfigError: when the dataset has no numeric action.
+    """
+    leaves = step_leaves(path)
+    state = tuple(k for k, v in leaves.items() if k.split("/")[0] == "observation"
+                  and v.kind == "tensor" and v.dtype.kind == "f" and not is_image_leaf(v))
+    action = tuple(k for k, v in leaves.items() if k.split("/")[0] == "action"
+                   and v.kind == "tensor" and v.dtype.kind in "biuf")
+    if not action:
+        raise ConfigError(f"{path}: no numeric action key to train on (keys: {sorted(leaves)})")
+    images = {}
+    for key, leaf in leaves.items():
+        if key.split("/")[0] == "observation" and is_image_leaf(leaf):
+            base = "_".join(key.split("/")[1:])
+            base = base.removesuffix("_image").removeprefix("image_")
+            name = "image" if base in ("", "image") else f"image_{base}"
+            images[name] = Camera(key, image_size or leaf.shape[:2])
+    return Structure(state=state, images=images, action=action, **options)
 

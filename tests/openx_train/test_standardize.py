@@ -146,3 +146,23 @@ def test_flatten_gives_one_frame_per_element():
     assert len(steps) == sum(LENGTHS)
     assert steps[2]["episode_index"] == 1 and steps[2]["step_index"] == 0
     assert steps[2]["episode_length"] == 4
+
+
+def test_the_functional_chain_on_logged_camera_data(camera_dir):
+    from openx_train.data import compute_dataset_statistics, infer_structure, load_dataset, ops
+
+    structure = infer_structure(camera_dir, image_size=8)
+    assert structure.state == ("observation/state",) and structure.action == ("action",)
+    assert set(structure.images) == {"image", "image_wrist"}
+    stats = compute_dataset_statistics(camera_dir)
+    episodes = load_dataset(camera_dir, "train")
+    frames = flatten_dataset(standardize_dataset(
+        episodes, structure=structure, statistics=stats, n_obs=2, n_action=2))
+    frames = frames.map(lambda f: {**f, "observation": {
+        **f["observation"], "image": ops.preprocess_frames(f["observation"]["image"], (8, 8))}})
+    batch = next(iter(frames.batch(5).as_numpy_iterator()))
+    assert batch["observation"]["image"].shape == (5, 2, 8, 8, 3)
+    assert batch["observation"]["image_wrist"].dtype == object  # still encoded
+    np.testing.assert_array_equal(batch["step_index"], np.arange(5))
+    assert batch["language_instruction"][0].startswith(b"put the")
+    assert np.abs(batch["observation"]["state"]).max() < 10  # normalized
