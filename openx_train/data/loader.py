@@ -557,28 +557,36 @@ def _decode_sample(x: dict[str, Any], cameras, sources: Mapping[str, _Source], a
     params = x.pop("_augment", None)
     n_obs = config.n_obs
     has_goal = "goal" in x
-    dtype = tf.uint8 if config.image_dtype == "uint8" else tf.float32
+    n = n_obs + int(has_goal)
+    jitter = ops.has_jitter(augment)
+    windows, window_params = [], []
     for i, cam in enumerate(cameras):
         frames = x["observation"][cam.name]
         if has_goal:
             frames = tf.concat([frames, x["goal"][cam.name][None]], axis=0)
-        n = n_obs + int(has_goal)
         cam_params = None if params is None else {k: v[i] for k, v in params.items()}
 
         def process(frames=frames, source=sources[cam.name], cam=cam, cam_params=cam_params):
             pixels = _decode_window(frames, x["dataset_id"], source)
-            return ops.preprocess_frames(pixels, cam.size, augment=augment, params=cam_params,
-                                         dtype=config.image_dtype)
-
-        def blank(cam=cam, n=n):
-            return tf.zeros([n, *cam.size, 3], dtype)
+            return ops.crop_and_resize(pixels, cam.size, augment=augment, params=cam_params)
 
         if sources[cam.name].always_present:
-            images = process()
+            images = process()  # uint8 when untouched (same size, no crop), else float32
         else:
             images = tf.cond(tf.reduce_any(x["observation"]["pad_mask_dict"][cam.name]),
-                             process, blank)
-        images = tf.ensure_shape(images, [n, *cam.size, 3])
+                             lambda process=process: tf.cast(process(), tf.float32),
+                             lambda cam=cam: tf.zeros([n, *cam.size, 3], tf.float32))
+        windows.append(tf.ensure_shape(images, [n, *cam.size, 3]))
+        window_params.append(cam_params)
+    if jitter:
+        windows = ops.jitter_windows(windows, window_params, dtype=config.image_dtype)
+        for w, cam in zip(range(len(windows)), cameras):
+            if not sources[cam.name].always_present:  # a missing camera stays black
+                present = tf.reduce_any(x["observation"]["pad_mask_dict"][cam.name])
+                windows[w] = windows[w] * tf.cast(present, windows[w].dtype)
+    else:
+        windows = [ops.finish(w, dtype=config.image_dtype) for w in windows]
+    for cam, images in zip(cameras, windows):
         x["observation"][cam.name] = images[:n_obs]
         if has_goal:
             x["goal"][cam.name] = images[n_obs]

@@ -412,25 +412,57 @@ def preprocess_frames(
       ConfigError: for augmentation without ``seed`` or ``params``.
     """
     pixels = decode_frames(frames, raw_shape=raw_shape, num_frames=num_frames)
+    if augment is not None and params is None:
+        if seed is None:
+            raise ConfigError("preprocess_frames: augmentation needs a seed or params")
+        params = sample_augmentation(seed, augment)
+    images = crop_and_resize(pixels, size, augment=augment, params=params)
+    if has_jitter(augment):
+        (out,) = jitter_windows([images], [params], dtype=dtype)
+        return out
+    return finish(images, dtype=dtype)
+
+
+def has_jitter(augment: AugmentConfig | None) -> bool:
+    """Whether ``augment`` changes colours."""
+    return augment is not None and bool(augment.brightness or augment.contrast is not None
+                                        or augment.saturation is not None or augment.hue)
+
+
+def crop_and_resize(pixels: tf.Tensor, size: tuple[int, int], *,
+                    augment: AugmentConfig | None = None,
+                    params: Mapping[str, tf.Tensor] | None = None) -> tf.Tensor:
+    """The geometric half of :func:`preprocess_frames`: uint8 ``[n, H, W, 3]`` to ``[n, h, w,
+    3]``, cropped when ``augment`` says so. Returns the uint8 pixels themselves when nothing
+    changes them (same size, no crop), float32 in 0..255 otherwise."""
     crop = None
-    if augment is not None:
-        if params is None:
-            if seed is None:
-                raise ConfigError("preprocess_frames: augmentation needs a seed or params")
-            params = sample_augmentation(seed, augment)
-        if augment.crop_scale is not None:
-            crop = params.get("crop_pixels")
-            if crop is None:
-                crop = crop_pixels(params["crop"], tf.shape(pixels)[1:3])
-    jitter = augment is not None and bool(augment.brightness or augment.contrast is not None
-                                          or augment.saturation is not None or augment.hue)
-    if not jitter and crop is None and pixels.shape[1:3] == tuple(size) and dtype == "uint8":
+    if augment is not None and augment.crop_scale is not None:
+        crop = params.get("crop_pixels")
+        if crop is None:
+            crop = crop_pixels(params["crop"], tf.shape(pixels)[1:3])
+    if crop is None and pixels.shape[1:3] == tuple(size):
         return pixels
-    images = resize_frames(pixels, size, crop)
-    if not jitter:
-        return _finish(images, to_uint8=dtype == "uint8")
-    return _jitter_and_finish(images, params["color"], params["contrast"],
-                              params["brightness"], to_uint8=dtype == "uint8")
+    return resize_frames(pixels, size, crop)
+
+
+def finish(images: tf.Tensor, *, dtype: str = "uint8") -> tf.Tensor:
+    """uint8 or float32 ``[..., 3]`` pixels in 0..255 to the output ``dtype``: uint8 (rounded)
+    or float32 in [0, 1]."""
+    if images.dtype == tf.uint8:
+        return images if dtype == "uint8" else tf.cast(images, tf.float32) / 255.0
+    return _to_output(images, dtype == "uint8")
+
+
+def jitter_windows(windows: list[tf.Tensor], params: list[Mapping[str, tf.Tensor]], *,
+                   dtype: str = "uint8") -> list[tf.Tensor]:
+    """:func:`color_jitter` and :func:`finish` of several windows (a sample's cameras), each
+    with its own parameters, in one XLA computation: its passes over the pixels fuse into one
+    loop, several times cheaper than the ops one by one, and one launch serves every camera
+    (a launch costs about as much as a small window's pixels)."""
+    windows = [tf.cast(w, tf.float32) for w in windows]
+    flat = [tf.stack([p["contrast"], p["brightness"]]) for p in params]
+    colors = [p["color"] for p in params]
+    return list(_jitter_xla(windows, colors, flat, to_uint8=dtype == "uint8"))
 
 
 def _to_output(images: tf.Tensor, to_uint8: bool) -> tf.Tensor:
@@ -440,14 +472,7 @@ def _to_output(images: tf.Tensor, to_uint8: bool) -> tf.Tensor:
     return images / 255.0
 
 
-# Compiled with XLA, the jitter's passes over the pixels (mean, colour matrix, offset, clip,
-# rounding) fuse into one loop: about 7x cheaper than the same ops one by one.
 @tf.function(jit_compile=True, reduce_retracing=True)
-def _jitter_and_finish(images, color, contrast, brightness, *, to_uint8: bool):
-    params = {"color": color, "contrast": contrast, "brightness": brightness}
-    return _to_output(color_jitter(images, params), to_uint8)
-
-
-@tf.function(jit_compile=True, reduce_retracing=True)
-def _finish(images, *, to_uint8: bool):
-    return _to_output(images, to_uint8)
+def _jitter_xla(windows, colors, factors, *, to_uint8: bool):
+    return [_to_output(color_jitter(w, {"color": c, "contrast": f[0], "brightness": f[1]}),
+                       to_uint8) for w, c, f in zip(windows, colors, factors)]
