@@ -141,7 +141,13 @@ def test_encoder_worker_death_is_reported(dataset_dir):
         for _ in range(50):
             env.step(BOX.sample())
         env.reset(seed=2)
-    with pytest.raises(oxe_envlogger.WriterError, match="encod"):
-        env.close()  # close reports the failure too
-    env.close()  # and is idempotent
-    assert len(read_tfds(dataset_dir)) == 1  # the episode written before stays readable
+    # close() writes what was recorded; it reports the failure again if a recorded frame was
+    # lost (whether one was depends on timing), and is idempotent.
+    try:
+        env.close()
+    except oxe_envlogger.WriterError as e:
+        assert "encod" in str(e)
+    env.close()
+    episodes = read_tfds(dataset_dir)
+    assert 1 <= len(episodes) <= 2  # the episode written before stays readable
+    assert not episodes[0]["invalid"] and len(episodes[0]["steps"]["is_first"]) == 51
