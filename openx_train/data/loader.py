@@ -10,9 +10,10 @@ How it stays fast and small:
   ``RandomIndexShuffle(p, seed=(seed, dataset, e))``, a stateless bijection; it holds nothing,
   covers the whole dataset, and gives each process of a multi-host run a disjoint share.
 * A whole batch is gathered at once (``ops.gather_frames``: windows, chunks, masks, goals) from
-  the step table, so a state-only batch costs a few vectorized ops. With cameras, the batch's
-  image bytes are read by ``pread`` after the shuffle, and each sample is decoded, cropped,
-  resized and colour-jittered in parallel (one crop for the whole history window and the goal).
+  the step table, so a state-only batch costs a few vectorized ops. With cameras, the image
+  bytes are read by ``pread`` after the shuffle, 16 samples at a time, then each sample is
+  decoded, cropped, resized and colour-jittered, samples in parallel (one crop for the whole
+  history window and the goal).
 * Every random draw is stateless, seeded by ``(seed, batch number)``; with
   ``deterministic=True`` the same seed gives the same batches.
 
@@ -44,6 +45,7 @@ from openx_train.data.statistics import DatasetStatistics, compute_dataset_stati
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation")
+_FETCH_CHUNK = 16  # samples whose image bytes are read in one call
 _HOLDOUT_SALT = b"openx_train.validation"
 
 
@@ -454,29 +456,26 @@ def _batches(indices: tf.data.Dataset, table: dict[str, Any], files: list[str],
         obs["pad_mask_dict"] = mask_dict
         out["dataset_id"] = ids
         out["episode_index"] = tf.gather(table["episode_index"], rows)
-        if cameras:
-            if augment is not None:
-                # Drawn for the whole batch at once: [B, cameras, ...].
-                seeds = tf.reshape(tf.random.experimental.stateless_split(
-                    s_aug, n * len(cameras)), [n, len(cameras), 2])
-                params = ops.sample_augmentation(seeds, augment)
-                if source_hw is not None and augment.crop_scale is not None:
-                    params["crop_pixels"] = ops.crop_pixels(params["crop"],
-                                                            tf.gather(source_hw, ids))
-                out["_augment"] = params
-            _fetch_images(out, cameras, reader)
+        if cameras and augment is not None:
+            # Drawn for the whole batch at once: [B, cameras, ...].
+            seeds = tf.reshape(tf.random.experimental.stateless_split(
+                s_aug, n * len(cameras)), [n, len(cameras), 2])
+            params = ops.sample_augmentation(seeds, augment)
+            if source_hw is not None and augment.crop_scale is not None:
+                params["crop_pixels"] = ops.crop_pixels(params["crop"], tf.gather(source_hw, ids))
+            out["_augment"] = params
         return out
 
     par = tf.data.AUTOTUNE if config.num_parallel_calls == -1 else config.num_parallel_calls
     # Batches keep their order (epochs stay whole; validation is in order). With cameras and
     # deterministic=False, a sample may move to a neighbouring batch if its decoding is slow.
     deterministic = config.deterministic or not train
-    # With cameras a batch holds its encoded images (tens of MB): two in flight at most.
-    ds = indices.map(gather, num_parallel_calls=2 if cameras else tf.data.AUTOTUNE,
-                     deterministic=True)
+    ds = indices.map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     if cameras:
         sources = _camera_sources(tables)
-        ds = ds.prefetch(1).unbatch().map(
+        ds = ds.rebatch(_FETCH_CHUNK).map(lambda x: _fetch_images(x, cameras, reader),
+                                           num_parallel_calls=2, deterministic=True)
+        ds = ds.unbatch().map(
             lambda x: _decode_sample(x, cameras, sources, augment, config),
             num_parallel_calls=par, deterministic=deterministic)
         ds = ds.batch(config.batch_size, drop_remainder=train or config.drop_remainder)
@@ -486,11 +485,12 @@ def _batches(indices: tf.data.Dataset, table: dict[str, Any], files: list[str],
     return ds.prefetch(config.prefetch).with_options(options)
 
 
-def _fetch_images(out: dict[str, Any], cameras, reader: RangeReader) -> None:
-    """Replaces every camera's references by the encoded bytes (one read call per batch)."""
-    refs = [out["observation"][c.name] for c in cameras]  # [B, n_obs, 3]
+def _fetch_images(out: dict[str, Any], cameras, reader: RangeReader) -> dict[str, Any]:
+    """Replaces the image references of a chunk of samples by the encoded bytes (one read call
+    per chunk: fewer Python calls than per sample, less memory than per batch)."""
+    refs = [out["observation"][c.name] for c in cameras]  # [b, n_obs, 3]
     if "goal" in out:
-        refs += [out["goal"][c.name][:, None] for c in cameras]  # [B, 1, 3]
+        refs += [out["goal"][c.name][:, None] for c in cameras]  # [b, 1, 3]
     widths = [r.shape[1] for r in refs]
     data = tf.numpy_function(reader, [tf.concat(refs, axis=1)], tf.string, stateful=False)
     data.set_shape([None, sum(widths)])
@@ -500,6 +500,7 @@ def _fetch_images(out: dict[str, Any], cameras, reader: RangeReader) -> None:
     if "goal" in out:
         for c, part in zip(cameras, parts[len(cameras):]):
             out["goal"][c.name] = part[:, 0]
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -554,6 +555,7 @@ def _decode_window(frames: tf.Tensor, dataset_id: tf.Tensor, source: _Source) ->
 
 def _decode_sample(x: dict[str, Any], cameras, sources: Mapping[str, _Source], augment,
                    config: LoaderConfig) -> dict[str, Any]:
+    """Decodes, crops, resizes and colour-jitters one sample's frames."""
     params = x.pop("_augment", None)
     n_obs = config.n_obs
     has_goal = "goal" in x
