@@ -62,7 +62,8 @@ def _fields(buf: memoryview, pos: int, end: int) -> Iterator[tuple[int, int, int
             raise DatasetFormatError(f"unsupported protobuf wire type {wire}")
 
 
-def bytes_value_ranges(data: bytes | memoryview, keys: Sequence[str]) -> dict[str, list[tuple[int, int]]]:
+def bytes_value_ranges(data: bytes | memoryview, keys: Sequence[str]
+                       ) -> dict[str, list[tuple[int, int]]]:
     """``{feature key: [(start, end)]}``: where each value of the BytesList features ``keys``
     lies inside a serialized ``tf.train.Example``."""
     buf = memoryview(data)

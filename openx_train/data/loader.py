@@ -356,18 +356,21 @@ def make_dataloader(
 
     Each batch (numpy) is::
 
-        {"observation": {"state": float32 [B, n_obs, D],            # when the structure has state
-                         <camera>: uint8 [B, n_obs, h, w, 3],        # one per camera
-                         "pad_mask": bool [B, n_obs],                # False: before the episode start
-                         "pad_mask_dict": {"state"|<camera>: bool [B, n_obs]}},  # also False for a
-                                                                     # camera the dataset lacks
+        {"observation": {"state": float32 [B, n_obs, D],       # when the structure has state
+                         <camera>: uint8 [B, n_obs, h, w, 3],   # one per camera
+                         "pad_mask": bool [B, n_obs],           # False before the episode start
+                         "pad_mask_dict": {"state" | <camera>: bool [B, n_obs]}},
+                                                                # also False for a missing camera
          "action": float32 [B, n_action, A],
-         "action_pad_mask": bool [B, n_action],                      # False: past the episode end
-         "language_instruction": bytes [B],                          # when any dataset has language
-         "goal": {"state": [B, D], <camera>: [B, h, w, 3]},          # with goal_relabeling
-         "goal_step_index": int32 [B],                               # with goal_relabeling
-         "dataset_id": int32 [B],                                    # index into DataLoader.names
+         "action_pad_mask": bool [B, n_action],                 # False past the episode end
+         "language_instruction": bytes [B],                     # when a dataset has language
+         "goal": {"state": [B, D], <camera>: [B, h, w, 3]},     # with goal_relabeling
+         "goal_step_index": int32 [B],                          # with goal_relabeling
+         "dataset_id": int32 [B],                               # index into DataLoader.names
          "episode_index": int64 [B], "step_index": int32 [B]}
+
+    Windows repeat the first observation and chunks the last action where they are padded.
+    State and action are normalized with each dataset's statistics (``DataLoader.statistics``).
 
     Args:
       datasets: the datasets to mix (names must be unique).
