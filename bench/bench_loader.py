@@ -23,7 +23,6 @@ import gc
 import itertools
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -49,7 +48,13 @@ def _rss_gib() -> float:
 
 
 def _peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    # VmHWM, not getrusage's ru_maxrss: Linux carries the parent's high-water mark at fork
+    # into an exec'd child's ru_maxrss, which would count the benchmark's own process.
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    return float("nan")
 
 
 def _camera_structure():

@@ -226,3 +226,15 @@ def test_datasets_that_cannot_share_batches(cheetah_dir, camera_dir):
                          DatasetConfig(camera_dir, Structure(state=("observation/state",)))])
     with pytest.raises(ConfigError, match="split"):
         make_dataloader(DatasetConfig(cheetah_dir, STATE), split="test")
+
+
+def test_held_out_episodes_do_not_change_when_episodes_are_appended():
+    from openx_train.data.loader import _held_out
+
+    ids = [f"writer-{i:06d}".encode() for i in range(400)]
+    before = _held_out(ids[:300], 0.1, seed=0)
+    after = _held_out(ids, 0.1, seed=0)
+    np.testing.assert_array_equal(after[:300], before)
+    assert 0.05 < after.mean() < 0.15
+    assert not np.array_equal(_held_out(ids, 0.1, seed=1), after)
+    assert _held_out(ids[:2], 0.01, seed=0).sum() == 1  # at least one validation episode
