@@ -38,6 +38,7 @@ format: venv
 bench: venv
 	$(BIN)/python bench/bench_logging.py
 	$(BIN)/python bench/bench_reshard.py
+	$(BIN)/python bench/bench_loader.py
 
 clean:
 	rm -rf demo_out bench_out logs .pytest_cache
