@@ -255,27 +255,63 @@ def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
         shift += 7
 
 
-def _iter_fields(buf: memoryview) -> Iterator[tuple[int, int, memoryview | int]]:
-    """Yields ``(field number, wire type, payload)``; payload is an int for varints."""
-    pos, end = 0, len(buf)
+def _field_spans(buf: memoryview, pos: int, end: int) -> Iterator[tuple[int, int, int, int]]:
+    """Yields ``(field number, wire type, start, end)`` of each field in ``buf[pos:end]``; for
+    varints, ``start`` is the value and ``end`` is -1."""
     while pos < end:
         key, pos = _read_varint(buf, pos)
         field, wire = key >> 3, key & 7
         if wire == 2:
             n, pos = _read_varint(buf, pos)
-            yield field, wire, buf[pos: pos + n]
+            yield field, wire, pos, pos + n
             pos += n
         elif wire == 0:
             v, pos = _read_varint(buf, pos)
-            yield field, wire, v
+            yield field, wire, v, -1
         elif wire == 5:
-            yield field, wire, buf[pos: pos + 4]
+            yield field, wire, pos, pos + 4
             pos += 4
         elif wire == 1:
-            yield field, wire, buf[pos: pos + 8]
+            yield field, wire, pos, pos + 8
             pos += 8
         else:
             raise CorruptDatasetError(f"unsupported protobuf wire type {wire}")
+
+
+def _iter_fields(buf: memoryview) -> Iterator[tuple[int, int, memoryview | int]]:
+    """Yields ``(field number, wire type, payload)``; payload is an int for varints."""
+    for field, wire, start, end in _field_spans(buf, 0, len(buf)):
+        yield field, wire, (start if end < 0 else buf[start:end])
+
+
+def bytes_value_ranges(data: bytes | memoryview, keys: Sequence[str]
+                       ) -> dict[str, list[tuple[int, int]]]:
+    """``{feature key: [(start, end)]}``: where each value of the BytesList features ``keys``
+    lies inside a serialized Example (to read, say, one encoded image without the others)."""
+    buf = memoryview(data)
+    wanted = {k.encode("utf-8"): k for k in keys}
+    out: dict[str, list[tuple[int, int]]] = {}
+    for field, _, s, e in _field_spans(buf, 0, len(buf)):
+        if field != 1:
+            continue
+        for f_entry, _, es, ee in _field_spans(buf, s, e):
+            if f_entry != 1:
+                continue
+            name = value = None
+            for f_kv, _, ks, ke in _field_spans(buf, es, ee):
+                if f_kv == 1:
+                    name = wanted.get(bytes(buf[ks:ke]))
+                elif f_kv == 2:
+                    value = (ks, ke)
+            if name is None or value is None:
+                continue
+            ranges: list[tuple[int, int]] = []
+            for f_kind, _, ls, le in _field_spans(buf, *value):
+                if f_kind != 1:
+                    raise CorruptDatasetError(f"{name}: expected a bytes list, found field {f_kind}")
+                ranges.extend((vs, ve) for f_v, _, vs, ve in _field_spans(buf, ls, le) if f_v == 1)
+            out[name] = ranges
+    return out
 
 
 def split_example(data: bytes | memoryview) -> dict[str, memoryview]:

@@ -16,7 +16,7 @@ import io
 import logging
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -30,67 +30,6 @@ PathLike = str | os.PathLike
 INDEX_PREFIX = "image_index"
 _HEADER = 12  # TFRecord framing before a record's data: uint64 length + uint32 CRC
 _MAX_OPEN_FILES = 512
-
-
-def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        b = buf[pos]
-        pos += 1
-        result |= (b & 0x7F) << shift
-        if b < 0x80:
-            return result, pos
-        shift += 7
-
-
-def _fields(buf: memoryview, pos: int, end: int) -> Iterator[tuple[int, int, int]]:
-    """``(field number, start, end)`` of the length-delimited fields in ``buf[pos:end]``."""
-    while pos < end:
-        key, pos = _varint(buf, pos)
-        wire = key & 7
-        if wire == 2:
-            n, pos = _varint(buf, pos)
-            yield key >> 3, pos, pos + n
-            pos += n
-        elif wire == 0:
-            _, pos = _varint(buf, pos)
-        elif wire == 5:
-            pos += 4
-        elif wire == 1:
-            pos += 8
-        else:
-            raise DatasetFormatError(f"unsupported protobuf wire type {wire}")
-
-
-def bytes_value_ranges(data: bytes | memoryview, keys: Sequence[str]
-                       ) -> dict[str, list[tuple[int, int]]]:
-    """``{feature key: [(start, end)]}``: where each value of the BytesList features ``keys``
-    lies inside a serialized ``tf.train.Example``."""
-    buf = memoryview(data)
-    wanted = {k.encode("utf-8"): k for k in keys}
-    out: dict[str, list[tuple[int, int]]] = {}
-    for field, s, e in _fields(buf, 0, len(buf)):
-        if field != 1:
-            continue
-        for f_entry, es, ee in _fields(buf, s, e):
-            if f_entry != 1:
-                continue
-            name = None
-            value = None
-            for f_kv, ks, ke in _fields(buf, es, ee):
-                if f_kv == 1:
-                    name = wanted.get(bytes(buf[ks:ke]))
-                elif f_kv == 2:
-                    value = (ks, ke)
-            if name is None or value is None:
-                continue
-            ranges: list[tuple[int, int]] = []
-            for f_kind, ls, le in _fields(buf, *value):
-                if f_kind != 1:
-                    raise DatasetFormatError(f"{name}: expected a bytes list, found field {f_kind}")
-                ranges.extend((vs, ve) for f_v, vs, ve in _fields(buf, ls, le) if f_v == 1)
-            out[name] = ranges
-    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,7 +87,7 @@ def _scan(path: str, split: str, keys: Sequence[str]) -> ImageIndex:
     for fid, shard in enumerate(files):
         with open(shard, "rb", buffering=1 << 20) as f:
             for rec_offset, data in record.iter_records(f, path=shard):
-                ranges = bytes_value_ranges(data, feature_keys)
+                ranges = record.bytes_value_ranges(data, feature_keys)
                 counts = {len(ranges.get(k, ())) for k in feature_keys}
                 missing = [k for k in feature_keys if k not in ranges]
                 if missing or len(counts) != 1:
