@@ -15,9 +15,8 @@ import numpy as np
 from absl import app, flags, logging
 from tqdm import tqdm
 
-import oxe_envlogger.envs  # noqa: F401  (registers oxe_envlogger/SyntheticCamera-v0)
 from oxe_envlogger import AutoOXEEnvLogger
-from oxe_envlogger.envs import make_policy
+from oxe_envlogger.envs import make_policy, run_episodes  # registers SyntheticCamera-v0 too
 from oxe_envlogger.inspection import format_summary, summarize
 from oxe_envlogger.layout import snake_name
 
@@ -33,8 +32,8 @@ flags.DEFINE_bool("render", False, "Add camera images (render()) to the observat
 flags.DEFINE_integer("image_size", 128, "Rendered image width and height (MuJoCo envs).")
 flags.DEFINE_string("image_codec", "png", "png, jpeg, jpeg:<quality> or raw.")
 flags.DEFINE_string("language_instruction", None,
-                    "Instruction stored with every episode (default: info['language_instruction'] "
-                    "where the env gives one).")
+                    "Instruction stored with every episode (else info['language_instruction'] from "
+                    "reset, where the env gives one).")
 flags.DEFINE_integer("seed", 0, "Seed of the first reset and of the random policy.")
 flags.DEFINE_bool("overwrite", False, "Replace an existing dataset in --output_dir.")
 
@@ -64,22 +63,16 @@ def main(argv):
         env = AutoOXEEnvLogger(env, name, FLAGS.output_dir, image_codec=FLAGS.image_codec,
                                overwrite=FLAGS.overwrite)
         logging.info("logging to %s", env.directory)
-    returns = []
     with env, tqdm(total=FLAGS.num_episodes, unit="episode") as bar:
-        for ep in range(FLAGS.num_episodes):
-            obs, info = env.reset(seed=FLAGS.seed + ep)
-            instruction = FLAGS.language_instruction or info.get("language_instruction")
-            if FLAGS.enable_envlogger and instruction:
-                env.set_language_instruction(instruction)
-            total, steps, done = 0.0, 0, False
-            while not done:
-                obs, reward, terminated, truncated, info = env.step(policy(obs))
-                total += float(reward)
-                steps += 1
-                done = terminated or truncated
-            returns.append(total)
+
+        def progress(episode):
             bar.update(1)
-            bar.set_postfix(steps=steps, ret=f"{total:.1f}")
+            bar.set_postfix(steps=episode["steps"], ret=f"{episode['return']:.1f}")
+
+        results = run_episodes(env, FLAGS.num_episodes, policy=policy, seed=FLAGS.seed,
+                               language_instruction=FLAGS.language_instruction,
+                               on_episode=progress)
+    returns = [r["return"] for r in results]
     print(f"{len(returns)} episodes, mean return {np.mean(returns):.2f}")
     if FLAGS.enable_envlogger:
         print(format_summary(summarize(env.directory)))

@@ -23,18 +23,11 @@ def make_w2(directory: str, *, episodes: int = 10, seed: int = 0) -> str:
     import gymnasium as gym
 
     from oxe_envlogger import AutoOXEEnvLogger
-    from oxe_envlogger.envs import ENV_ID, make_policy
+    from oxe_envlogger.envs import ENV_ID, run_episodes
 
     env = AutoOXEEnvLogger(gym.make(ENV_ID), "w2", directory)
-    policy = make_policy("random", env, seed=seed)
     with env:
-        for ep in range(episodes):
-            obs, info = env.reset(seed=seed + ep)
-            env.set_language_instruction(info["language_instruction"])
-            done = False
-            while not done:
-                obs, _, term, trunc, _ = env.step(policy(obs))
-                done = term or trunc
+        run_episodes(env, episodes, seed=seed)
     return directory
 
 
@@ -45,16 +38,11 @@ def make_w1(directory: str, *, episodes: int = 20, steps: int = 1000, seed: int 
     import gymnasium as gym
 
     from oxe_envlogger import AutoOXEEnvLogger
+    from oxe_envlogger.envs import run_episodes
 
     env = AutoOXEEnvLogger(gym.make("HalfCheetah-v5", max_episode_steps=steps), "w1", directory)
-    env.action_space.seed(seed)
     with env:
-        for ep in range(episodes):
-            env.reset(seed=seed + ep)
-            done = False
-            while not done:
-                _, _, term, trunc, _ = env.step(env.action_space.sample())
-                done = term or trunc
+        run_episodes(env, episodes, seed=seed)
     return directory
 
 

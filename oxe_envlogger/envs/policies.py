@@ -81,3 +81,32 @@ def make_policy(name: str, env: gym.Env, seed: int = 0) -> Policy:
             k in env_id for k in ("Cheetah", "Ant", "Hopper", "Walker", "Swimmer", "Humanoid")):
         return _oscillator(env.action_space)
     raise ValueError(f"policy: no scripted policy for {env_id!r}; use --policy=random")
+
+
+def run_episodes(env: gym.Env, num_episodes: int, *, policy: Policy | None = None, seed: int = 0,
+                 max_steps: int | None = None, language_instruction: str | None = None,
+                 on_episode: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+    """Runs ``num_episodes`` episodes, resetting with seeds ``seed``, ``seed + 1``, ...
+
+    A logger's language instruction is ``language_instruction`` if given, else
+    ``info["language_instruction"]`` from reset where the env gives one. ``max_steps`` cuts episodes short (a logger then keeps the last one as invalid at
+    close). Returns ``{"steps", "return", "terminated"}`` per episode.
+    """
+    policy = policy or random_policy(env, seed)
+    results = []
+    for ep in range(num_episodes):
+        obs, info = env.reset(seed=seed + ep)
+        instruction = language_instruction or (
+            info.get("language_instruction") if isinstance(info, dict) else None)
+        if instruction is not None and hasattr(env, "set_language_instruction"):
+            env.set_language_instruction(instruction)
+        total, steps, done, terminated = 0.0, 0, False, False
+        while not done:
+            obs, reward, terminated, truncated, info = env.step(policy(obs))
+            total += float(reward)
+            steps += 1
+            done = terminated or truncated or (max_steps is not None and steps >= max_steps)
+        results.append({"steps": steps, "return": total, "terminated": bool(terminated)})
+        if on_episode is not None:
+            on_episode(results[-1])
+    return results

@@ -9,6 +9,7 @@ import gymnasium as gym
 import pytest
 
 from oxe_envlogger import AutoOXEEnvLogger
+from oxe_envlogger.envs import run_episodes
 
 CHEETAH_EPISODES, CHEETAH_STEPS = 3, 25
 CAMERA_EPISODES, CAMERA_STEPS = 3, 10
@@ -19,32 +20,19 @@ def log_cheetah(directory: str, *, episodes: int = CHEETAH_EPISODES, seed: int =
                 steps: int = CHEETAH_STEPS) -> str:
     env = AutoOXEEnvLogger(gym.make("HalfCheetah-v5", max_episode_steps=steps), "half_cheetah",
                            directory)
-    env.action_space.seed(seed)
     with env:
-        for ep in range(episodes):
-            env.reset(seed=seed + ep)
-            done = False
-            while not done:
-                _, _, term, trunc, _ = env.step(env.action_space.sample())
-                done = term or trunc
+        run_episodes(env, episodes, seed=seed)
     return directory
 
 
 def log_camera(directory: str, *, episodes: int = CAMERA_EPISODES, seed: int = 0,
                name: str = "camera", **options) -> str:
-    from oxe_envlogger.envs import ENV_ID, make_policy
+    from oxe_envlogger.envs import ENV_ID
 
     env = AutoOXEEnvLogger(gym.make(ENV_ID, image_size=CAMERA_IMAGE, wrist_size=CAMERA_WRIST,
                                     max_episode_steps=CAMERA_STEPS), name, directory, **options)
-    policy = make_policy("random", env, seed=seed)
     with env:
-        for ep in range(episodes):
-            obs, info = env.reset(seed=seed + ep)
-            env.set_language_instruction(info["language_instruction"])
-            done = False
-            while not done:
-                obs, _, term, trunc, _ = env.step(policy(obs))
-                done = term or trunc
+        run_episodes(env, episodes, seed=seed)
     return directory
 
 

@@ -12,8 +12,8 @@ import sys
 
 import gymnasium as gym
 
-import oxe_envlogger.envs  # noqa: F401  (registers oxe_envlogger/SyntheticCamera-v0)
 from oxe_envlogger import AutoOXEEnvLogger
+from oxe_envlogger.envs import random_policy, run_episodes  # (registers the W2 env too)
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -27,15 +27,10 @@ def make_w2(directory: str, episodes: int, *, seed: int = 0, steps: int = 8,
         gym.make("oxe_envlogger/SyntheticCamera-v0", image_size=image_size,
                  wrist_size=wrist_size, max_episode_steps=steps),
         name, directory, max_episodes_per_file=per_file)
-    env.action_space.seed(seed)
-    for ep in range(episodes + int(unfinished)):
-        _, info = env.reset(seed=seed + ep)
-        env.set_language_instruction(info["language_instruction"])
-        done, t = False, 0
-        while not done:
-            _, _, term, trunc, _ = env.step(env.action_space.sample())
-            t += 1
-            done = term or trunc or (ep == episodes and t >= steps // 2)
+    policy = random_policy(env, seed)
+    run_episodes(env, episodes, policy=policy, seed=seed)
+    if unfinished:
+        run_episodes(env, 1, policy=policy, seed=seed + episodes, max_steps=steps // 2)
     env.close()
     return directory
 
@@ -45,13 +40,7 @@ def make_w1(directory: str, episodes: int, *, seed: int = 0, steps: int = 30,
     """Logs ``episodes`` HalfCheetah-v5 episodes with random actions (W1-like)."""
     env = AutoOXEEnvLogger(gym.make("HalfCheetah-v5", max_episode_steps=steps), "half_cheetah",
                            directory, max_episodes_per_file=per_file)
-    env.action_space.seed(seed)
-    for ep in range(episodes):
-        env.reset(seed=seed + ep)
-        done = False
-        while not done:
-            _, _, term, trunc, _ = env.step(env.action_space.sample())
-            done = term or trunc
+    run_episodes(env, episodes, seed=seed)
     env.close()
     return directory
 
