@@ -202,7 +202,6 @@ def bench_w1(reps: int, episodes: int, steps: int, with_peer: bool) -> dict:
 
     raw, ours, peer = [], [], []
     ours_bytes = peer_bytes = 0
-    longest_ours = longest_peer = 0.0
     for _ in range(reps):
         tmp = tempfile.mkdtemp(prefix="w1_")
         try:

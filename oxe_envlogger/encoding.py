@@ -105,7 +105,6 @@ class ThreadEncodePool:
         self._done = threading.Condition()
         self.stalls = stalls or Stalls()
         self.frames = 0
-        self.encode_seconds = 0.0
 
     def _start(self) -> None:
         for i in range(self._threads_wanted):
@@ -120,9 +119,7 @@ class ThreadEncodePool:
                 return
             pixels, shape, codec, frame = job
             try:
-                t0 = time.perf_counter()
                 data = codecs.encode_raw(pixels, shape, codec)
-                self.encode_seconds += time.perf_counter() - t0
                 self.frames += 1
                 frame.data = data
             except BaseException as e:  # delivered to the writer through the frame
@@ -210,7 +207,6 @@ class ProcessEncodePool:
         self.stalls = stalls or Stalls()
         self.slot_bytes = int(slot_bytes)
         self.frames = 0
-        self.encode_seconds = 0.0  # not measured across processes
         size = self.slot_bytes * slots
         shm_dir = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
         fd, self._path = tempfile.mkstemp(prefix="oxe_frames_", dir=shm_dir)

@@ -27,7 +27,6 @@ class Closable(Protocol):
 # left by an exception) must still be closed at exit, so nothing here may be garbage collected.
 _open: dict[int, Closable] = {}
 _closing = threading.Event()
-_deferred_signal: list[int] = []
 _installed = False
 
 
@@ -90,8 +89,7 @@ def signals_deferred():
 
 def _on_sigterm(signum, frame):
     if _closing.is_set():
-        _deferred_signal.append(signum)  # finish closing first; exit follows
-        return
+        return  # already exiting: let the loggers finish closing
     raise SystemExit(128 + signum)
 
 

@@ -317,26 +317,25 @@ class EpisodeRecorder:
         return self._act.check(action)
 
     def _targets(self, stream: _Stream | None) -> list[_Stream]:
+        """The streams a setter applies to: the one given, else every stream (one, for a
+        single env)."""
         return self.streams if stream is None else [stream]
 
     def set_step_metadata(self, metadata: Mapping[str, Any], stream: _Stream | None = None,
                           ) -> None:
         self._ensure_open()
-        targets = self._targets(stream) if stream is not None or len(self.streams) > 1 else [self._s0]
-        updates = self._check_meta(metadata, self._step_meta, self._step_meta_frozen,
-                                   STEP_RESERVED, "step")
-        submitted = self._submit(updates)
-        for s in targets:
+        submitted = self._submit(self._check_meta(metadata, self._step_meta,
+                                                  self._step_meta_frozen, STEP_RESERVED, "step"))
+        for s in self._targets(stream):
             s.step_meta_now = {**s.step_meta_now, **submitted}
 
     def set_episode_metadata(self, metadata: Mapping[str, Any], stream: _Stream | None = None,
                              ) -> None:
         self._ensure_open()
-        targets = self._targets(stream) if stream is not None or len(self.streams) > 1 else [self._s0]
-        updates = self._check_meta(metadata, self._episode_meta, self._episode_meta_frozen,
-                                   EPISODE_RESERVED, "episode")
-        submitted = self._submit(updates)
-        for s in targets:
+        submitted = self._submit(self._check_meta(metadata, self._episode_meta,
+                                                  self._episode_meta_frozen, EPISODE_RESERVED,
+                                                  "episode"))
+        for s in self._targets(stream):
             s.episode_meta_now = {**s.episode_meta_now, **submitted}
 
     def _check_meta(self, metadata, parts, frozen, reserved, what) -> dict[str, tuple[_Part, list]]:
@@ -373,8 +372,7 @@ class EpisodeRecorder:
         if self._language is None:
             self._language = True
         value = instruction.encode("utf-8") if isinstance(instruction, str) else instruction
-        for s in (self._targets(stream) if stream is not None or len(self.streams) > 1
-                  else [self._s0]):
+        for s in self._targets(stream):
             s.language_now = value
 
     # -- the episode stream ------------------------------------------------------------------------

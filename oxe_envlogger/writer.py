@@ -85,13 +85,10 @@ class Schema:
         self.step_leaves: list[tuple[str, Leaf]] = list(iter_leaves(steps))
         self.episode_leaves: list[tuple[str, Leaf]] = [
             (p, leaf) for p, leaf in iter_leaves(spec) if not p.startswith("steps/") and p != "steps"]
-        self.features_json = None
+        self.index = {p: i for i, (p, _) in enumerate(self.step_leaves)}
         self.stat_keys = stats.stat_keys(self.step_leaves)
+        self.stat_shapes = {k: self.step_leaves[self.index[k]][1].shape for k in self.stat_keys}
         self.float_keys = [p for p, leaf in self.step_leaves if leaf.is_float]
-
-    def leaves_under(self, prefix: str) -> list[tuple[str, Leaf]]:
-        return [(p, leaf) for p, leaf in self.step_leaves
-                if p == prefix or p.startswith(prefix + "/")]
 
 
 def payload(leaf: Leaf, values: Sequence[Any]) -> record.Payload:
@@ -189,7 +186,6 @@ class DatasetWriter:
 
         schema = Schema(spec)
         features = spec_to_features_json(spec)
-        schema.features_json = features
         with self.dir.lock():
             self.dir.ensure(features, description=description, version=version, metadata=metadata)
             self.dir.update_metadata(lambda meta: layout.update_session(meta, self._session_json()))
@@ -310,6 +306,9 @@ class DatasetWriter:
     def _write_episode(self, rows: EpisodeRows) -> None:
         schema = self.schema
         step_columns = rows.step_columns()
+        for i, (_, leaf) in enumerate(schema.step_leaves):
+            if leaf.kind == "tensor":  # stacked once: for the payload and the statistics
+                step_columns[i] = np.asarray(step_columns[i], dtype=leaf.dtype)
         chunks, length = self._serialize(step_columns, rows.episode_values())
         opts = self.options
         size = record.framed_size(length)
@@ -325,8 +324,7 @@ class DatasetWriter:
             self._shard = record.RecordWriter(path)
             self._shard_episodes = 0
             self._shard_stats = stats.StatsSet(
-                {k: dict(schema.step_leaves)[k].shape for k in schema.stat_keys},
-                seed=int(self.writer_id[:8], 16) + self._shard_seq)
+                schema.stat_shapes, seed=int(self.writer_id[:8], 16) + self._shard_seq)
         self._shard.write_chunks(chunks, length)
         # Once write() returns the episode survives a crash of this process (it is in the page
         # cache); fsync makes it survive power loss too. Episodes queued behind this one share
@@ -337,16 +335,13 @@ class DatasetWriter:
         self.episodes_written += 1
         self.steps_written += rows.num_steps
         self.bytes_written += size
-        # Statistics and non-finite counts, from the columns already in memory.
-        index = {p: i for i, (p, _) in enumerate(schema.step_leaves)}
-        columns = {}
-        for key in set(schema.stat_keys) | set(schema.float_keys):
-            columns[key] = np.asarray(step_columns[index[key]], dtype=dict(schema.step_leaves)[key].dtype)
+        # Statistics and non-finite counts, from the stacked columns.
         for key in schema.float_keys:
-            bad = int(np.count_nonzero(~np.isfinite(columns[key])))
+            bad = int(np.count_nonzero(~np.isfinite(step_columns[schema.index[key]])))
             if bad:
                 self.nonfinite[key] = self.nonfinite.get(key, 0) + bad
-        self._shard_stats.add_episode({k: columns[k] for k in schema.stat_keys}, rows.num_steps)
+        self._shard_stats.add_episode({k: step_columns[schema.index[k]] for k in schema.stat_keys},
+                                      rows.num_steps)
 
     def _commit(self, *, final: bool = False) -> None:
         """Commits the open staging shard (if any) and refreshes this session's metadata."""

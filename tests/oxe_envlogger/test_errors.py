@@ -83,7 +83,6 @@ def test_unknown_and_missing_keys(dataset_dir):
                            "observation/extra")
     assert "unknown keys" in str(err)
     env = OXEEnvLogger(RecordingEnv(OBS, ACT), "missing", dataset_dir + "2")
-    env.unwrapped.observation_space = OBS
     with pytest.raises(UnknownKeyError, match=r"missing keys .*observation/cam"):
         env._recorder.check_observation({"state": np.zeros(3, np.float32)})
     env.close()
