@@ -3,13 +3,16 @@ measured in the same process, median of repetitions; one JSON line per figure se
 
     python bench/bench_logging.py                 # W1 (ours and envlogger 1.2's TFDS writer), W2
     python bench/bench_logging.py --workloads=w2 --reps=3
+    python bench/bench_logging.py --workloads=long   # memory over one long episode
 
 W1: HalfCheetah-v5, random actions seeded 0, 20 episodes of 1000 steps.
 W2: oxe_envlogger/SyntheticCamera-v0 (two cameras + state, language), 10 episodes of 200 steps,
     seed 0, PNG (default) and JPEG; plus encode time per frame for each codec next to the
     fastest encoder available for it.
 Figures: overhead = logged wall time (including close()) / raw wall time, steps/s, bytes on disk,
-the longest single step()/reset() call, resident memory above the raw loop.
+the longest single step()/reset() call, peak resident memory above the raw loop (each measured
+in a fresh process). ``--workloads=long``: one long W2 episode, with and without the episode
+byte budget (WriterOptions.max_episode_bytes).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -301,8 +305,8 @@ def bench_w2(reps: int, episodes: int, steps: int, codec: str) -> dict:
         "longest_call_ms": round(max(x["longest_call_s"] for x in ours) * 1e3, 2),
         "raw_longest_call_ms": round(max(x["longest_call_s"] for x in raw) * 1e3, 2),
         "close_ms": round(statistics.median(x["close_s"] for x in ours) * 1e3, 1),
-        "rss_above_raw_mb": round(statistics.median(x["rss_above_start_mb"] for x in ours)
-                                  - statistics.median(x["rss_above_start_mb"] for x in raw), 1),
+        "rss_above_raw_mb": round(fresh_process_memory(f"w2:{codec}:{episodes}:{steps}")
+                                  - fresh_process_memory(f"w2:raw:{episodes}:{steps}"), 1),
     }
 
 
@@ -369,6 +373,55 @@ def bench_codecs(n: int = 200) -> dict:
     return out
 
 
+def fresh_process_memory(config: str) -> float:
+    """Peak resident memory above the start of the loop, in MB, of one run in a new process.
+
+    Memory is measured in a fresh process because a process that already ran a loop reuses the
+    heap it grew then, so a second run in it shows almost no growth."""
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), f"--memory_child={config}"],
+                         capture_output=True, text=True, timeout=1800, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["rss_above_start_mb"]
+
+
+def _memory_child(config: str) -> dict:
+    from oxe_envlogger import WriterOptions
+
+    kind, codec, *rest = config.split(":")
+    tmp = tempfile.mkdtemp(prefix="mem_")
+    try:
+        if kind == "w2":
+            episodes, steps = int(rest[0]), int(rest[1])
+            budget = WriterOptions().max_episode_bytes
+        else:  # long:<codec>:<steps>:<budget or none>
+            episodes, steps = 1, int(rest[0])
+            budget = None if rest[1] == "none" else int(rest[1])
+
+        def make():
+            env = gym.make(oxe_envlogger.envs.ENV_ID, max_episode_steps=steps)
+            if codec == "raw":
+                return env
+            return AutoOXEEnvLogger(env, "mem", os.path.join(tmp, "ours"), image_codec=codec,
+                                    writer_options=WriterOptions(max_episode_bytes=budget))
+
+        r = timed(make, episodes, 0, language=True)
+        return {"config": config, "rss_above_start_mb": r["rss_above_start_mb"]}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def bench_long_episode(steps: int, budget: int) -> dict:
+    """One long W2 episode (JPEG): peak resident memory with the episode byte budget (the
+    episode is split into parts) and without it (held whole until it ends)."""
+    with_budget = fresh_process_memory(f"long:jpeg:{steps}:{budget}")
+    without = fresh_process_memory(f"long:jpeg:{steps}:none")
+    raw = fresh_process_memory(f"w2:raw:1:{steps}")
+    return {"bench": f"one long W2 episode ({steps} steps, jpeg): peak memory with "
+                     f"max_episode_bytes={budget} and without it",
+            "steps": steps,
+            "rss_above_raw_mb_budget": round(with_budget - raw, 1),
+            "rss_above_raw_mb_no_budget": round(without - raw, 1)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workloads", default="w1,w2,codecs")
@@ -377,10 +430,18 @@ def main() -> int:
     parser.add_argument("--w1_steps", type=int, default=1000)
     parser.add_argument("--w2_episodes", type=int, default=10)
     parser.add_argument("--w2_steps", type=int, default=200)
+    parser.add_argument("--long_steps", type=int, default=12000,
+                        help="steps of the single episode of --workloads=long")
+    parser.add_argument("--long_budget", type=int, default=64 * 2**20,
+                        help="max_episode_bytes for --workloads=long")
     parser.add_argument("--no_peer", action="store_true", help="skip envlogger 1.2")
     parser.add_argument("--w2_peer_reps", type=int, default=1,
                         help="repetitions of W2 through envlogger 1.2 (slow: ~1 min each)")
+    parser.add_argument("--memory_child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.memory_child:
+        print(json.dumps(_memory_child(args.memory_child)), flush=True)
+        return 0
     todo = args.workloads.split(",")
     if "w1" in todo:
         print(json.dumps(bench_w1(args.reps, args.w1_episodes, args.w1_steps, not args.no_peer)),
@@ -394,6 +455,8 @@ def main() -> int:
                   flush=True)
     if "codecs" in todo:
         print(json.dumps(bench_codecs()), flush=True)
+    if "long" in todo:
+        print(json.dumps(bench_long_episode(args.long_steps, args.long_budget)), flush=True)
     return 0
 
 

@@ -105,6 +105,7 @@ class ThreadEncodePool:
         self._done = threading.Condition()
         self.stalls = stalls or Stalls()
         self.frames = 0
+        self.bytes_out = 0  # encoded bytes of those frames
 
     def _start(self) -> None:
         for i in range(self._threads_wanted):
@@ -121,6 +122,7 @@ class ThreadEncodePool:
             try:
                 data = codecs.encode_raw(pixels, shape, codec)
                 self.frames += 1
+                self.bytes_out += len(data)
                 frame.data = data
             except BaseException as e:  # delivered to the writer through the frame
                 frame.error = e
@@ -207,6 +209,7 @@ class ProcessEncodePool:
         self.stalls = stalls or Stalls()
         self.slot_bytes = int(slot_bytes)
         self.frames = 0
+        self.bytes_out = 0  # encoded bytes of those frames
         size = self.slot_bytes * slots
         shm_dir = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
         fd, self._path = tempfile.mkstemp(prefix="oxe_frames_", dir=shm_dir)
@@ -329,6 +332,7 @@ class ProcessEncodePool:
             self._free.append(offset)
             if status == 0:
                 self.frames += 1
+                self.bytes_out += length
                 frame.data = payload
             else:
                 frame.error = WriterError(payload.decode("utf-8", "replace"))

@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 STEP_RESERVED = ("observation", "action", "reward", "discount", "is_first", "is_last",
                  "is_terminal", "language_instruction")
+_BUDGET_CHECK_STEPS = 32  # steps between checks of the episode byte budget (a power of 2)
 EPISODE_RESERVED = ("steps", "episode_id", "invalid")
 
 
@@ -147,6 +148,9 @@ class EpisodeRecorder:
                                     session=session)
         self.directory = self.writer.dir.path
         self._closed = False
+        self._max_episode_bytes = self.writer.options.max_episode_bytes
+        self._fixed_step_bytes: float | None = None
+        self._raw_frames: list[int] = []
 
         try:
             self._setup(observation, action, reward_dtype, discount_dtype, step_metadata,
@@ -400,6 +404,7 @@ class EpisodeRecorder:
         flat = self.check_observation(obs)
         if s.pending_obs is not None:
             self.end(stream=s)
+        s.part = 0
         s.pending_obs = self._obs.submit_images(flat)
 
     def step(self, action_flat: list, reward: Any, next_obs: Any, *, terminated: bool,
@@ -426,6 +431,47 @@ class EpisodeRecorder:
         if terminated or truncated:
             s.ended = True
             s.terminal = bool(terminated)
+        elif not len(s.rows) & (_BUDGET_CHECK_STEPS - 1) and self._max_episode_bytes:
+            self._split_if_over_budget(s)
+
+    def _step_bytes(self, s: _Stream) -> float:
+        """Estimated serialized bytes per step: fixed-size values from the spec, images at the
+        mean encoded size so far (their raw size before any frame is encoded)."""
+        fixed = self._fixed_step_bytes
+        if fixed is None:
+            fixed, raw_frames = 64.0, []  # reward, discount, flags and framing
+            for part in (self._obs, self._act, *self._step_meta.values()):
+                for _, leaf in (part.leaves if part is not None else ()):
+                    n = int(np.prod(leaf.shape))
+                    if leaf.kind == "image":
+                        raw_frames.append(n)
+                    elif leaf.kind == "tensor":
+                        fixed += n * (leaf.dtype.itemsize if leaf.encoding == "bytes"
+                                      else max(leaf.dtype.itemsize, 4)) + 8
+                    else:
+                        fixed += 64
+            self._fixed_step_bytes, self._raw_frames = fixed, raw_frames
+        encoder = self.writer.encoder
+        if self._raw_frames and encoder is not None and encoder.frames:
+            images = len(self._raw_frames) * (encoder.bytes_out / encoder.frames + 8)
+        else:
+            images = float(sum(self._raw_frames))
+        return fixed + images + len(s.language_now)
+
+    def _split_if_over_budget(self, s: _Stream) -> None:
+        """Ends the episode here (truncated) once it reaches ``max_episode_bytes``; the next
+        episode starts from the same observation and continues its episode id."""
+        if len(s.rows) * self._step_bytes(s) < self._max_episode_bytes:
+            return
+        pending = s.pending_obs
+        part = s.part
+        log.info("episode %s reached max_episode_bytes (%d) after %d steps: continuing it as "
+                 "part %d", s.base_id or "in progress", self._max_episode_bytes, len(s.rows),
+                 part + 1)
+        self.end(stream=s)
+        self.writer.episodes_split += 1
+        s.pending_obs = pending
+        s.part = part + 1
 
     def end(self, *, invalid: bool = False, stream: _Stream | None = None) -> None:
         """Writes the episode in progress (if it has at least one step) and clears it."""
@@ -443,7 +489,8 @@ class EpisodeRecorder:
         with lifecycle.signals_deferred():  # hand over exactly once, even on Ctrl-C
             rows = self._build_rows(s, invalid=invalid)
             s.clear()
-            self._episode_index += 1
+            if s.part == 0:  # the parts of a split episode share its index
+                self._episode_index += 1
             self.writer.put(rows)
 
     def _freeze(self) -> None:
@@ -463,7 +510,10 @@ class EpisodeRecorder:
         n = len(rows)
         terminal = s.terminal
         episode_meta = s.episode_meta_now
-        episode_id = f"{self.writer.writer_id}-{self._episode_index:06d}"
+        if s.part == 0:
+            episode_id = s.base_id = f"{self.writer.writer_id}-{self._episode_index:06d}"
+        else:
+            episode_id = f"{s.base_id}.{s.part}"
         language = self._language
         step_meta = list(self._step_meta.items())
         episode_meta_parts = list(self._episode_meta.items())
@@ -529,6 +579,8 @@ class _Stream:
         self.step_meta_now: dict[str, list] = {}
         self.episode_meta_now: dict[str, list] = {}
         self.language_now: bytes = b""
+        self.part = 0  # > 0: a continuation of a split episode (see max_episode_bytes)
+        self.base_id = ""  # the id of the episode's first part
         self.clear()
 
     def clear(self) -> None:

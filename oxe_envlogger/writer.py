@@ -32,6 +32,11 @@ from oxe_envlogger.specs import Group, Leaf, iter_leaves
 log = logging.getLogger(__name__)
 
 DEFAULT_SHARD_BYTES = 200 * 2**20
+# An episode is held in memory until it ends, and one part may be written while the next fills:
+# this bounds the logger's memory for endless episodes to about 1 GiB, far below the record
+# limit (2 GiB), which leaves room for the size estimate's error.
+DEFAULT_MAX_EPISODE_BYTES = 512 * 2**20
+_RECORD_LIMIT = record.MAX_RECORD_BYTES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +53,11 @@ class WriterOptions:
         0 encodes in threads, which the fastest PNG encoder stalls by holding the GIL).
       fsync: fsync every episode (durable against power loss, not only against crashes).
       split: the TFDS split written.
+      max_episode_bytes: an episode growing past about this many serialized bytes is split:
+        it ends there as truncated and the next episode continues from the same observation,
+        with the episode id ``<id>.1``, ``<id>.2``, ... (a tf.train.Example cannot exceed
+        2 GiB, and an episode is held in memory until it ends). None: never split (an
+        episode above 2 GiB is then lost with :class:`RecordTooLargeError`).
     """
 
     shard_bytes: int = DEFAULT_SHARD_BYTES
@@ -57,6 +67,7 @@ class WriterOptions:
     encode_processes: int | None = None
     fsync: bool = True
     split: str = layout.DEFAULT_SPLIT
+    max_episode_bytes: int | None = DEFAULT_MAX_EPISODE_BYTES
 
     def __post_init__(self):
         if self.shard_bytes <= 0:
@@ -65,6 +76,10 @@ class WriterOptions:
             raise ValueError(f"max_episodes_per_file: expected > 0, given {self.max_episodes_per_file}")
         if self.queue_episodes < 1:
             raise ValueError(f"queue_episodes: expected >= 1, given {self.queue_episodes}")
+        if self.max_episode_bytes is not None and not (
+                0 < self.max_episode_bytes <= _RECORD_LIMIT):
+            raise ValueError(f"max_episode_bytes: expected 1..{_RECORD_LIMIT} or None, "
+                             f"given {self.max_episode_bytes}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,6 +172,7 @@ class DatasetWriter:
         self._shard_stats: stats.StatsSet | None = None
         self.committed_shards: list[str] = []
         self.episodes_written = 0
+        self.episodes_split = 0  # episodes ended early at the byte budget (set by the recorder)
         self.steps_written = 0
         self.bytes_written = 0
         self.nonfinite: dict[str, int] = {}
@@ -375,6 +391,7 @@ class DatasetWriter:
             "shards": list(self.committed_shards),
             "stalls": self.stalls.to_json(),
             "nonfinite_values": dict(self.nonfinite),
+            "episodes_split": self.episodes_split,
             "frames_encoded": self.encoder.frames if self.encoder else 0,
             "image_encoders": self.encoder.kind if self.encoder else None,
         })

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from gymnasium.vector import AutoresetMode
 
-from oxe_envlogger import VectorOXEEnvLogger
+from oxe_envlogger import VectorOXEEnvLogger, WriterOptions
 from tests.helpers import read_tfds
 
 NUM_ENVS = 3
@@ -105,3 +105,42 @@ def test_vector_metadata_per_sub_env(dataset_dir):
     assert sorted(int(e["sub_env"]) for e in episodes) == [0, 1]
     for e in episodes:
         assert set(e["steps"]["language_instruction"].tolist()) == {b"balance"}
+
+
+@pytest.mark.parametrize("mode", [AutoresetMode.NEXT_STEP, AutoresetMode.SAME_STEP])
+def test_vector_env_episodes_split_at_the_byte_budget_join_back(mode, dataset_dir):
+    """A tiny max_episode_bytes splits every sub-env episode longer than 32 steps; the parts,
+    joined per episode id, are the sequential reference episodes."""
+    venv = gym.make_vec("CartPole-v1", num_envs=NUM_ENVS, vectorization_mode="sync",
+                        vector_kwargs={"autoreset_mode": mode})
+    env = VectorOXEEnvLogger(venv, "vector_split", dataset_dir,
+                             writer_options=WriterOptions(max_episode_bytes=1000))
+    _drive(env, mode, seed=7, calls=STEPS)
+    env.close()
+    parts: dict[str, dict[int, dict]] = {}
+    for e in read_tfds(dataset_dir):
+        base, _, k = e["episode_id"].decode().partition(".")
+        parts.setdefault(base, {})[int(k or 0)] = e
+    assert any(len(p) > 1 for p in parts.values())
+    joined = {}
+    for by_k in parts.values():
+        assert sorted(by_k) == list(range(len(by_k)))
+        seq = [by_k[k] for k in range(len(by_k))]
+        assert all(not p["steps"]["is_terminal"].any() for p in seq[:-1])
+        steps = {key: np.concatenate([p["steps"][key][:-1] for p in seq[:-1]]
+                                     + [seq[-1]["steps"][key]])
+                 for key in ("observation", "action", "reward", "is_terminal")}
+        joined[_episode_key(steps)] = (steps, seq[-1]["invalid"])
+    checked = 0
+    for i in range(NUM_ENVS):
+        for ref in _reference(7, i, STEPS):
+            key = np.asarray(ref["obs"][0]).tobytes()
+            if key not in joined or joined[key][1]:
+                continue
+            steps, _ = joined[key]
+            np.testing.assert_array_equal(steps["observation"], np.stack(ref["obs"]))
+            np.testing.assert_array_equal(steps["action"][:-1], ref["actions"])
+            np.testing.assert_array_equal(steps["reward"][:-1], ref["rewards"])
+            assert bool(steps["is_terminal"][-1]) == ref["terminated"]
+            checked += 1
+    assert checked == sum(not v[1] for v in joined.values()) and checked >= NUM_ENVS * 3
