@@ -35,6 +35,7 @@ import json
 import logging
 import mmap
 import os
+import re
 import shutil
 import threading
 import uuid
@@ -83,6 +84,7 @@ class ReshardOptions:
         has none); a ``steps/`` key holds one value per step, another key one per episode.
       validation_fraction: fraction of the kept episodes moved to ``validation_split``; the
         choice is a seeded hash ranking of the episode ids, so it does not depend on numpy.
+        The parts of an episode that the logger split at ``max_episode_bytes`` stay together.
       validation_split: name of that split (``"val"``, as the Open X-Embodiment loaders expect).
       split_seed: seed of the validation choice.
       rename_features: ``{old path: new path}`` of features (and feature groups), e.g.
@@ -720,11 +722,39 @@ def _output_size(ref: EpisodeRef, transform: Transform, language: bytes | None) 
     return record.framed_size(example_size(body))
 
 
-def _validation_rank(seed: int, ref: EpisodeRef, global_index: int) -> bytes:
+# The id of a later part of an episode that the logger split at its byte budget
+# (``<writer id>-<index>.<part>``, see WriterOptions.max_episode_bytes).
+_PART_ID = re.compile(r"^([0-9a-f]{12}-\d{6})\.\d+$")
+
+
+def _episode_group(ref: EpisodeRef, global_index: int) -> str:
+    """The episode an episode record belongs to: its id, or for a part of a split episode the
+    id of the first part; the merged index where there is no id."""
+    if not ref.episode_id:
+        return f"#{global_index}"
+    m = _PART_ID.match(ref.episode_id)
+    return m.group(1) if m else ref.episode_id
+
+
+def _validation_rank(seed: int, group: str) -> bytes:
     # Keyed by the episode id where there is one, so that an episode keeps its side when
     # other datasets join the merge.
-    key = ref.episode_id if ref.episode_id else f"#{global_index}"
-    return hashlib.sha256(f"{seed}\0{key}".encode()).digest()
+    return hashlib.sha256(f"{seed}\0{group}".encode()).digest()
+
+
+def _choose_validation(kept: list[PlannedEpisode], k: int, seed: int) -> set[int]:
+    """Indices into ``kept`` of about ``k`` validation episodes, chosen by a seeded hash of each
+    episode's group, so that the parts of a split episode stay on one side."""
+    groups = [_episode_group(e.ref, e.global_index) for e in kept]
+    ranked = sorted(range(len(kept)), key=lambda i: _validation_rank(seed, groups[i]))
+    chosen: set[int] = set()
+    chosen_groups: set[str] = set()
+    for i in ranked:  # the parts of a group are adjacent: they share its rank
+        if len(chosen) >= k and groups[i] not in chosen_groups:
+            break
+        chosen.add(i)
+        chosen_groups.add(groups[i])
+    return chosen
 
 
 def build_plan(inputs: Inputs, refs: Iterable[EpisodeRef], options: ReshardOptions,
@@ -784,9 +814,7 @@ def build_plan(inputs: Inputs, refs: Iterable[EpisodeRef], options: ReshardOptio
         log.warning("validation_fraction %s of %d episodes rounds to none; no %r split",
                     options.validation_fraction, len(kept), options.validation_split)
     if k:
-        ranked = sorted(range(len(kept)), key=lambda i: _validation_rank(
-            options.split_seed, kept[i].ref, kept[i].global_index))
-        chosen = set(ranked[:k])
+        chosen = _choose_validation(kept, k, options.split_seed)
         splits = {layout.DEFAULT_SPLIT: [e for i, e in enumerate(kept) if i not in chosen],
                   options.validation_split: [e for i, e in enumerate(kept) if i in chosen]}
         if not splits[layout.DEFAULT_SPLIT]:

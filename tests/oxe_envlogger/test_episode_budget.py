@@ -108,3 +108,32 @@ def test_bad_budget_is_a_clear_error(bad):
     with pytest.raises(ValueError, match=r"max_episode_bytes: expected 1\.\.2147483647 or None, "
                                          rf"given {bad}"):
         WriterOptions(max_episode_bytes=bad)
+
+
+def test_reshard_validation_split_keeps_the_parts_of_an_episode_together(tmp_path):
+    from oxe_envlogger import reshard
+    from oxe_envlogger.reshard import ReshardOptions
+
+    source = str(tmp_path / "source")
+    env = AutoOXEEnvLogger(gym.make(oxe_envlogger.envs.ENV_ID, image_size=32, wrist_size=16,
+                                    max_episode_steps=100), "budget", source,
+                           writer_options=WriterOptions(max_episode_bytes=20_000))
+    run_episodes(env, 8)
+    env.close()
+    episodes = read_tfds(source)
+    groups = {e["episode_id"].decode().partition(".")[0] for e in episodes}
+    assert len(groups) == 8 and len(episodes) >= 16  # every episode was split
+    sides_seen = set()
+    for seed in range(4):
+        out = str(tmp_path / f"out{seed}")
+        reshard.reshard([source], out, ReshardOptions(validation_fraction=0.3, split_seed=seed))
+        side = {}
+        for split in ("train", "val"):
+            for e in read_tfds(out, split):
+                side.setdefault(e["episode_id"].decode().partition(".")[0], set()).add(split)
+        assert set(side) == groups
+        assert all(len(s) == 1 for s in side.values()), side  # no episode on both sides
+        val = sorted(g for g, s in side.items() if s == {"val"})
+        assert 0 < len(val) < len(groups)
+        sides_seen.add(tuple(val))
+    assert len(sides_seen) > 1  # the seed matters
