@@ -525,3 +525,15 @@ def recover_main(argv: list[str] | None = None) -> int:
     for d in args:
         print(json.dumps({"directory": d, **recover(d)}))
     return 0
+
+
+# The id of a later part of an episode that the logger split at its byte budget:
+# ``<writer id>-<index>.<part>`` (see WriterOptions.max_episode_bytes).
+_PART_ID = re.compile(r"^([0-9a-f]{12}-\d{6})\.\d+$")
+
+
+def episode_group(episode_id: str) -> str:
+    """The episode an episode record belongs to: the id itself, or for a later part of an
+    episode the logger split, the id of its first part."""
+    m = _PART_ID.match(episode_id)
+    return m.group(1) if m else episode_id

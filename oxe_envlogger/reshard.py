@@ -35,7 +35,6 @@ import json
 import logging
 import mmap
 import os
-import re
 import shutil
 import threading
 import uuid
@@ -722,18 +721,10 @@ def _output_size(ref: EpisodeRef, transform: Transform, language: bytes | None) 
     return record.framed_size(example_size(body))
 
 
-# The id of a later part of an episode that the logger split at its byte budget
-# (``<writer id>-<index>.<part>``, see WriterOptions.max_episode_bytes).
-_PART_ID = re.compile(r"^([0-9a-f]{12}-\d{6})\.\d+$")
-
-
 def _episode_group(ref: EpisodeRef, global_index: int) -> str:
-    """The episode an episode record belongs to: its id, or for a part of a split episode the
-    id of the first part; the merged index where there is no id."""
-    if not ref.episode_id:
-        return f"#{global_index}"
-    m = _PART_ID.match(ref.episode_id)
-    return m.group(1) if m else ref.episode_id
+    """The episode an episode record belongs to (see :func:`layout.episode_group`); the merged
+    index where there is no id."""
+    return layout.episode_group(ref.episode_id) if ref.episode_id else f"#{global_index}"
 
 
 def _validation_rank(seed: int, group: str) -> bytes:

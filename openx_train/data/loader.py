@@ -41,6 +41,7 @@ from openx_train.data.loading import load_dataset, step_leaves
 from openx_train.data.mixture import resolve_mixture_weights
 from openx_train.data.standardize import ResolvedStructure, resolve_structure, select_structure
 from openx_train.data.statistics import DatasetStatistics, compute_dataset_statistics
+from oxe_envlogger import layout
 
 log = logging.getLogger(__name__)
 
@@ -90,12 +91,15 @@ def dataset_name(cfg: DatasetConfig) -> str:
 
 def _held_out(ids: Sequence[bytes], fraction: float, seed: int) -> np.ndarray:
     """Which episodes are validation: a hash of (seed, episode id) below ``fraction``; stable
-    when episodes are appended or reordered; at least one episode when ``fraction > 0``."""
+    when episodes are appended or reordered; at least one episode when ``fraction > 0``. The
+    parts of an episode that the logger split share its first part's id here, so they stay on
+    one side."""
     if fraction <= 0 or not len(ids):
         return np.zeros(len(ids), bool)
+    groups = [layout.episode_group(i.decode("utf-8", "replace")).encode() for i in ids]
     u = np.array([int.from_bytes(hashlib.blake2b(
-        _HOLDOUT_SALT + str(seed).encode() + b":" + i, digest_size=8).digest(), "little")
-        / 2.0**64 for i in ids])
+        _HOLDOUT_SALT + str(seed).encode() + b":" + g, digest_size=8).digest(), "little")
+        / 2.0**64 for g in groups])
     held = u < fraction
     if not held.any():
         held[np.argmin(u)] = True

@@ -238,3 +238,21 @@ def test_held_out_episodes_do_not_change_when_episodes_are_appended():
     assert 0.05 < after.mean() < 0.15
     assert not np.array_equal(_held_out(ids, 0.1, seed=1), after)
     assert _held_out(ids[:2], 0.01, seed=0).sum() == 1  # at least one validation episode
+
+
+def test_held_out_keeps_the_parts_of_a_split_episode_together():
+    from openx_train.data.loader import _held_out
+
+    ids = []
+    for i in range(200):
+        base = f"0123456789ab-{i:06d}"
+        ids += [base.encode()] + [f"{base}.{k}".encode() for k in range(1, 1 + i % 3)]
+    held = _held_out(ids, 0.2, seed=0)
+    side: dict[bytes, set[bool]] = {}
+    for i, h in zip(ids, held):
+        side.setdefault(i.split(b".")[0], set()).add(bool(h))
+    assert all(len(s) == 1 for s in side.values())
+    assert 0.1 < np.mean([s == {True} for s in side.values()]) < 0.3
+    # Ids that are not the logger's part ids are separate episodes, dots or not.
+    other = [f"traj.{k}".encode() for k in range(300)]
+    assert 0 < _held_out(other, 0.2, seed=0).sum() < 300
