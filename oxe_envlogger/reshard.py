@@ -1084,11 +1084,13 @@ def _statistics_json(plan: Plan, results: Sequence[ShardResult]) -> dict | None:
     if any(r.stats is None for r in results):
         return None
     total = stats.StatsSet({})
+    splits: dict[str, stats.StatsSet] = {}
     covers: dict[str, dict[str, int]] = {}
     for r in _ordered(plan, results):
         total.merge(stats.StatsSet.from_json(r.stats))
+        splits.setdefault(r.split, stats.StatsSet({})).merge(stats.StatsSet.from_json(r.stats))
         covers.setdefault(r.split, {})[r.filename] = r.num_episodes
-    return total.to_json(covers)
+    return total.to_json(covers, splits)
 
 
 def _ordered(plan: Plan, results: Sequence[ShardResult]) -> list[ShardResult]:

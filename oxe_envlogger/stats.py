@@ -7,7 +7,8 @@ Non-finite elements are left out (and counted by the writer separately).
 
 The statistics cover the steps a policy trains on: every step but the final one of each episode
 (whose action is padding). ``statistics.json`` records which shards it covers, so a reader can
-tell whether it is current.
+tell whether it is current. It holds the statistics of all splits together and, under
+``splits``, of each split alone (a trainer normalizes with the train split's).
 """
 
 from __future__ import annotations
@@ -180,17 +181,28 @@ class StatsSet:
             else:
                 self.keys[k] = st
 
-    def to_json(self, covers: Mapping[str, Mapping[str, int]]) -> dict[str, Any]:
+    def body_json(self) -> dict[str, Any]:
         return {
-            "format_version": FORMAT_VERSION,
-            "note": "statistics over every step but the last of each episode; 'covers' lists "
-                    "the shards included",
             "num_episodes": self.num_episodes,
             "num_steps": self.num_steps,
-            "covers": {s: dict(v) for s, v in covers.items()},
             "keys": {k: {"summary": st.summary(), "state": st.to_json()}
                      for k, st in self.keys.items()},
         }
+
+    def to_json(self, covers: Mapping[str, Mapping[str, int]],
+                splits: Mapping[str, StatsSet] | None = None) -> dict[str, Any]:
+        """``statistics.json``: this set (all splits), the shards it covers, and the set of
+        each split where known."""
+        out = {
+            "format_version": FORMAT_VERSION,
+            "note": "statistics over every step but the last of each episode; 'covers' lists "
+                    "the shards included; 'splits' holds each split's own statistics",
+            **self.body_json(),
+            "covers": {s: dict(v) for s, v in covers.items()},
+        }
+        if splits is not None:
+            out["splits"] = {name: st.body_json() for name, st in splits.items()}
+        return out
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> StatsSet:
@@ -201,22 +213,63 @@ class StatsSet:
         return s
 
 
-def load(directory: str | os.PathLike) -> tuple[StatsSet, dict[str, dict[str, int]]] | None:
+def _read(directory: str | os.PathLike) -> dict | None:
     data = layout.read_json(os.path.join(directory, layout.STATISTICS))
     if not data or data.get("format_version") != FORMAT_VERSION:
+        return None
+    return data
+
+
+def _splits_of(data: Mapping[str, Any], total: StatsSet, covers: Mapping[str, Any],
+               ) -> dict[str, StatsSet] | None:
+    """Each split's statistics; a file written before they were kept per split has them only
+    when it covers a single split (which its totals then are)."""
+    if "splits" in data:
+        return {name: StatsSet.from_json(v) for name, v in data["splits"].items()}
+    if len(covers) <= 1:
+        return {name: total for name in covers}
+    return None
+
+
+def load(directory: str | os.PathLike) -> tuple[StatsSet, dict[str, dict[str, int]]] | None:
+    """The statistics of all splits together and the shards they cover; None if missing."""
+    data = _read(directory)
+    if data is None:
         return None
     return StatsSet.from_json(data), {s: dict(v) for s, v in data.get("covers", {}).items()}
 
 
+def load_split(directory: str | os.PathLike, split: str) -> StatsSet | None:
+    """The statistics of one split alone; None if missing or not kept per split. Whether they
+    are current is :func:`is_current` with the split."""
+    data = _read(directory)
+    if data is None:
+        return None
+    total = StatsSet.from_json(data)
+    splits = _splits_of(data, total, data.get("covers", {}))
+    return None if splits is None else splits.get(split)
+
+
 def merge_into(directory: str | os.PathLike, new: StatsSet, split: str,
                shard_files: Mapping[str, int]) -> None:
-    """Merges ``new`` (covering ``shard_files`` of ``split``) into ``statistics.json``.
-    Caller holds the dataset lock."""
-    loaded = load(directory)
-    total, covers = loaded if loaded is not None else (StatsSet({}), {})
+    """Merges ``new`` (covering ``shard_files`` of ``split``) into ``statistics.json``, into
+    the totals and into ``split``'s own statistics. Caller holds the dataset lock."""
+    data = _read(directory)
+    if data is None:
+        total, covers, splits = StatsSet({}), {}, {}
+    else:
+        total = StatsSet.from_json(data)
+        covers = {s: dict(v) for s, v in data.get("covers", {}).items()}
+        splits = _splits_of(data, StatsSet.from_json(data), covers)
     total.merge(new)
+    if splits is not None:
+        if split in splits:
+            splits[split].merge(new)
+        else:
+            splits[split] = StatsSet.from_json(new.to_json({}))  # a copy: `total` took `new`'s keys
     covers.setdefault(split, {}).update({os.path.basename(k): int(v) for k, v in shard_files.items()})
-    layout.atomic_write_json(os.path.join(directory, layout.STATISTICS), total.to_json(covers))
+    layout.atomic_write_json(os.path.join(directory, layout.STATISTICS),
+                             total.to_json(covers, splits))
 
 
 def is_current(directory: str | os.PathLike, split: str | None = None) -> bool:

@@ -2,8 +2,9 @@
 
 Sources, in order:
 
-1. ``statistics.json``, written by the logger, when it covers exactly the split's committed shards
-   and no other split (``oxe_envlogger.stats.is_current``) and has every requested key;
+1. the split's own statistics in ``statistics.json`` (written by the logger and the resharder),
+   when they cover exactly the split's committed shards (``oxe_envlogger.stats.is_current``) and
+   have every requested key;
 2. a cache file ``dataset_statistics_<key>.json`` beside the data (or in the user cache directory,
    see :mod:`openx_train.data.cache`), whose key hashes the data files, the split and the keys, so
    a cache of other data is never read;
@@ -146,11 +147,8 @@ def statistics_keys(path: PathLike, keys: Sequence[str] | None = None) -> list[s
 
 
 def _from_stored(path: str, split: str, keys: Iterable[str]) -> DatasetStatistics | None:
-    loaded = oxe_stats.load(path)
-    if loaded is None:
-        return None
-    stored, covers = loaded
-    if set(covers) != {split} or not oxe_stats.is_current(path, split):
+    stored = oxe_stats.load_split(path, split)
+    if stored is None or not oxe_stats.is_current(path, split):
         return None
     if any(k not in stored.keys for k in keys):
         return None

@@ -84,14 +84,42 @@ def test_stale_or_foreign_stored_statistics_are_not_used(tmp_path):
     with open(path) as f:
         data = json.load(f)
     data["covers"]["validation"] = {"x-validation.tfrecord-00000": 1}
+    own = data.pop("splits")
     with open(path, "w") as f:
         json.dump(data, f)
-    assert compute_dataset_statistics(directory).source == "computed"  # covers another split
+    # Totals over two splits, without each split's own: not the train split's statistics.
+    assert compute_dataset_statistics(directory).source == "computed"
+    data["splits"] = own
+    with open(path, "w") as f:
+        json.dump(data, f)
+    assert compute_dataset_statistics(directory).source == "stored"  # the train split's own
     data["covers"].pop("validation")
     data["covers"]["train"] = {}
     with open(path, "w") as f:
         json.dump(data, f)
     assert compute_dataset_statistics(directory).source == "cache"  # stale: not current
+
+
+def test_the_train_splits_own_statistics_are_used_in_a_multi_split_dataset(tmp_path):
+    from oxe_envlogger import reshard
+    from oxe_envlogger.reshard import ReshardOptions
+
+    source = log_cheetah(str(tmp_path / "d"), episodes=6)
+    out = str(tmp_path / "split")
+    reshard.reshard([source], out, ReshardOptions(validation_fraction=0.34))
+    stats = compute_dataset_statistics(out)
+    assert stats.source == "stored" and stats.num_episodes == 4
+    want = _numpy_stats_split(out, "action", "train")
+    np.testing.assert_allclose(stats["action"].mean, want["mean"], rtol=1e-9)
+    np.testing.assert_allclose(stats["action"].std, want["std"], rtol=1e-9)
+    computed = compute_dataset_statistics(out, use_stored=False)
+    np.testing.assert_allclose(computed["action"].mean, stats["action"].mean, rtol=1e-9)
+
+
+def _numpy_stats_split(directory: str, key: str, split: str) -> dict:
+    rows = np.concatenate([np.asarray(ep["steps"][key], np.float64)[:-1]
+                           for ep in read_episodes(directory, split=split, keys={key})])
+    return {"mean": rows.mean(0), "std": rows.std(0)}
 
 
 def test_a_read_only_dataset_caches_in_the_user_cache_dir(tmp_path, monkeypatch):

@@ -61,6 +61,33 @@ def test_statistics_merge_across_appends_and_match_the_data(dataset_dir):
         layout.shard_paths(dataset_dir, layout.read_json(os.path.join(dataset_dir, layout.DATASET_INFO)), "train"))
 
 
+def test_statistics_are_kept_per_split(dataset_dir):
+    """Two splits written by separate loggers (and an append to the first): each split's own
+    statistics match its data, the totals match all of it."""
+    for run, split in enumerate(("train", "val", "train")):
+        env = OXEEnvLogger(RecordingEnv(BOX, BOX, episode_len=5 + run, seed=run), "splits",
+                           dataset_dir, writer_options=WriterOptions(split=split))
+        run_episodes(env, 2 + run, seed=run * 10)
+        env.close()
+    data = {}
+    for split in ("train", "val"):
+        episodes = read_tfds(dataset_dir, split)
+        data[split] = np.concatenate([e["steps"]["action"][:-1] for e in episodes]).astype(np.float64)
+        assert stats.is_current(dataset_dir, split)
+        own = stats.load_split(dataset_dir, split)
+        assert own.num_episodes == len(episodes)
+        summary = own.keys["action"].summary()
+        np.testing.assert_allclose(summary["mean"], data[split].mean(0), rtol=1e-9)
+        np.testing.assert_array_equal(summary["max"], data[split].max(0))
+        assert summary["count"] == [len(data[split])] * 4
+    total, covers = stats.load(dataset_dir)
+    assert set(covers) == {"train", "val"}
+    both = np.concatenate([data["train"], data["val"]])
+    np.testing.assert_allclose(total.keys["action"].summary()["mean"], both.mean(0), rtol=1e-9)
+    assert total.num_episodes == 2 + 3 + 4
+    assert stats.load_split(dataset_dir, "test") is None
+
+
 def test_running_stats_merge_equals_one_pass():
     rng = np.random.default_rng(0)
     data = rng.normal(3, 2, (5000, 3))
