@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 STEP_RESERVED = ("observation", "action", "reward", "discount", "is_first", "is_last",
                  "is_terminal", "language_instruction")
 _BUDGET_CHECK_STEPS = 32  # steps between checks of the episode byte budget (a power of 2)
+_BUDGET_MASK = _BUDGET_CHECK_STEPS - 1
 EPISODE_RESERVED = ("steps", "episode_id", "invalid")
 
 
@@ -431,7 +432,7 @@ class EpisodeRecorder:
         if terminated or truncated:
             s.ended = True
             s.terminal = bool(terminated)
-        elif not len(s.rows) & (_BUDGET_CHECK_STEPS - 1) and self._max_episode_bytes:
+        elif not len(s.rows) & _BUDGET_MASK and self._max_episode_bytes:
             self._split_if_over_budget(s)
 
     def _step_bytes(self, s: _Stream) -> float:

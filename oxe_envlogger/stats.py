@@ -200,7 +200,8 @@ class StatsSet:
             **self.body_json(),
             "covers": {s: dict(v) for s, v in covers.items()},
         }
-        if splits is not None:
+        # A single split's statistics are the totals: written once (see _splits_of).
+        if splits is not None and not (len(splits) == 1 and set(splits) == set(covers)):
             out["splits"] = {name: st.body_json() for name, st in splits.items()}
         return out
 
@@ -222,8 +223,8 @@ def _read(directory: str | os.PathLike) -> dict | None:
 
 def _splits_of(data: Mapping[str, Any], total: StatsSet, covers: Mapping[str, Any],
                ) -> dict[str, StatsSet] | None:
-    """Each split's statistics; a file written before they were kept per split has them only
-    when it covers a single split (which its totals then are)."""
+    """Each split's statistics. A file that covers a single split holds them once, as the
+    totals; one written before they were kept per split has them only in that case."""
     if "splits" in data:
         return {name: StatsSet.from_json(v) for name, v in data["splits"].items()}
     if len(covers) <= 1:
