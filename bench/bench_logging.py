@@ -18,6 +18,8 @@ byte budget (WriterOptions.max_episode_bytes).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import gc
 import json
 import os
@@ -95,18 +97,23 @@ def run_loop(env, episodes: int, seed: int, *, language: bool = False) -> dict:
     return {"steps": steps, "longest_call_s": longest}
 
 
-def timed(make_env, episodes, seed, *, language=False, close=True) -> dict:
+def timed(make_env, episodes, seed, *, language=False, close=True, memory=False) -> dict:
+    """Runs and times the loop; ``memory``: also samples this process's peak memory (only in a
+    fresh process, see :func:`fresh_process_memory`: the sampling thread would share the GIL
+    with the timed loop)."""
     env = make_env()
     gc.collect()
-    with RSSSampler() as rss:
-        base_rss = rss.peak
+    with RSSSampler() if memory else contextlib.nullcontext() as rss:
+        base_rss = rss.peak if memory else 0
         t0 = time.perf_counter()
         out = run_loop(env, episodes, seed, language=language)
         t1 = time.perf_counter()
         if close:
             env.close()
         t2 = time.perf_counter()
-    out.update(wall_s=t2 - t0, close_s=t2 - t1, rss_above_start_mb=(rss.peak - base_rss) / 2**20)
+    out.update(wall_s=t2 - t0, close_s=t2 - t1)
+    if memory:
+        out["rss_above_start_mb"] = (rss.peak - base_rss) / 2**20
     return out
 
 
@@ -373,6 +380,7 @@ def bench_codecs(n: int = 200) -> dict:
     return out
 
 
+@functools.cache  # the raw loop's figure serves every codec
 def fresh_process_memory(config: str) -> float:
     """Peak resident memory above the start of the loop, in MB, of one run in a new process.
 
@@ -403,7 +411,7 @@ def _memory_child(config: str) -> dict:
             return AutoOXEEnvLogger(env, "mem", os.path.join(tmp, "ours"), image_codec=codec,
                                     writer_options=WriterOptions(max_episode_bytes=budget))
 
-        r = timed(make, episodes, 0, language=True)
+        r = timed(make, episodes, 0, language=True, memory=True)
         return {"config": config, "rss_above_start_mb": r["rss_above_start_mb"]}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

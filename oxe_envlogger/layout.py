@@ -527,9 +527,15 @@ def recover_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-# The id of a later part of an episode that the logger split at its byte budget:
-# ``<writer id>-<index>.<part>`` (see WriterOptions.max_episode_bytes).
+# Episode ids: ``<writer id>-<index>``, and ``<writer id>-<index>.<part>`` for the later parts
+# of an episode that the logger split at its byte budget (see WriterOptions.max_episode_bytes).
 _PART_ID = re.compile(r"^([0-9a-f]{12}-\d{6})\.\d+$")
+
+
+def episode_id(writer_id: str, index: int, part: int = 0) -> str:
+    """The id of a writer's ``index``-th episode (of its ``part``-th part, when split)."""
+    base = f"{writer_id}-{index:06d}"
+    return f"{base}.{part}" if part else base
 
 
 def episode_group(episode_id: str) -> str:

@@ -49,8 +49,7 @@ log = logging.getLogger(__name__)
 
 STEP_RESERVED = ("observation", "action", "reward", "discount", "is_first", "is_last",
                  "is_terminal", "language_instruction")
-_BUDGET_CHECK_STEPS = 32  # steps between checks of the episode byte budget (a power of 2)
-_BUDGET_MASK = _BUDGET_CHECK_STEPS - 1
+_BUDGET_MASK = 31  # the episode byte budget is checked every 32 steps
 EPISODE_RESERVED = ("steps", "episode_id", "invalid")
 
 
@@ -466,9 +465,8 @@ class EpisodeRecorder:
             return
         pending = s.pending_obs
         part = s.part
-        log.info("episode %s reached max_episode_bytes (%d) after %d steps: continuing it as "
-                 "part %d", s.base_id or "in progress", self._max_episode_bytes, len(s.rows),
-                 part + 1)
+        log.info("an episode reached max_episode_bytes (%d) after %d steps: continuing it as "
+                 "part %d", self._max_episode_bytes, len(s.rows), part + 1)
         self.end(stream=s)
         self.writer.episodes_split += 1
         s.pending_obs = pending
@@ -512,9 +510,8 @@ class EpisodeRecorder:
         terminal = s.terminal
         episode_meta = s.episode_meta_now
         if s.part == 0:
-            episode_id = s.base_id = f"{self.writer.writer_id}-{self._episode_index:06d}"
-        else:
-            episode_id = f"{s.base_id}.{s.part}"
+            s.base_index = self._episode_index
+        episode_id = layout.episode_id(self.writer.writer_id, s.base_index, s.part)
         language = self._language
         step_meta = list(self._step_meta.items())
         episode_meta_parts = list(self._episode_meta.items())
@@ -581,7 +578,7 @@ class _Stream:
         self.episode_meta_now: dict[str, list] = {}
         self.language_now: bytes = b""
         self.part = 0  # > 0: a continuation of a split episode (see max_episode_bytes)
-        self.base_id = ""  # the id of the episode's first part
+        self.base_index = 0  # the episode index of its first part
         self.clear()
 
     def clear(self) -> None:

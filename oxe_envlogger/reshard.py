@@ -1087,8 +1087,9 @@ def _statistics_json(plan: Plan, results: Sequence[ShardResult]) -> dict | None:
     splits: dict[str, stats.StatsSet] = {}
     covers: dict[str, dict[str, int]] = {}
     for r in _ordered(plan, results):
-        total.merge(stats.StatsSet.from_json(r.stats))
-        splits.setdefault(r.split, stats.StatsSet({})).merge(stats.StatsSet.from_json(r.stats))
+        shard = stats.StatsSet.from_json(r.stats)
+        total.merge(shard)
+        splits.setdefault(r.split, stats.StatsSet({})).merge(shard)
         covers.setdefault(r.split, {})[r.filename] = r.num_episodes
     return total.to_json(covers, splits)
 

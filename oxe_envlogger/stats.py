@@ -14,6 +14,7 @@ tell whether it is current. It holds the statistics of all splits together and, 
 from __future__ import annotations
 
 import base64
+import copy
 import os
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -178,8 +179,8 @@ class StatsSet:
         for k, st in other.keys.items():
             if k in self.keys:
                 self.keys[k].merge(st)
-            else:
-                self.keys[k] = st
+            else:  # a copy: merging `other` into several sets must not tie them together
+                self.keys[k] = copy.deepcopy(st)
 
     def body_json(self) -> dict[str, Any]:
         return {
@@ -228,7 +229,7 @@ def _splits_of(data: Mapping[str, Any], total: StatsSet, covers: Mapping[str, An
     if "splits" in data:
         return {name: StatsSet.from_json(v) for name, v in data["splits"].items()}
     if len(covers) <= 1:
-        return {name: total for name in covers}
+        return {name: copy.deepcopy(total) for name in covers}
     return None
 
 
@@ -261,13 +262,10 @@ def merge_into(directory: str | os.PathLike, new: StatsSet, split: str,
     else:
         total = StatsSet.from_json(data)
         covers = {s: dict(v) for s, v in data.get("covers", {}).items()}
-        splits = _splits_of(data, StatsSet.from_json(data), covers)
+        splits = _splits_of(data, total, covers)
     total.merge(new)
     if splits is not None:
-        if split in splits:
-            splits[split].merge(new)
-        else:
-            splits[split] = StatsSet.from_json(new.to_json({}))  # a copy: `total` took `new`'s keys
+        splits.setdefault(split, StatsSet({})).merge(new)
     covers.setdefault(split, {}).update({os.path.basename(k): int(v) for k, v in shard_files.items()})
     layout.atomic_write_json(os.path.join(directory, layout.STATISTICS),
                              total.to_json(covers, splits))
