@@ -105,13 +105,14 @@ def timed(make_env, episodes, seed, *, language=False, close=True, memory=False)
     gc.collect()
     with RSSSampler() if memory else contextlib.nullcontext() as rss:
         base_rss = rss.peak if memory else 0
+        c0 = time.process_time()
         t0 = time.perf_counter()
         out = run_loop(env, episodes, seed, language=language)
         t1 = time.perf_counter()
         if close:
             env.close()
         t2 = time.perf_counter()
-    out.update(wall_s=t2 - t0, close_s=t2 - t1)
+    out.update(wall_s=t2 - t0, close_s=t2 - t1, cpu_s=time.process_time() - c0)
     if memory:
         out["rss_above_start_mb"] = (rss.peak - base_rss) / 2**20
     return out
@@ -298,10 +299,17 @@ def bench_w2(reps: int, episodes: int, steps: int, codec: str) -> dict:
                                                        image_codec=codec),
                               episodes, 0, language=True))
             nbytes = dir_bytes(os.path.join(tmp, "ours"))
+            with open(os.path.join(tmp, "ours", "oxe_envlogger.json")) as f:
+                session = json.load(f)["sessions"][-1]
+            ours[-1]["cpu_s"] += session.get("encoder_cpu_seconds", 0.0)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     raw_s = statistics.median(x["wall_s"] for x in raw)
     ours_s = statistics.median(x["wall_s"] for x in ours)
+    steps_n = raw[0]["steps"]
+    raw_cpu = statistics.median(x["cpu_s"] for x in raw) / steps_n
+    encode_cpu = w2_encode_seconds_per_step(codec)
+    cpus = len(os.sched_getaffinity(0))
     return {
         "bench": f"W2 camera logging (2 cameras + state, 10x200 steps), codec {codec}",
         "reps": reps,
@@ -314,7 +322,44 @@ def bench_w2(reps: int, episodes: int, steps: int, codec: str) -> dict:
         "close_ms": round(statistics.median(x["close_s"] for x in ours) * 1e3, 1),
         "rss_above_raw_mb": round(fresh_process_memory(f"w2:{codec}:{episodes}:{steps}")
                                   - fresh_process_memory(f"w2:raw:{episodes}:{steps}"), 1),
+        # What the CPUs allow. Encoding one step's two frames, alone, costs encode_over_raw
+        # times the raw loop's CPU per step; even with no other logging work and perfect
+        # overlap, the loop cannot beat (raw CPU + encode CPU) / (CPUs x raw wall time).
+        "raw_cpu_us_per_step": round(raw_cpu * 1e6),
+        "encode_cpu_us_per_step": round(encode_cpu * 1e6),
+        "encode_over_raw": round(encode_cpu / raw_cpu, 2),
+        "cpus": cpus,
+        "overhead_floor": round(max(1.0, (raw_cpu + encode_cpu) * steps_n / (cpus * raw_s)), 3),
+        # all CPU the logged run used (env process with its threads + encoder processes)
+        "logged_cpu_us_per_step": round(statistics.median(x["cpu_s"] for x in ours)
+                                        / steps_n * 1e6),
+        "cpu_busy_fraction": round(statistics.median(x["cpu_s"] / (cpus * x["wall_s"])
+                                                     for x in ours), 2),
     }
+
+
+def w2_encode_seconds_per_step(codec: str, steps: int = 60) -> float:
+    """CPU seconds to encode one W2 step's frames (both cameras) with ``codec``, in this
+    process with nothing else running: the encoders' own cost, without any logging."""
+    from oxe_envlogger import codecs
+    from oxe_envlogger.specs import ImageCodec
+
+    codec_ = ImageCodec.parse(codec)
+    env = gym.make(oxe_envlogger.envs.ENV_ID)
+    env.action_space.seed(0)
+    env.reset(seed=0)
+    frames = []
+    for _ in range(steps):
+        obs, *_ = env.step(env.action_space.sample())
+        frames.append((obs["image"], obs["wrist_image"]))
+    times = []
+    for _ in range(3):
+        c0 = time.process_time()
+        for image, wrist in frames:
+            codecs.encode(image, codec_)
+            codecs.encode(wrist, codec_)
+        times.append((time.process_time() - c0) / steps)
+    return statistics.median(times)
 
 
 def bench_codecs(n: int = 200) -> dict:

@@ -36,11 +36,13 @@ def encode_png(image: np.ndarray, *, compress_level: int = 1) -> bytes:
     return encode_png_pillow(image, compress_level=compress_level)
 
 
-def encode_raw(pixels: bytes, shape: tuple[int, ...], codec: ImageCodec) -> bytes:
-    """Encodes raw C-order uint8 pixel bytes of an (H, W, C) image, without copying them."""
+def encode_raw(pixels: bytes | memoryview, shape: tuple[int, ...], codec: ImageCodec) -> bytes:
+    """Encodes raw C-order uint8 pixels of an (H, W, C) image (bytes or a buffer, such as a
+    view of shared memory; only fpng needs them copied into bytes)."""
     h, w, c = shape
     if codec.format == "png" and _fpng is not None and c in (3, 4):
-        return _fpng.encode_image_to_memory(pixels, w, h, c)
+        return _fpng.encode_image_to_memory(
+            pixels if isinstance(pixels, bytes) else bytes(pixels), w, h, c)
     return encode(np.frombuffer(pixels, np.uint8).reshape(shape), codec)
 
 

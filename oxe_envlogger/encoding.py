@@ -2,10 +2,12 @@
 
 The fastest PNG encoder here (fpng) holds the GIL for the whole encode, so encoder *threads* would
 stall the env loop; encoding runs in worker processes instead. Frames travel through one shared
-memory ring (a file in /dev/shm, mapped by every worker): the control thread copies a frame into
-a free slot and writes a 30-byte job to a worker's stdin; the worker writes the encoded bytes
-back on its stdout.
-When every slot is taken the control thread blocks (lossless) and the stall is counted.
+memory ring (a file in /dev/shm, mapped by every worker): the control thread copies a step's
+frames into free slots and writes their 30-byte jobs, in one write, to the pipe all workers read
+(whichever worker is free takes the next job); each worker writes the encoded bytes back on its
+own stdout. When every slot is taken the control thread blocks (lossless) and the stall is
+counted. Workers run in a session of their own and ignore SIGINT and SIGTERM, so a terminal's
+Ctrl-C (sent to the whole process group) lets the logger write what it holds.
 
 Results are read back in batches by whichever thread needs them (no collector thread, so
 nothing else competes with the env loop for the GIL). Workers are plain
@@ -149,6 +151,10 @@ class ThreadEncodePool:
         self._queue.put((pixels, image.shape, codec, frame))
         return frame
 
+    def cpu_seconds(self) -> None:
+        """Encoder threads share the logger's process: their CPU time is not told apart."""
+        return None
+
     def shutdown(self) -> None:
         for _ in self._threads:
             self._queue.put(None)
@@ -158,21 +164,36 @@ class ThreadEncodePool:
 
 
 class _Worker:
-    def __init__(self, shm_path: str, size: int, index: int):
+    def __init__(self, shm_path: str, size: int, index: int, jobs_fd: int):
         env = dict(os.environ)
         env.pop("PYTHONSTARTUP", None)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "oxe_envlogger._encode_worker", shm_path, str(size)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, bufsize=0)
+        args = [sys.executable, "-m", "oxe_envlogger._encode_worker", shm_path, str(size)]
+        # A session of its own: a terminal's Ctrl-C reaches the logger, not its encoders.
+        self.proc = subprocess.Popen(args, stdin=jobs_fd,
+                                     stdout=subprocess.PIPE, env=env, bufsize=0,
+                                     start_new_session=True)
         # Room for many encoded frames in the pipe: results are read in batches.
-        for pipe in (self.proc.stdout, self.proc.stdin):
-            with contextlib.suppress(OSError):
-                fcntl.fcntl(pipe.fileno(), _F_SETPIPE_SZ, _PIPE_BYTES)
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(self.proc.stdout.fileno(), _F_SETPIPE_SZ, _PIPE_BYTES)
         self.fd = self.proc.stdout.fileno()
         self.index = index
-        self.outstanding: dict[int, tuple[EncodedFrame, int]] = {}
-        self.buffer = bytearray()
+        # Results are read into one preallocated buffer: [start, end) holds unparsed bytes.
+        self.buffer = bytearray(_PIPE_BYTES)
+        self.view = memoryview(self.buffer)
+        self.start = self.end = 0
         self.eof = False
+
+    def make_room(self, need: int) -> None:
+        """Moves the unparsed bytes to the front of the buffer, growing it to hold ``need``
+        bytes (a result larger than the buffer)."""
+        pending = self.end - self.start
+        if need > len(self.buffer):
+            grown = bytearray(need)
+            grown[:pending] = self.buffer[self.start: self.end]
+            self.buffer, self.view = grown, memoryview(grown)
+        elif pending:
+            self.view[:pending] = self.view[self.start: self.end]
+        self.start, self.end = 0, pending
 
     def read_exact(self, n: int) -> bytes:
         """Blocking read of ``n`` bytes (only at start, before the fd turns non-blocking)."""
@@ -187,6 +208,9 @@ class _Worker:
 
 class ProcessEncodePool:
     """Encoder worker processes fed through a shared-memory ring of frame slots.
+
+    Every worker reads its jobs from one shared pipe (30-byte jobs, written whole and read
+    whole, so each goes to exactly one worker): whichever worker is free takes the next frame.
 
     There is no collector thread: results are drained from the workers' pipes by whichever
     thread needs them (the control thread, without blocking, when it submits a frame; the
@@ -222,22 +246,29 @@ class ProcessEncodePool:
         self._free: list[int] = [i * self.slot_bytes for i in range(slots)]
         self._low_water = max(2, slots // 2)
         self._ids = itertools.count()
-        self._next_worker = itertools.cycle(range(workers))
+        self._outstanding: dict[int, tuple[EncodedFrame, int]] = {}  # job id: (frame, slot)
         self._rx = threading.Lock()  # one drainer at a time
         self._error: BaseException | None = None
         self._closing = False
         self._workers: list[_Worker] = []
+        self._jobs_w: int | None = None
+        self._cpu_done = self._cpu_start = 0.0  # see cpu_seconds()
+        jobs_r, self._jobs_w = os.pipe()
         try:
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(self._jobs_w, _F_SETPIPE_SZ, _PIPE_BYTES)
             for i in range(workers):
-                self._workers.append(_Worker(self._path, size, i))
+                self._workers.append(_Worker(self._path, size, i, jobs_r))
             for w in self._workers:  # wait until each has mapped the ring
                 if _RESULT.unpack(w.read_exact(_RESULT.size))[0] != -1:
                     raise OSError("encoder worker did not start")
                 os.set_blocking(w.fd, False)
+            self._cpu_start = self.cpu_seconds()  # interpreter start-up is not encoding
         except BaseException:
             self.shutdown()
             raise
         finally:
+            os.close(jobs_r)  # the workers hold it; EOF reaches them when the logger goes
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._path)  # mapped by everyone; nothing to leak from now on
         self._poll = select.poll()
@@ -248,34 +279,55 @@ class ProcessEncodePool:
 
     def submit(self, image: np.ndarray, codec: ImageCodec) -> EncodedFrame:
         """Copies a uint8 (H, W, C) frame into the ring and hands it to a worker."""
+        return self.submit_many([(image, codec)])[0]
+
+    def submit_many(self, images: list[tuple[np.ndarray, ImageCodec]]) -> list[EncodedFrame]:
+        """Copies the frames of one step into the ring and hands them over with one write
+        (a write that wakes a sleeping worker costs the caller about 20 us on a VM: one per
+        step, not one per camera)."""
         if self._error is not None:
             raise WriterError(f"image encoding failed: {self._error}") from self._error
-        n = image.size
-        if n > self.slot_bytes:
-            raise ValueError(f"frame of {n} bytes exceeds the ring's slot of {self.slot_bytes}")
         if len(self._free) < self._low_water:
             self._drain(0.0)  # free the slots of finished frames (cheap, but not free: syscalls)
-        if not self._free:
-            t0 = time.perf_counter()
-            while not self._free:
-                self._drain(0.05)
-                if self._error is not None:
-                    raise WriterError(f"image encoding failed: {self._error}") from self._error
-            self.stalls.add(time.perf_counter() - t0)
-        offset = self._free.pop()
-        self._ring[offset: offset + n].reshape(image.shape)[...] = image
-        frame = EncodedFrame(self)
-        job = next(self._ids)
-        worker = self._workers[next(self._next_worker)]
-        h, w_, c = image.shape
-        worker.outstanding[job] = (frame, offset)
-        try:
-            worker.proc.stdin.write(_JOB.pack(job, offset, h, w_, c, _FORMATS[codec.format],
-                                              codec.quality))
-        except (BrokenPipeError, OSError) as e:
-            self._fail(e)
-            raise WriterError(f"image encoding failed: {e}") from e
-        return frame
+        frames = []
+        jobs: list[bytes] = []
+        for image, codec in images:
+            n = image.size
+            if n > self.slot_bytes:
+                raise ValueError(f"frame of {n} bytes exceeds the ring's slot of "
+                                 f"{self.slot_bytes}")
+            if not self._free:
+                self._send(jobs)  # what is waited for must reach the workers first
+                jobs = []
+                t0 = time.perf_counter()
+                while not self._free:
+                    self._drain(0.05)
+                    if self._error is not None:
+                        raise WriterError(f"image encoding failed: {self._error}") from self._error
+                self.stalls.add(time.perf_counter() - t0)
+            offset = self._free.pop()
+            self._ring[offset: offset + n].reshape(image.shape)[...] = image
+            frame = EncodedFrame(self)
+            job = next(self._ids)
+            h, w, c = image.shape
+            self._outstanding[job] = (frame, offset)
+            jobs.append(_JOB.pack(job, offset, h, w, c, _FORMATS[codec.format], codec.quality))
+            frames.append(frame)
+        self._send(jobs)
+        return frames
+
+    def _send(self, jobs: list[bytes]) -> None:
+        """Writes whole jobs to the shared pipe in writes of at most PIPE_BUF bytes (atomic),
+        so a worker's 30-byte read never gets part of a job."""
+        per_write = select.PIPE_BUF // _JOB.size
+        for i in range(0, len(jobs), per_write):
+            data = b"".join(jobs[i: i + per_write])
+            try:
+                if os.write(self._jobs_w, data) != len(data):
+                    raise OSError("short write to the encoder job pipe")
+            except OSError as e:
+                self._fail(e)
+                raise WriterError(f"image encoding failed: {e}") from e
 
     # -- any thread -------------------------------------------------------------------------------
 
@@ -297,35 +349,42 @@ class ProcessEncodePool:
                 if w.eof:
                     continue
                 while True:
+                    if w.end == len(w.buffer):
+                        w.make_room(len(w.buffer))
+                    space = len(w.buffer) - w.end
                     try:
-                        chunk = os.read(w.fd, _PIPE_BYTES)
+                        n = os.readv(w.fd, [w.view[w.end:]])
                     except BlockingIOError:
                         break
-                    if not chunk:
+                    if not n:
                         w.eof = True
                         self._poll.unregister(w.fd)
-                        if w.outstanding or not self._closing:
+                        if self._outstanding or not self._closing:
                             self._fail(WriterError(
                                 f"encoder worker {w.index} exited (code {w.proc.poll()}) "
-                                f"with {len(w.outstanding)} frames in flight"))
+                                f"with {len(self._outstanding)} frames in flight"))
                         break
-                    w.buffer += chunk
+                    w.end += n
                     self._parse(w)
-                    if len(chunk) < _PIPE_BYTES:
+                    if n < space:
                         break
         finally:
             self._rx.release()
 
     def _parse(self, w: _Worker) -> None:
-        buf, head, pos = w.buffer, _RESULT.size, 0
-        while len(buf) - pos >= head:
-            job, status, length = _RESULT.unpack_from(buf, pos)
-            end = pos + head + length
-            if end > len(buf):
+        view, head, pos, end = w.view, _RESULT.size, w.start, w.end
+        while end - pos >= head:
+            job, status, length = _RESULT.unpack_from(view, pos)
+            stop = pos + head + length
+            if stop > end:
+                if stop > len(w.buffer):  # the rest of this result does not fit behind it
+                    w.start = pos
+                    w.make_room(head + length)
+                    return
                 break
-            payload = bytes(buf[pos + head: end])
-            pos = end
-            entry = w.outstanding.pop(job, None)
+            payload = bytes(view[pos + head: stop])
+            pos = stop
+            entry = self._outstanding.pop(job, None)
             if entry is None:
                 continue
             frame, offset = entry
@@ -336,32 +395,50 @@ class ProcessEncodePool:
                 frame.data = payload
             else:
                 frame.error = WriterError(payload.decode("utf-8", "replace"))
-        del buf[:pos]
+        if pos == end:
+            w.start = w.end = 0
+        else:
+            w.start = pos
 
     def _fail(self, error: BaseException) -> None:
         if self._error is None:
             self._error = error
             log.error("image encoding failed: %s", error)
-        for w in self._workers:
-            pending, w.outstanding = w.outstanding, {}
-            for frame, offset in pending.values():
-                if frame.data is None and frame.error is None:
-                    frame.error = WriterError(f"image encoding failed: {error}")
-                self._free.append(offset)
+        pending, self._outstanding = self._outstanding, {}
+        for frame, offset in pending.values():
+            if frame.data is None and frame.error is None:
+                frame.error = WriterError(f"image encoding failed: {error}")
+            self._free.append(offset)
 
     def shutdown(self) -> None:
         self._closing = True
-        for w in self._workers:
+        if self._jobs_w is not None:
             with contextlib.suppress(OSError):
-                w.proc.stdin.close()
+                os.close(self._jobs_w)  # the workers finish the jobs queued, then exit
+            self._jobs_w = None
         deadline = time.monotonic() + 60
-        for w in self._workers:  # collect what is still in flight, then let them exit
-            while w.outstanding and not w.eof and time.monotonic() < deadline:
-                self._drain(0.05)
+        while (self._outstanding and not all(w.eof for w in self._workers)
+               and time.monotonic() < deadline):
+            self._drain(0.05)  # collect what is still in flight
+        self._cpu_done, self._cpu_start = self.cpu_seconds(), 0.0
         for w in self._workers:  # they exit by themselves now; reap them off this thread
             if w.proc.poll() is None:
                 threading.Thread(target=_reap, args=(w.proc,), daemon=True).start()
         self._workers = []
+
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) the workers have used since they started."""
+        live = sum(_process_cpu_seconds(w.proc.pid) for w in self._workers)
+        return self._cpu_done + live - self._cpu_start
+
+
+def _process_cpu_seconds(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):  # already reaped
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _reap(proc: subprocess.Popen) -> None:
@@ -377,8 +454,8 @@ def make_pool(processes: int | None, max_pending: int, slot_bytes: int,
     """Worker processes when asked for (or by default with 2+ CPUs), threads otherwise.
 
     By default one CPU is left to the env loop: with as many workers as CPUs, the workers
-    preempt the loop, and each worker, idle half the time, must be woken for every job (W2 on
-    2 CPUs, JPEG: overhead 1.3-1.7 with one worker against 2.0-2.2 with two; PNG within 5%)."""
+    preempt the loop (W2 on 2 CPUs, JPEG: overhead 1.3-1.7 with one worker against 2.0-2.2
+    with two; PNG within 5%)."""
     cpus = os.cpu_count() or 1
     if processes is None:
         processes = 0 if cpus < 2 else min(4, cpus - 1)

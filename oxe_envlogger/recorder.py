@@ -88,8 +88,16 @@ class _Part:
 
     def submit_images(self, flat: list) -> list:
         """Replaces image arrays by futures of their encoding (started now, off this thread)."""
-        for i, _, codec in self._images:
+        images = self._images
+        if not images:
+            return flat
+        if len(images) == 1:
+            i, _, codec = images[0]
             flat[i] = self._writer.encode_image(flat[i], codec)
+            return flat
+        frames = self._writer.encode_images([(flat[i], codec) for i, _, codec in images])
+        for (i, _, _), frame in zip(images, frames):
+            flat[i] = frame
         return flat
 
 

@@ -232,6 +232,16 @@ class DatasetWriter:
             return encoding.done_frame(codecs.encode(np.ascontiguousarray(image), codec))
         return self.encoder.submit(image, codec)
 
+    def encode_images(self, images: list[tuple[np.ndarray, Any]]) -> list[encoding.EncodedFrame]:
+        """Starts encoding the frames of one step (copied before this returns), handing them
+        to the encoders together."""
+        if self.encoder is None:
+            self.prepare_encoder(max(image.size for image, _ in images))
+        if isinstance(self.encoder, ProcessEncodePool) and all(
+                image.size <= self.encoder.slot_bytes for image, _ in images):
+            return self.encoder.submit_many(images)
+        return [self.encode_image(image, codec) for image, codec in images]
+
     def check(self) -> None:
         """Raises the writer thread's error, if any (once for per-episode errors)."""
         if self._closed:
@@ -395,6 +405,9 @@ class DatasetWriter:
             "frames_encoded": self.encoder.frames if self.encoder else 0,
             "image_encoders": self.encoder.kind if self.encoder else None,
         })
+        cpu = self.encoder.cpu_seconds() if self.encoder else None
+        if cpu is not None:
+            out["encoder_cpu_seconds"] = round(cpu, 3)  # the worker processes' CPU time
         return out
 
     def _log_summary(self) -> None:

@@ -22,11 +22,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 QUEUE = oxe_envlogger.WriterOptions().queue_episodes
 
 
-def _start(directory: str, mode: str) -> subprocess.Popen:
+def _start(directory: str, mode: str, session: bool = False) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=ROOT)
     return subprocess.Popen([sys.executable, "-m", "tests.oxe_envlogger.crash_child", directory,
                              mode], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=session)
 
 
 def _read_lines_until(proc, predicate, timeout=60.0) -> list[str]:
@@ -84,16 +84,24 @@ def _wait_gone(pids: list[int], timeout: float = 15.0) -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig,runs", [(signal.SIGKILL, 5), (signal.SIGINT, 2), (signal.SIGTERM, 2)])
-def test_killed_at_random_moments(sig, runs, tmp_path):
-    rng = random.Random(int(sig) * 1000)
+@pytest.mark.parametrize("sig,runs,group", [
+    (signal.SIGKILL, 5, False), (signal.SIGINT, 2, False), (signal.SIGTERM, 2, False),
+    # Ctrl-C in a terminal, or a service manager stopping a job, signals the encoder workers
+    # too: they must keep encoding until the logger has written what it holds.
+    (signal.SIGINT, 2, True), (signal.SIGTERM, 1, True)])
+def test_killed_at_random_moments(sig, runs, group, tmp_path):
+    rng = random.Random(int(sig) * 1000 + group)
     for run in range(runs):
         directory = str(tmp_path / f"run{run}")
-        proc = _start(directory, "forever")
+        proc = _start(directory, "forever", session=group)
         lines = _read_lines_until(proc, lambda ls: any(x.startswith("started 0") for x in ls))
         workers = [int(p) for p in lines[0].split()[1:]] if lines and lines[0].startswith("workers") else []
+        assert workers or not group
         time.sleep(rng.uniform(0.2, 2.5))
-        proc.send_signal(sig)
+        if group:
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
         out, err = proc.communicate(timeout=60)
         lines += out.split("\n")
         started = [int(x.split()[1]) for x in lines if x.startswith("started")]

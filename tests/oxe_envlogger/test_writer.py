@@ -134,7 +134,7 @@ def test_record_too_large_is_a_clear_error_and_the_logger_goes_on(dataset_dir, m
     assert lengths == [4, 4]
 
 
-@pytest.mark.parametrize("processes", [0, 1])
+@pytest.mark.parametrize("processes", [0, 1, 3])
 def test_image_encoders_threads_and_processes(processes, dataset_dir):
     space = spaces.Dict({"cam": spaces.Box(0, 255, (32, 24, 3), np.uint8),
                          "gray": spaces.Box(0, 255, (8, 8, 1), np.uint8)})
@@ -150,6 +150,46 @@ def test_image_encoders_threads_and_processes(processes, dataset_dir):
                                       np.stack([o["cam"] for o in want["obs"]]))
         np.testing.assert_array_equal(got["steps"]["observation"]["gray"],
                                       np.stack([o["gray"] for o in want["obs"]]))
+
+
+def test_encoded_frames_larger_than_the_result_buffer(dataset_dir):
+    """Noise does not compress: each PNG is larger than the 1 MiB buffer results are read
+    into, and several workers deliver them at once."""
+    space = spaces.Dict({"cam": spaces.Box(0, 255, (720, 640, 3), np.uint8)})
+    env = OXEEnvLogger(RecordingEnv(space, BOX, episode_len=6), "big", dataset_dir,
+                       writer_options=WriterOptions(encode_processes=2, max_pending_frames=8))
+    run_episodes(env, 2)
+    env.close()
+    for got, want in zip(read_tfds(dataset_dir), env.unwrapped.episodes, strict=True):
+        np.testing.assert_array_equal(got["steps"]["observation"]["cam"],
+                                      np.stack([o["cam"] for o in want["obs"]]))
+
+
+def test_encoder_workers_outlive_a_terminal_interrupt(dataset_dir):
+    """Ctrl-C in a terminal signals the whole process group: the workers must keep encoding
+    what the logger still holds (they exit when the logger closes their pipe)."""
+    import signal
+    import subprocess
+
+    space = spaces.Dict({"cam": spaces.Box(0, 255, (16, 16, 3), np.uint8)})
+    env = OXEEnvLogger(RecordingEnv(space, BOX, episode_len=5), "sig", dataset_dir,
+                       writer_options=WriterOptions(encode_processes=1, max_pending_frames=8))
+    run_episodes(env, 1)
+    workers = env._recorder.writer.encoder._workers
+    assert len(workers) == 1
+    for w in workers:
+        w.proc.send_signal(signal.SIGINT)
+        w.proc.send_signal(signal.SIGTERM)
+    for w in workers:
+        with pytest.raises(subprocess.TimeoutExpired):
+            w.proc.wait(timeout=1.0)
+    run_episodes(env, 2, seed=10)
+    env.close()
+    episodes = read_tfds(dataset_dir)
+    assert len(episodes) == 3
+    for got, want in zip(episodes, env.unwrapped.episodes):
+        np.testing.assert_array_equal(got["steps"]["observation"]["cam"],
+                                      np.stack([o["cam"] for o in want["obs"]]))
 
 
 def test_encoder_worker_death_is_reported(dataset_dir):
