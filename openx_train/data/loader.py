@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -164,30 +165,30 @@ def build_step_table(cfg: DatasetConfig, config: LoaderConfig, *, split: str = "
     if not rows:
         raise ConfigError(f"dataset {name!r}: no episodes left in split {source!r} after "
                           f"filters and min_length={min_length}")
+
+    files: tuple[str, ...] = ()
+    cams = [c for c in resolved.cameras if c.key is not None]
+    if cams:
+        index = build_image_index(cfg.path, source, [c.key for c in cams])
+        files = index.files
+        for r in rows:
+            ep = int(r["episode_index"])
+            if ep >= len(index.episode_length) or \
+                    index.episode_length[ep] != int(r["episode_length"]):
+                raise DatasetFormatError(
+                    f"dataset {name!r}: the image index of episode {ep} does not match its "
+                    "records (the dataset changed while loading?)")
+            r["images"] = {cam.name: index.refs(cam.key, ep) for cam in cams}
+    rows = join_split_parts(rows)
+
     lengths = np.array([int(r["episode_length"]) for r in rows], np.int64)
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
     per_step = np.repeat(np.arange(len(rows)), lengths)
     t = np.arange(int(lengths.sum())) - starts[per_step]
     last_frame = lengths - 1 if config.drop_final_step else lengths
     frames = np.flatnonzero(t < last_frame[per_step]).astype(np.int64)
-
-    images: dict[str, np.ndarray] = {}
-    files: tuple[str, ...] = ()
-    cams = [c for c in resolved.cameras if c.key is not None]
-    if cams:
-        index = build_image_index(cfg.path, source, [c.key for c in cams])
-        files = index.files
-        for cam in cams:
-            parts = []
-            for r in rows:
-                ep = int(r["episode_index"])
-                if ep >= len(index.episode_length) or \
-                        index.episode_length[ep] != int(r["episode_length"]):
-                    raise DatasetFormatError(
-                        f"dataset {name!r}: the image index of episode {ep} does not match its "
-                        "records (the dataset changed while loading?)")
-                parts.append(index.refs(cam.key, ep))
-            images[cam.name] = np.concatenate(parts)
+    images: dict[str, np.ndarray] = {
+        cam.name: np.concatenate([r["images"][cam.name] for r in rows]) for cam in cams}
     for cam in resolved.cameras:
         if cam.key is None:
             images[cam.name] = np.zeros((len(per_step), 3), np.int64)
@@ -200,6 +201,63 @@ def build_step_table(cfg: DatasetConfig, config: LoaderConfig, *, split: str = "
         episode_length=lengths[per_step],
         episode_index=np.repeat([int(r["episode_index"]) for r in rows], lengths).astype(np.int64),
         frames=frames, num_episodes=len(rows))
+
+
+_STEP_COLUMNS = ("action", "state", "language")
+
+
+def join_split_parts(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Joins the parts of an episode the logger split at its byte budget
+    (``WriterOptions.max_episode_bytes``) back into one episode, so that history windows and
+    action chunks run across the split.
+
+    Part k+1 (id ``<id>.<k+1>``) starts from the observation part k ended on, which part k holds
+    as its final step with a zero action: that step is dropped and part k+1 follows. Only runs
+    of consecutive parts are joined (a part removed by a filter ends a run). ``rows`` are
+    per-episode dicts in dataset order (``episode_id``, ``episode_index``, ``episode_length``,
+    per-step columns and ``images``); the joined episode keeps its first part's place, index
+    and id.
+    """
+    parts: dict[str, list[tuple[int, int]]] = {}
+    for i, r in enumerate(rows):
+        eid = bytes(r["episode_id"]).decode("utf-8", "replace")
+        group = layout.episode_group(eid)
+        part = int(eid.rsplit(".", 1)[1]) if group != eid else 0
+        parts.setdefault(group, []).append((part, i))
+    if all(len(v) == 1 for v in parts.values()):
+        return rows
+    runs: list[list[int]] = []  # row positions of each joined episode
+    for members in parts.values():
+        members.sort()
+        run = [members[0]]
+        for prev, cur in itertools.pairwise(members):
+            if cur[0] == prev[0] + 1:
+                run.append(cur)
+            else:
+                runs.append([i for _, i in run])
+                run = [cur]
+        runs.append([i for _, i in run])
+    runs.sort(key=lambda run: run[0])
+    out = []
+    for run in runs:
+        if len(run) == 1:
+            out.append(rows[run[0]])
+            continue
+        pieces = [rows[i] for i in run]
+        joined = dict(pieces[0])
+        joined["episode_length"] = sum(int(p["episode_length"]) for p in pieces) - len(run) + 1
+
+        def cat(columns: list[np.ndarray]) -> np.ndarray:
+            return np.concatenate([c[:-1] for c in columns[:-1]] + [columns[-1]])
+
+        for key in _STEP_COLUMNS:
+            if key in joined:
+                joined[key] = cat([p[key] for p in pieces])
+        if "images" in joined:
+            joined["images"] = {cam: cat([p["images"][cam] for p in pieces])
+                                for cam in joined["images"]}
+        out.append(joined)
+    return out
 
 
 def _check_compatible(tables: Sequence[StepTable]) -> None:

@@ -4,7 +4,9 @@ logged steps, epochs, determinism, process shards, validation, mixtures, cameras
 from __future__ import annotations
 
 import collections
+import os
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -20,9 +22,12 @@ from openx_train.data import (
     ops,
     save_mixture_weights,
 )
-from oxe_envlogger import read_episodes
+from oxe_envlogger import AutoOXEEnvLogger, read_episodes
+from oxe_envlogger.envs import ENV_ID, run_episodes
 from tests.openx_train.conftest import (
     CAMERA_EPISODES,
+    CAMERA_IMAGE,
+    CAMERA_WRIST,
     CHEETAH_EPISODES,
     CHEETAH_STEPS,
     log_camera,
@@ -256,3 +261,37 @@ def test_held_out_keeps_the_parts_of_a_split_episode_together():
     # Ids that are not the logger's part ids are separate episodes, dots or not.
     other = [f"traj.{k}".encode() for k in range(300)]
     assert 0 < _held_out(other, 0.2, seed=0).sum() < 300
+
+
+def test_a_split_episode_trains_as_the_whole_episode(tmp_path):
+    """An episode the logger split at its byte budget is joined back: every sample (history
+    windows and action chunks across the split points included) equals the unsplit episode's."""
+    from openx_train.data import compute_dataset_statistics
+    from oxe_envlogger import WriterOptions
+
+    steps = 120
+    whole, split = os.fspath(tmp_path / "whole"), os.fspath(tmp_path / "split")
+    for directory, budget in ((whole, None), (split, 60_000)):
+        env = AutoOXEEnvLogger(
+            gym.make(ENV_ID, image_size=CAMERA_IMAGE, wrist_size=CAMERA_WRIST,
+                     max_episode_steps=steps), "camera", directory,
+            writer_options=WriterOptions(max_episode_bytes=budget))
+        with env:
+            run_episodes(env, 1, seed=5)
+    assert len(list(read_episodes(whole))) == 1
+    assert len(list(read_episodes(split))) >= 3
+    structure = Structure(state=("observation/state",),
+                          images={"image_primary": Camera("observation/image", CAMERA_IMAGE),
+                                  "image_wrist": Camera("observation/wrist_image", CAMERA_WRIST)})
+    # the same normalization for both (the split points' final steps add a few rows)
+    stats = compute_dataset_statistics(whole)
+    config = LoaderConfig(batch_size=steps, n_obs=3, n_action=4, goal_relabeling=True, seed=3,
+                          augment=None, deterministic=True)
+    (want,) = _take(make_dataloader(DatasetConfig(whole, structure, statistics=stats), config), 1)
+    (got,) = _take(make_dataloader(DatasetConfig(split, structure, statistics=stats), config), 1)
+    assert sorted(got["step_index"].tolist()) == list(range(steps))  # one epoch: every frame
+    flat_want = tf.nest.flatten(want)
+    flat_got = tf.nest.flatten(got)
+    assert len(flat_want) == len(flat_got)
+    for a, b in zip(flat_want, flat_got):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
