@@ -92,9 +92,9 @@ def dataset_name(cfg: DatasetConfig) -> str:
 
 def _held_out(ids: Sequence[bytes], fraction: float, seed: int) -> np.ndarray:
     """Which episodes are validation: a hash of (seed, episode id) below ``fraction``; stable
-    when episodes are appended or reordered; at least one episode when ``fraction > 0``. The
-    parts of an episode that the logger split share its first part's id here, so they stay on
-    one side."""
+    when episodes are appended or reordered; at least one episode when ``fraction > 0``, and at
+    least one left for training when there are two or more. The parts of an episode that the
+    logger split share its first part's id here, so they stay on one side."""
     if fraction <= 0 or not len(ids):
         return np.zeros(len(ids), bool)
     groups = [layout.episode_group(i.decode("utf-8", "replace")).encode() for i in ids]
@@ -103,7 +103,9 @@ def _held_out(ids: Sequence[bytes], fraction: float, seed: int) -> np.ndarray:
         / 2.0**64 for g in groups])
     held = u < fraction
     if not held.any():
-        held[np.argmin(u)] = True
+        held = u == u.min()  # every part of the episode with the lowest hash
+    elif held.all() and u.max() > u.min():
+        held = u < u.max()  # the episode with the highest hash stays for training
     return held
 
 

@@ -295,3 +295,19 @@ def test_a_split_episode_trains_as_the_whole_episode(tmp_path):
     assert len(flat_want) == len(flat_got)
     for a, b in zip(flat_want, flat_got):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_validation_hold_out_leaves_both_sides_non_empty_and_parts_together():
+    from openx_train.data.loader import _held_out
+
+    ids = [b"0123456789ab-000000", b"0123456789ab-000000.1", b"0123456789ab-000001",
+           b"0123456789ab-000002", b"0123456789ab-000002.1", b"0123456789ab-000002.2"]
+    groups = [0, 0, 1, 2, 2, 2]
+    for seed in range(20):
+        for fraction in (1e-9, 0.3, 0.5, 0.999999):
+            held = _held_out(ids, fraction, seed)
+            assert held.any() and not held.all(), (seed, fraction, held)
+            for g in set(groups):  # the parts of an episode are on one side
+                assert len({bool(h) for h, gg in zip(held, groups) if gg == g}) == 1
+    assert not _held_out(ids, 0.0, 0).any()
+    assert _held_out(ids[:1], 0.999999, 0).all()  # one episode: validation gets it
