@@ -287,15 +287,16 @@ class ProcessEncodePool:
         step, not one per camera)."""
         if self._error is not None:
             raise WriterError(f"image encoding failed: {self._error}") from self._error
+        for image, _ in images:  # before anything is queued
+            if image.size > self.slot_bytes:
+                raise ValueError(f"frame of {image.size} bytes exceeds the ring's slot of "
+                                 f"{self.slot_bytes}")
         if len(self._free) < self._low_water:
             self._drain(0.0)  # free the slots of finished frames (cheap, but not free: syscalls)
         frames = []
         jobs: list[bytes] = []
         for image, codec in images:
             n = image.size
-            if n > self.slot_bytes:
-                raise ValueError(f"frame of {n} bytes exceeds the ring's slot of "
-                                 f"{self.slot_bytes}")
             if not self._free:
                 self._send(jobs)  # what is waited for must reach the workers first
                 jobs = []
