@@ -105,6 +105,11 @@ def test_running_stats_merge_equals_one_pass():
     np.testing.assert_allclose(a["std"], b["std"], rtol=1e-12)
     assert a["count"] == b["count"] == [5000, 4999, 5000]
     finite = np.where(np.isfinite(data), data, np.nan)
+    for s in (a, b):  # the masked path (chunk 0, whole) and the all-finite one (chunks 1-3)
+        np.testing.assert_allclose(s["mean"], np.nanmean(finite, 0), rtol=1e-12)
+        np.testing.assert_allclose(s["std"], np.nanstd(finite, 0), rtol=1e-12)
+        np.testing.assert_array_equal(s["min"], np.nanmin(finite, 0))
+        np.testing.assert_array_equal(s["max"], np.nanmax(finite, 0))
     np.testing.assert_allclose(b["q50"], np.nanquantile(finite, 0.5, axis=0), atol=0.2)
     np.testing.assert_allclose(b["q95"], np.nanquantile(finite, 0.95, axis=0), atol=0.4)
 
