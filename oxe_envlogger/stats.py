@@ -80,9 +80,10 @@ class RunningStats:
         xt = np.ascontiguousarray(x.T)
         finite = np.isfinite(xt)
         if finite.all():  # the common case: no masks
-            mean_b = xt.sum(1) / n
-            d = xt - mean_b[:, None]
-            d *= d
+            with np.errstate(all="ignore"):  # huge values overflow to inf, as in the masked path
+                mean_b = xt.sum(1) / n
+                d = xt - mean_b[:, None]
+                d *= d
             self._combine(np.full(self.width, n, np.int64), mean_b, d.sum(1),
                           xt.min(1), xt.max(1))
             kept = x
