@@ -39,7 +39,7 @@ import gymnasium as gym
 import numpy as np
 
 import oxe_envlogger.envs
-from oxe_envlogger import AutoOXEEnvLogger
+from oxe_envlogger import AutoOXEEnvLogger, encoding
 
 
 def dir_bytes(path: str) -> int:
@@ -310,7 +310,7 @@ def bench_w2(reps: int, episodes: int, steps: int, codec: str) -> dict:
     raw_cpu = statistics.median(x["cpu_s"] for x in raw) / steps_n
     encode_cpu = w2_encode_seconds_per_step(codec)
     cpus = len(os.sched_getaffinity(0))
-    workers = max(1, min(4, (os.cpu_count() or 1) - 1))  # encoding.make_pool's default
+    workers = max(1, encoding.default_processes())  # threads on one CPU: one encoder
     return {
         "bench": f"W2 camera logging (2 cameras + state, 10x200 steps), codec {codec}",
         "reps": reps,
@@ -344,13 +344,8 @@ def bench_w2(reps: int, episodes: int, steps: int, codec: str) -> dict:
     }
 
 
-def w2_encode_seconds_per_step(codec: str, steps: int = 60) -> float:
-    """CPU seconds to encode one W2 step's frames (both cameras) with ``codec``, in this
-    process with nothing else running: the encoders' own cost, without any logging."""
-    from oxe_envlogger import codecs
-    from oxe_envlogger.specs import ImageCodec
-
-    codec_ = ImageCodec.parse(codec)
+def w2_frames(steps: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``(image, wrist_image)`` of the first ``steps`` steps of a W2 episode (seed 0)."""
     env = gym.make(oxe_envlogger.envs.ENV_ID)
     env.action_space.seed(0)
     env.reset(seed=0)
@@ -358,6 +353,17 @@ def w2_encode_seconds_per_step(codec: str, steps: int = 60) -> float:
     for _ in range(steps):
         obs, *_ = env.step(env.action_space.sample())
         frames.append((obs["image"], obs["wrist_image"]))
+    return frames
+
+
+def w2_encode_seconds_per_step(codec: str, steps: int = 60) -> float:
+    """CPU seconds to encode one W2 step's frames (both cameras) with ``codec``, in this
+    process with nothing else running: the encoders' own cost, without any logging."""
+    from oxe_envlogger import codecs
+    from oxe_envlogger.specs import ImageCodec
+
+    codec_ = ImageCodec.parse(codec)
+    frames = w2_frames(steps)
     times = []
     for _ in range(3):
         c0 = time.process_time()
@@ -374,12 +380,7 @@ def bench_codecs(n: int = 200) -> dict:
 
     from oxe_envlogger import codecs
 
-    env = gym.make(oxe_envlogger.envs.ENV_ID)
-    obs, _ = env.reset(seed=0)
-    frames = []
-    for _ in range(8):
-        obs, *_ = env.step(env.action_space.sample())
-        frames.append(obs["image"])
+    frames = [image for image, _ in w2_frames(8)]
 
     def per_frame(fn):
         fn(frames[0])

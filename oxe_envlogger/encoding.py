@@ -138,18 +138,21 @@ class ThreadEncodePool:
             while frame.data is None and frame.error is None:
                 self._done.wait(1.0)
 
-    def submit(self, image: np.ndarray, codec: ImageCodec) -> EncodedFrame:
-        """Starts encoding a uint8 (H, W, C) frame (copied now); returns it."""
+    def submit_many(self, images: list[tuple[np.ndarray, ImageCodec]]) -> list[EncodedFrame]:
+        """Starts encoding uint8 (H, W, C) frames (copied now); returns them."""
         if not self._threads:
             self._start()
-        pixels = image.tobytes()
-        if not self._slots.acquire(blocking=False):
-            t0 = time.perf_counter()
-            self._slots.acquire()
-            self.stalls.add(time.perf_counter() - t0)
-        frame = EncodedFrame(self)
-        self._queue.put((pixels, image.shape, codec, frame))
-        return frame
+        frames = []
+        for image, codec in images:
+            pixels = image.tobytes()
+            if not self._slots.acquire(blocking=False):
+                t0 = time.perf_counter()
+                self._slots.acquire()
+                self.stalls.add(time.perf_counter() - t0)
+            frame = EncodedFrame(self)
+            self._queue.put((pixels, image.shape, codec, frame))
+            frames.append(frame)
+        return frames
 
     def cpu_seconds(self) -> None:
         """Encoder threads share the logger's process: their CPU time is not told apart."""
@@ -276,10 +279,6 @@ class ProcessEncodePool:
             self._poll.register(w.fd, select.POLLIN)
 
     # -- control thread -------------------------------------------------------------------------
-
-    def submit(self, image: np.ndarray, codec: ImageCodec) -> EncodedFrame:
-        """Copies a uint8 (H, W, C) frame into the ring and hands it to a worker."""
-        return self.submit_many([(image, codec)])[0]
 
     def submit_many(self, images: list[tuple[np.ndarray, ImageCodec]]) -> list[EncodedFrame]:
         """Copies the frames of one step into the ring and hands them over with one write
@@ -450,16 +449,20 @@ def _reap(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
+def default_processes() -> int:
+    """Encoder worker processes by default: none (threads) on one CPU, else one CPU left to
+    the env loop, at most 4. With as many workers as CPUs, the workers preempt the loop (W2 on
+    2 CPUs, JPEG: overhead 1.3-1.7 with one worker against 2.0-2.2 with two; PNG within 5%)."""
+    cpus = os.cpu_count() or 1
+    return 0 if cpus < 2 else min(4, cpus - 1)
+
+
 def make_pool(processes: int | None, max_pending: int, slot_bytes: int,
               stalls: Stalls) -> ThreadEncodePool | ProcessEncodePool:
-    """Worker processes when asked for (or by default with 2+ CPUs), threads otherwise.
-
-    By default one CPU is left to the env loop: with as many workers as CPUs, the workers
-    preempt the loop (W2 on 2 CPUs, JPEG: overhead 1.3-1.7 with one worker against 2.0-2.2
-    with two; PNG within 5%)."""
-    cpus = os.cpu_count() or 1
+    """Worker processes when asked for (or by default, see :func:`default_processes`), threads
+    otherwise."""
     if processes is None:
-        processes = 0 if cpus < 2 else min(4, cpus - 1)
+        processes = default_processes()
     if processes > 0 and sys.platform.startswith("linux"):
         try:
             return ProcessEncodePool(processes, slot_bytes, slots=max(8, max_pending),

@@ -529,7 +529,7 @@ def recover_main(argv: list[str] | None = None) -> int:
 
 # Episode ids: ``<writer id>-<index>``, and ``<writer id>-<index>.<part>`` for the later parts
 # of an episode that the logger split at its byte budget (see WriterOptions.max_episode_bytes).
-_PART_ID = re.compile(r"^([0-9a-f]{12}-\d{6})\.\d+$")
+_PART_ID = re.compile(r"^([0-9a-f]{12}-\d{6})\.(\d+)$")
 
 
 def episode_id(writer_id: str, index: int, part: int = 0) -> str:
@@ -538,8 +538,13 @@ def episode_id(writer_id: str, index: int, part: int = 0) -> str:
     return f"{base}.{part}" if part else base
 
 
-def episode_group(episode_id: str) -> str:
-    """The episode an episode record belongs to: the id itself, or for a later part of an
-    episode the logger split, the id of its first part."""
+def episode_part(episode_id: str) -> tuple[str, int]:
+    """``(group, part)`` of an episode record: for a later part of an episode the logger split,
+    the id of its first part and the part's number; else the id itself and 0."""
     m = _PART_ID.match(episode_id)
-    return m.group(1) if m else episode_id
+    return (m.group(1), int(m.group(2))) if m else (episode_id, 0)
+
+
+def episode_group(episode_id: str) -> str:
+    """The episode an episode record belongs to (see :func:`episode_part`)."""
+    return episode_part(episode_id)[0]

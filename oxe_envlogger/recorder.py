@@ -98,10 +98,6 @@ class _Part:
         images = self._images
         if not images:
             return flat
-        if len(images) == 1:
-            i, _, codec = images[0]
-            flat[i] = self._writer.encode_image(flat[i], codec)
-            return flat
         frames = self._writer.encode_images([(flat[i], codec) for i, _, codec in images])
         for (i, _, _), frame in zip(images, frames):
             flat[i] = frame
@@ -164,8 +160,9 @@ class EpisodeRecorder:
         self.directory = self.writer.dir.path
         self._closed = False
         self._max_episode_bytes = self.writer.options.max_episode_bytes
-        self._fixed_step_bytes: float | None = None
-        self._raw_frames: list[int] = []
+        self._fixed_step_bytes: float | None = None  # see _step_bytes
+        self._frames_per_step = 0
+        self._raw_frame_bytes = 0
 
         try:
             self._setup(observation, action, reward_dtype, discount_dtype, step_metadata,
@@ -454,23 +451,24 @@ class EpisodeRecorder:
         mean encoded size so far (their raw size before any frame is encoded)."""
         fixed = self._fixed_step_bytes
         if fixed is None:
-            fixed, raw_frames = 64.0, []  # reward, discount, flags and framing
+            fixed = 64.0  # reward, discount, flags and framing
             for part in (self._obs, self._act, *self._step_meta.values()):
                 for _, leaf in (part.leaves if part is not None else ()):
                     n = int(np.prod(leaf.shape))
                     if leaf.kind == "image":
-                        raw_frames.append(n)
+                        self._frames_per_step += 1
+                        self._raw_frame_bytes += n
                     elif leaf.kind == "tensor":
                         fixed += n * (leaf.dtype.itemsize if leaf.encoding == "bytes"
                                       else max(leaf.dtype.itemsize, 4)) + 8
                     else:
                         fixed += 64
-            self._fixed_step_bytes, self._raw_frames = fixed, raw_frames
+            self._fixed_step_bytes = fixed
         encoder = self.writer.encoder
-        if self._raw_frames and encoder is not None and encoder.frames:
-            images = len(self._raw_frames) * (encoder.bytes_out / encoder.frames + 8)
+        if self._frames_per_step and encoder is not None and encoder.frames:
+            images = self._frames_per_step * (encoder.bytes_out / encoder.frames + 8)
         else:
-            images = float(sum(self._raw_frames))
+            images = float(self._raw_frame_bytes)
         return fixed + images + len(s.language_now)
 
     def _split_if_over_budget(self, s: _Stream) -> None:

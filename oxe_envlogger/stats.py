@@ -247,23 +247,34 @@ def _splits_of(data: Mapping[str, Any], total: StatsSet, covers: Mapping[str, An
     return None
 
 
+def _covers(data: Mapping[str, Any]) -> dict[str, dict[str, int]]:
+    return {s: dict(v) for s, v in data.get("covers", {}).items()}
+
+
 def load(directory: str | os.PathLike) -> tuple[StatsSet, dict[str, dict[str, int]]] | None:
     """The statistics of all splits together and the shards they cover; None if missing."""
     data = _read(directory)
     if data is None:
         return None
-    return StatsSet.from_json(data), {s: dict(v) for s, v in data.get("covers", {}).items()}
+    return StatsSet.from_json(data), _covers(data)
 
 
-def load_split(directory: str | os.PathLike, split: str) -> StatsSet | None:
-    """The statistics of one split alone; None if missing or not kept per split. Whether they
-    are current is :func:`is_current` with the split."""
+def load_split(directory: str | os.PathLike, split: str, *, current: bool = False,
+               ) -> StatsSet | None:
+    """The statistics of one split alone; None if missing or not kept per split, and with
+    ``current``, also unless they cover exactly the split's committed shards (one read of the
+    file for both)."""
     data = _read(directory)
     if data is None:
         return None
-    total = StatsSet.from_json(data)
-    splits = _splits_of(data, total, data.get("covers", {}))
-    return None if splits is None else splits.get(split)
+    covers = _covers(data)
+    if current and not _covers_committed(directory, covers, split):
+        return None
+    if "splits" in data:
+        own = data["splits"].get(split)
+        return None if own is None else StatsSet.from_json(own)
+    # A file covering a single split holds its statistics once, as the totals (_splits_of).
+    return StatsSet.from_json(data) if list(covers) == [split] else None
 
 
 def merge_into(directory: str | os.PathLike, new: StatsSet, split: str,
@@ -275,7 +286,7 @@ def merge_into(directory: str | os.PathLike, new: StatsSet, split: str,
         total, covers, splits = StatsSet({}), {}, {}
     else:
         total = StatsSet.from_json(data)
-        covers = {s: dict(v) for s, v in data.get("covers", {}).items()}
+        covers = _covers(data)
         splits = _splits_of(data, total, covers)
     total.merge(new)
     if splits is not None:
@@ -287,11 +298,15 @@ def merge_into(directory: str | os.PathLike, new: StatsSet, split: str,
 
 def is_current(directory: str | os.PathLike, split: str | None = None) -> bool:
     """Whether ``statistics.json`` covers exactly the committed shards (of one or all splits)."""
+    data = _read(directory)
+    return data is not None and _covers_committed(directory, _covers(data), split)
+
+
+def _covers_committed(directory: str | os.PathLike, covers: Mapping[str, Mapping[str, int]],
+                      split: str | None) -> bool:
     info = layout.read_json(os.path.join(directory, layout.DATASET_INFO))
-    loaded = load(directory)
-    if info is None or loaded is None:
+    if info is None:
         return False
-    _, covers = loaded
     splits = [split] if split else layout.list_splits(info)
     for s in splits:
         want = {os.path.basename(p): n for p, n in layout.shard_paths(directory, info, s)}
@@ -309,8 +324,8 @@ def catch_up(directory: str | os.PathLike) -> None:
     info = layout.read_json(os.path.join(directory, layout.DATASET_INFO))
     if info is None:
         return
-    loaded = load(directory)
-    covers = loaded[1] if loaded else {}
+    data = _read(directory)
+    covers = _covers(data) if data else {}
     spec = reader.read_spec(directory)
     keys = stat_keys(reader.step_leaves(spec))
     shapes = {k: dict(reader.step_leaves(spec))[k].shape for k in keys}

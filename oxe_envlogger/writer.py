@@ -223,24 +223,18 @@ class DatasetWriter:
                                               self.options.max_pending_frames, frame_bytes,
                                               self.stalls)
 
-    def encode_image(self, image: np.ndarray, codec) -> encoding.EncodedFrame:
-        """Starts encoding a frame (copied before this returns)."""
-        if self.encoder is None:
-            self.prepare_encoder(image.size)
-        if isinstance(self.encoder, ProcessEncodePool) and image.size > self.encoder.slot_bytes:
-            # A frame larger than the ring's slots (a late metadata image): encode it here.
-            return encoding.done_frame(codecs.encode(np.ascontiguousarray(image), codec))
-        return self.encoder.submit(image, codec)
-
     def encode_images(self, images: list[tuple[np.ndarray, Any]]) -> list[encoding.EncodedFrame]:
         """Starts encoding the frames of one step (copied before this returns), handing them
         to the encoders together."""
         if self.encoder is None:
             self.prepare_encoder(max(image.size for image, _ in images))
-        if isinstance(self.encoder, ProcessEncodePool) and all(
-                image.size <= self.encoder.slot_bytes for image, _ in images):
+        slot = self.encoder.slot_bytes if isinstance(self.encoder, ProcessEncodePool) else None
+        if slot is None or all(image.size <= slot for image, _ in images):
             return self.encoder.submit_many(images)
-        return [self.encode_image(image, codec) for image, codec in images]
+        # A frame larger than the ring's slots (a late metadata image): encoded here.
+        return [encoding.done_frame(codecs.encode(np.ascontiguousarray(image), codec))
+                if image.size > slot else self.encoder.submit_many([(image, codec)])[0]
+                for image, codec in images]
 
     def check(self) -> None:
         """Raises the writer thread's error, if any (once for per-episode errors)."""

@@ -222,9 +222,7 @@ def join_split_parts(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """
     parts: dict[str, list[tuple[int, int]]] = {}
     for i, r in enumerate(rows):
-        eid = bytes(r["episode_id"]).decode("utf-8", "replace")
-        group = layout.episode_group(eid)
-        part = int(eid.rsplit(".", 1)[1]) if group != eid else 0
+        group, part = layout.episode_part(bytes(r["episode_id"]).decode("utf-8", "replace"))
         parts.setdefault(group, []).append((part, i))
     if all(len(v) == 1 for v in parts.values()):
         return rows
@@ -248,18 +246,20 @@ def join_split_parts(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         pieces = [rows[i] for i in run]
         joined = dict(pieces[0])
         joined["episode_length"] = sum(int(p["episode_length"]) for p in pieces) - len(run) + 1
-
-        def cat(columns: list[np.ndarray]) -> np.ndarray:
-            return np.concatenate([c[:-1] for c in columns[:-1]] + [columns[-1]])
-
         for key in _STEP_COLUMNS:
             if key in joined:
-                joined[key] = cat([p[key] for p in pieces])
+                joined[key] = _join_columns([p[key] for p in pieces])
         if "images" in joined:
-            joined["images"] = {cam: cat([p["images"][cam] for p in pieces])
+            joined["images"] = {cam: _join_columns([p["images"][cam] for p in pieces])
                                 for cam in joined["images"]}
         out.append(joined)
     return out
+
+
+def _join_columns(columns: list[np.ndarray]) -> np.ndarray:
+    """One column of consecutive parts: each part's final step, repeated as the next part's
+    first, is dropped."""
+    return np.concatenate([c[:-1] for c in columns[:-1]] + [columns[-1]])
 
 
 def _check_compatible(tables: Sequence[StepTable]) -> None:

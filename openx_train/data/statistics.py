@@ -147,8 +147,8 @@ def statistics_keys(path: PathLike, keys: Sequence[str] | None = None) -> list[s
 
 
 def _from_stored(path: str, split: str, keys: Iterable[str]) -> DatasetStatistics | None:
-    stored = oxe_stats.load_split(path, split)
-    if stored is None or not oxe_stats.is_current(path, split):
+    stored = oxe_stats.load_split(path, split, current=True)
+    if stored is None:
         return None
     if any(k not in stored.keys for k in keys):
         return None

@@ -56,6 +56,9 @@ def test_long_episode_is_split_into_parts_that_join_back_exactly(dataset_dir):
     base_id = parts[0]["episode_id"].decode()
     assert [p["episode_id"].decode() for p in parts] == (
         [base_id] + [f"{base_id}.{k}" for k in range(1, len(parts))])
+    assert [layout.episode_part(p["episode_id"].decode()) for p in parts] == [
+        (base_id, k) for k in range(len(parts))]
+    assert layout.episode_part("traj.3") == ("traj.3", 0)  # not a logger's part id
 
     for k, part in enumerate(parts):
         st = part["steps"]

@@ -223,3 +223,25 @@ def test_encoder_worker_death_is_reported(dataset_dir):
     episodes = read_tfds(dataset_dir)
     assert 1 <= len(episodes) <= 2  # the episode written before stays readable
     assert not episodes[0]["invalid"] and len(episodes[0]["steps"]["is_first"]) == 51
+
+
+def test_a_metadata_image_larger_than_the_encoder_slots(dataset_dir):
+    """The encoders are sized for the observation's frames when the logger starts; a larger
+    image that appears later (inferred step metadata) is encoded in the control thread."""
+    space = spaces.Dict({"cam": spaces.Box(0, 255, (8, 8, 3), np.uint8)})
+    env = oxe_envlogger.AutoOXEEnvLogger(
+        RecordingEnv(space, BOX, episode_len=4), "big_meta", dataset_dir,
+        writer_options=WriterOptions(encode_processes=1, max_pending_frames=8))
+    snapshots = []
+    env.reset(seed=0)
+    for t in range(4):
+        snap = np.full((40, 40, 3), 10 * t, np.uint8)
+        snapshots.append(snap)
+        env.set_step_metadata({"snapshot": snap})
+        env.step(BOX.sample())
+    assert env._recorder.writer.encoder.slot_bytes < snap.size
+    env.close()
+    (episode,) = read_tfds(dataset_dir)
+    got = episode["steps"]["snapshot"]
+    np.testing.assert_array_equal(got[:4], np.stack(snapshots))
+    np.testing.assert_array_equal(got[4], snapshots[-1])  # sticky: the final step keeps it
