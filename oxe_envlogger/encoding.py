@@ -170,6 +170,9 @@ class _Worker:
     def __init__(self, shm_path: str, size: int, index: int, jobs_fd: int):
         env = dict(os.environ)
         env.pop("PYTHONSTARTUP", None)
+        # The encoder never calls BLAS; without this, numpy's OpenBLAS starts a thread per CPU
+        # that busy-waits about 0.1 s after start-up, on the CPUs the env loop needs.
+        env.update(OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
         args = [sys.executable, "-m", "oxe_envlogger._encode_worker", shm_path, str(size)]
         # A session of its own: a terminal's Ctrl-C reaches the logger, not its encoders.
         self.proc = subprocess.Popen(args, stdin=jobs_fd,
