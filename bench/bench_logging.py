@@ -97,6 +97,17 @@ def run_loop(env, episodes: int, seed: int, *, language: bool = False) -> dict:
     return {"steps": steps, "longest_call_s": longest}
 
 
+def steal_seconds() -> float:
+    """CPU time the hypervisor gave to other guests, summed over this machine's CPUs
+    (``/proc/stat``; 0 where not reported). A run with much steal measured a busy host, not us."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def timed(make_env, episodes, seed, *, language=False, close=True, memory=False) -> dict:
     """Runs and times the loop; ``memory``: also samples this process's peak memory (only in a
     fresh process, see :func:`fresh_process_memory`: the sampling thread would share the GIL
@@ -105,6 +116,7 @@ def timed(make_env, episodes, seed, *, language=False, close=True, memory=False)
     gc.collect()
     with RSSSampler() if memory else contextlib.nullcontext() as rss:
         base_rss = rss.peak if memory else 0
+        s0 = steal_seconds()
         c0 = time.process_time()
         t0 = time.perf_counter()
         out = run_loop(env, episodes, seed, language=language)
@@ -112,7 +124,8 @@ def timed(make_env, episodes, seed, *, language=False, close=True, memory=False)
         if close:
             env.close()
         t2 = time.perf_counter()
-    out.update(wall_s=t2 - t0, close_s=t2 - t1, cpu_s=time.process_time() - c0)
+    out.update(wall_s=t2 - t0, close_s=t2 - t1, cpu_s=time.process_time() - c0,
+               steal_fraction=(steal_seconds() - s0) / (len(os.sched_getaffinity(0)) * (t2 - t0)))
     if memory:
         out["rss_above_start_mb"] = (rss.peak - base_rss) / 2**20
     return out
@@ -204,8 +217,17 @@ def make_envlogger_peer(gym_env, directory: str):
 # ---------------------------------------------------------------------------------------------
 
 
-def _median_ratio(num: list[dict], den: list[dict], digits: int = 3) -> float:
-    return round(statistics.median(a["wall_s"] / b["wall_s"] for a, b in zip(num, den)), digits)
+def _median_ratio(num: list[dict], den: list[dict], digits: int = 3, key: str = "wall_s") -> float:
+    return round(statistics.median(a[key] / b[key] for a, b in zip(num, den)), digits)
+
+
+def _noise(raw: list[dict], ours: list[dict]) -> dict:
+    """How much the host interfered: the hypervisor's steal during the raw and logged runs
+    (fraction of all CPU time, median over reps) and the spread of the raw loop's wall time."""
+    walls = [x["wall_s"] for x in raw]
+    return {"steal_fraction_raw": round(statistics.median(x["steal_fraction"] for x in raw), 3),
+            "steal_fraction_logged": round(statistics.median(x["steal_fraction"] for x in ours), 3),
+            "raw_wall_spread": round(max(walls) / min(walls), 3)}
 
 
 def bench_w1(reps: int, episodes: int, steps: int, with_peer: bool) -> dict:
@@ -243,6 +265,10 @@ def bench_w1(reps: int, episodes: int, steps: int, with_peer: bool) -> dict:
         "longest_call_ms": round(longest_ours * 1e3, 2),
         "raw_longest_call_ms": round(max(x["longest_call_s"] for x in raw) * 1e3, 2),
         "close_ms": round(statistics.median(x["close_s"] for x in ours) * 1e3, 1),
+        # CPU time (all threads of the process) of the logged run over the raw run's: what the
+        # logger costs in work, which the host's steal does not inflate the way it does wall time
+        "cpu_overhead": _median_ratio(ours, raw, key="cpu_s"),
+        **_noise(raw, ours),
     }
     if with_peer:
         peer_s = statistics.median(x["wall_s"] for x in peer)
@@ -341,6 +367,8 @@ def bench_w2(reps: int, episodes: int, steps: int, codec: str) -> dict:
                                         / steps_n * 1e6),
         "cpu_busy_fraction": round(statistics.median(x["cpu_s"] / (cpus * x["wall_s"])
                                                      for x in ours), 2),
+        "cpu_overhead": _median_ratio(ours, raw, key="cpu_s"),  # encoder processes included
+        **_noise(raw, ours),
     }
 
 
