@@ -56,6 +56,28 @@ class LoggerMixin:
         """Episodes, steps, bytes and stalls written so far by this logger."""
         return self._recorder.writer._session_json()
 
+    def flush(self, *, commit: bool = True) -> None:
+        """Makes every episode completed so far durable and, with ``commit``, readable now
+        (tfds, ``load_dataset``, ``statistics.json``), while logging goes on. Blocks until the
+        writer has written them (images encoded, fsynced).
+
+        An episode that has ended is handed over here, so episode metadata set after ``flush()``
+        goes to the next episode. The episode in progress is not touched. Each commit closes a
+        shard: flushing after every episode makes one shard per episode; flush every few minutes
+        or at checkpoints (a crash loses at most the episodes queued since, see
+        ``WriterOptions.queue_episodes``, even without flushing).
+
+        Args:
+          commit: also commit the open shard into the dataset. Without it the episodes are
+            written and fsynced but reach readers only at the next commit or ``close()``, or
+            through recovery after a crash.
+
+        Raises:
+          LoggerClosedError: after the logger was closed.
+          WriterError: when writing failed.
+        """
+        self._recorder.flush(commit=commit)
+
     def close_logger(self) -> None:
         """Flushes and closes the logger (not the env). Idempotent."""
         rec = getattr(self, "_recorder", None)

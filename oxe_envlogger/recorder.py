@@ -403,11 +403,11 @@ class EpisodeRecorder:
 
     @staticmethod
     def _check_can_step(s: _Stream) -> None:
-        if s.pending_obs is None:
-            raise StepOrderError("step() before reset(): the logger needs o_0 from reset()")
         if s.ended:
             raise StepOrderError("step() after the episode ended (terminated or truncated); "
                                  "call reset() first")
+        if s.pending_obs is None:
+            raise StepOrderError("step() before reset(): the logger needs o_0 from reset()")
 
     def begin(self, obs: Any, stream: _Stream | None = None) -> None:
         """Starts an episode at o_0 (ending the one in progress, which counts as truncated)."""
@@ -417,6 +417,7 @@ class EpisodeRecorder:
         if s.pending_obs is not None:
             self.end(stream=s)
         s.part = 0
+        s.ended = s.terminal = False  # (an episode handed over by flush() stays ended until here)
         s.pending_obs = self._obs.submit_images(flat)
 
     def step(self, action_flat: list, reward: Any, next_obs: Any, *, terminated: bool,
@@ -560,6 +561,18 @@ class EpisodeRecorder:
         while len(self.streams) < n:
             self.streams.append(_Stream(len(self.streams)))
         return self.streams[:n]
+
+    def flush(self, *, commit: bool = True) -> None:
+        """Hands over every episode that has ended (so episode metadata set after this goes to
+        the next episode), then waits for the writer (:meth:`DatasetWriter.flush`). Episodes
+        still in progress are not touched."""
+        self._ensure_open()
+        for s in self.streams:
+            if s.ended and s.pending_obs is not None:
+                terminal = s.terminal
+                self.end(stream=s)
+                s.ended, s.terminal = True, terminal  # still ended: step() needs a reset()
+        self.writer.flush(commit=commit)
 
     def close(self) -> None:
         """Writes the episodes in progress (see ``incomplete``), flushes and commits. Idempotent."""

@@ -140,6 +140,15 @@ class EpisodeRows:
 _CLOSE = object()
 
 
+class _Flush:
+    """A marker in the writer queue: everything queued before it is written when it is reached."""
+
+    def __init__(self, commit: bool):
+        self.commit = commit
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+
+
 class DatasetWriter:
     """Writes episodes into one dataset directory from a background thread.
 
@@ -268,6 +277,36 @@ class DatasetWriter:
                     raise WriterError(f"the writer of {self.dir.path} stopped") from None
         self.stalls.add(time.perf_counter() - t0)
 
+    def flush(self, *, commit: bool = True) -> None:
+        """Blocks until every episode queued so far is written (and fsynced, with ``fsync``);
+        with ``commit``, also commits the open shard, so that readers see those episodes now
+        (and ``statistics.json`` covers them). Without ``commit`` they are durable but reach
+        readers at the next commit, or through recovery after a crash.
+
+        Raises:
+          LoggerClosedError: after :meth:`close`.
+          WriterError: when writing failed.
+        """
+        self.check()
+        if self._thread is None:
+            return  # nothing was ever queued
+        marker = _Flush(commit)
+        while True:
+            try:
+                self._queue.put(marker, timeout=0.5)
+                break
+            except queue.Full:
+                if self._fatal or not self._thread.is_alive():
+                    self.check()
+                    raise WriterError(f"the writer of {self.dir.path} stopped") from None
+        while not marker.done.wait(0.5):
+            if not self._thread.is_alive():
+                self.check()
+                raise WriterError(f"the writer of {self.dir.path} stopped") from None
+        if marker.error is not None:
+            raise WriterError(f"flushing {self.dir.path} failed: {marker.error}") from marker.error
+        self.check()
+
     def close(self) -> None:
         """Writes everything queued, commits the last shard, and releases the directory.
         Idempotent. Raises :class:`WriterError` if something queued could not be written."""
@@ -300,6 +339,9 @@ class DatasetWriter:
             item = self._queue.get()
             if item is _CLOSE:
                 return
+            if isinstance(item, _Flush):
+                self._flush(item)
+                continue
             if self._fatal:
                 continue  # drain; the error is reported to the producer
             try:
@@ -311,6 +353,20 @@ class DatasetWriter:
                 log.error("writer of %s failed: %s", self.dir.path, e)
                 self._error = e
                 self._fatal = True
+
+    def _flush(self, marker: _Flush) -> None:
+        try:
+            if not self._fatal:
+                if marker.commit:
+                    if self._shard is not None:
+                        self._commit()
+                elif self._shard is not None and self.options.fsync:
+                    self._shard.sync()
+        except BaseException as e:  # the shard is left as it was; close() retries the commit
+            log.error("flushing %s failed: %s", self.dir.path, e)
+            marker.error = e
+        finally:
+            marker.done.set()
 
     def _serialize(self, columns: list[list[Any]], values: list[Any]) -> tuple[list[bytes], int]:
         schema = self.schema

@@ -3,7 +3,8 @@
 Logs a deterministic env (state + a small camera image) episode after episode and prints
 ``started <episode>`` after each reset. MODE is ``forever`` (until a signal), ``raise`` (an
 uncaught exception mid-episode), ``fall_off`` (the script ends without close()), or
-``sys_exit``.
+``sys_exit``; ``flush_commit`` / ``flush_nocommit`` log 3 episodes, call ``flush()`` (with or
+without ``commit``), print ``flushed`` and wait to be killed.
 """
 
 from __future__ import annotations
@@ -48,10 +49,14 @@ def main(directory: str, mode: str) -> None:
     workers = getattr(env._recorder.writer.encoder, "_workers", [])
     print("workers " + " ".join(str(w.proc.pid) for w in workers), flush=True)
     for ep in range(100000):
+        if mode.startswith("flush") and ep == 3:
+            env.flush(commit=mode == "flush_commit")  # episode 2 has ended: handed over here
+            print("flushed", flush=True)
+            time.sleep(600)
         env.reset(seed=ep)
         print(f"started {ep}", flush=True)
         for t in range(EPISODE_LEN):
-            if mode != "forever" and ep == 5 and t == 3:
+            if mode in ("raise", "sys_exit", "fall_off") and ep == 5 and t == 3:
                 if mode == "raise":
                     raise RuntimeError("the user's loop failed")
                 if mode == "sys_exit":

@@ -139,6 +139,31 @@ def test_exception_and_exit_without_close(mode, tmp_path):
     assert len(cut) == 1 and len(cut[0]["steps"]["is_first"]) == 4  # 3 steps + final obs
 
 
+@pytest.mark.parametrize("commit", [True, False])
+def test_flush_makes_completed_episodes_durable(commit, tmp_path):
+    """After ``flush()`` returns, the completed episodes survive SIGKILL; with ``commit`` tfds
+    reads them at once, while the logger is still open."""
+    directory = str(tmp_path / "ds")
+    proc = _start(directory, "flush_commit" if commit else "flush_nocommit")
+    try:
+        lines = _read_lines_until(proc, lambda lines: "flushed" in lines)
+        if "flushed" not in lines:
+            proc.kill()
+            pytest.fail(f"the logger did not flush: {proc.communicate()[1][-2000:]}")
+        visible = _episode_numbers(_check_episodes(directory))
+        # max_episodes_per_file=2 committed episodes 0 and 1; flush() commits episode 2 or not
+        assert visible == ([0, 1, 2] if commit else [0, 1])
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    oxe_envlogger.recover(directory)
+    episodes = _check_episodes(directory)
+    assert _episode_numbers(episodes) == [0, 1, 2]
+    assert not any(e["invalid"] for e in episodes)
+
+
 def _mount_tmpfs(path: str, size: str) -> bool:
     os.makedirs(path, exist_ok=True)
     return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", path],

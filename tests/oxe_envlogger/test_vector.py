@@ -37,13 +37,17 @@ def _reference(seed: int, index: int, steps: int) -> list[dict]:
     return episodes
 
 
-def _drive(env: gym.vector.VectorEnv, mode: AutoresetMode, seed: int, calls: int) -> None:
+def _drive(env: gym.vector.VectorEnv, mode: AutoresetMode, seed: int, calls: int,
+           flush_every: int | None = None) -> None:
     """Steps the vector env; sub-env i draws its actions from its own RNG, and only for steps
-    where the env uses them (so they match the sequential reference)."""
+    where the env uses them (so they match the sequential reference). ``flush_every``: calls
+    ``env.flush()`` every that many calls."""
     rngs = [np.random.default_rng(100 + i) for i in range(NUM_ENVS)]
     env.reset(seed=seed)
     waiting = np.zeros(NUM_ENVS, bool)  # NEXT_STEP: this call resets the sub-env
-    for _ in range(calls):
+    for call in range(calls):
+        if flush_every and call % flush_every == flush_every - 1:
+            env.flush()
         actions = np.array([0 if waiting[i] else int(rngs[i].integers(2)) for i in range(NUM_ENVS)])
         _, _, te, tr, _ = env.step(actions)
         done = te | tr
@@ -57,15 +61,21 @@ def _episode_key(steps) -> bytes:
     return np.asarray(steps["observation"][0]).tobytes()
 
 
-@pytest.mark.parametrize("vectorization", ["sync", "async"])
+@pytest.mark.parametrize("vectorization,flush_every", [("sync", None), ("async", None),
+                                                       ("sync", 13)])
 @pytest.mark.parametrize("mode", [AutoresetMode.NEXT_STEP, AutoresetMode.SAME_STEP,
                                   AutoresetMode.DISABLED])
-def test_vector_env_matches_sequential_reference(vectorization, mode, dataset_dir):
+def test_vector_env_matches_sequential_reference(vectorization, flush_every, mode, dataset_dir):
+    """Also with ``flush()`` every 13 calls, which hands over the sub-env episodes that have
+    ended and commits a shard each time, in the middle of other sub-envs' episodes."""
     venv = gym.make_vec("CartPole-v1", num_envs=NUM_ENVS, vectorization_mode=vectorization,
                         vector_kwargs={"autoreset_mode": mode})
     env = VectorOXEEnvLogger(venv, "vector", dataset_dir)
-    _drive(env, mode, seed=7, calls=STEPS)
+    _drive(env, mode, seed=7, calls=STEPS, flush_every=flush_every)
+    shards_before_close = len(env.writer_stats["shards"])
     env.close()
+    if flush_every:
+        assert shards_before_close >= 3  # each flush() that had episodes committed a shard
     logged = read_tfds(dataset_dir)
     valid = [e for e in logged if not e["invalid"]]
     assert len(logged) - len(valid) <= NUM_ENVS  # the episodes cut by close()

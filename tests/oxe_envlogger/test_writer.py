@@ -245,3 +245,55 @@ def test_a_metadata_image_larger_than_the_encoder_slots(dataset_dir):
     got = episode["steps"]["snapshot"]
     np.testing.assert_array_equal(got[:4], np.stack(snapshots))
     np.testing.assert_array_equal(got[4], snapshots[-1])  # sticky: the final step keeps it
+
+
+def test_flush_commits_completed_episodes_while_logging_goes_on(dataset_dir):
+    """A real camera env (images through the encoder processes): after ``flush()`` tfds reads
+    every completed episode exactly and ``statistics.json`` covers them, while the logger is
+    open; the episode that ended stays ended until ``reset()``; logging then continues."""
+    import gymnasium as gym
+
+    import oxe_envlogger.envs
+
+    env = oxe_envlogger.AutoOXEEnvLogger(
+        gym.make(oxe_envlogger.envs.ENV_ID, image_size=32, wrist_size=16, max_episode_steps=6),
+        "flush", dataset_dir)
+    env.action_space.seed(0)
+    seen = []  # (observations, actions) per episode, as the agent saw them
+
+    def episode(seed):
+        obs, _ = env.reset(seed=seed)
+        observations, actions, done = [obs], [], False
+        while not done:
+            actions.append(env.action_space.sample())
+            obs, _, te, tr, _ = env.step(actions[-1])
+            observations.append(obs)
+            done = te or tr
+        seen.append((observations, actions))
+
+    def check(episodes):
+        assert len(episodes) == len(seen)
+        for e, (observations, actions) in zip(episodes, seen):
+            for key in ("image", "wrist_image", "state"):
+                np.testing.assert_array_equal(e["steps"]["observation"][key],
+                                              np.stack([o[key] for o in observations]))
+            np.testing.assert_array_equal(e["steps"]["action"][:-1], np.stack(actions))
+
+    episode(0)
+    episode(1)
+    env.flush()
+    check(read_tfds(dataset_dir))
+    assert stats.is_current(dataset_dir, "train")
+    assert stats.load_split(dataset_dir, "train").num_episodes == 2
+    with pytest.raises(oxe_envlogger.StepOrderError, match="reset"):
+        env.step(env.action_space.sample())  # episode 1 ended; flush() did not start another
+    episode(2)
+    env.flush()  # commits episode 2 in a shard of its own
+    assert len(read_tfds(dataset_dir)) == 3
+    env.flush()  # nothing to write: a no-op
+    episode(3)
+    env.close()
+    check(read_tfds(dataset_dir))
+    assert stats.load_split(dataset_dir, "train", current=True).num_episodes == 4
+    with pytest.raises(oxe_envlogger.LoggerClosedError):
+        env.flush()
