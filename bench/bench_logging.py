@@ -131,6 +131,44 @@ def timed(make_env, episodes, seed, *, language=False, close=True, memory=False)
     return out
 
 
+def interleaved(make_raw, make_logged, episodes: int, seed: int, *, language=False) -> float:
+    """Logged over raw wall time with the two loops taking turns episode by episode, so both
+    see the same host (its speed drifts by tens of percent over seconds here). Each logged
+    episode is followed by ``flush(commit=False)``, timed with it: whatever the writer and the
+    encoders still had to do for it counts against the logger at once, instead of overlapping
+    the next episode as in a plain run (so this figure is, if anything, pessimistic); the final
+    ``close()`` counts too."""
+    raw_env, log_env = make_raw(), make_logged()
+    raw_env.action_space.seed(seed)
+    log_env.action_space.seed(seed)
+    raw_s = log_s = 0.0
+
+    def episode(env, ep):
+        _, info = env.reset(seed=seed + ep)
+        if language and hasattr(env, "set_language_instruction"):
+            env.set_language_instruction(info["language_instruction"])
+        done = False
+        while not done:
+            _, _, terminated, truncated, _ = env.step(env.action_space.sample())
+            done = terminated or truncated
+
+    gc.collect()
+    for ep in range(episodes):
+        t0 = time.perf_counter()
+        episode(raw_env, ep)
+        t1 = time.perf_counter()
+        episode(log_env, ep)
+        log_env.flush(commit=False)
+        t2 = time.perf_counter()
+        raw_s += t1 - t0
+        log_s += t2 - t1
+    t0 = time.perf_counter()
+    log_env.close()
+    log_s += time.perf_counter() - t0
+    raw_env.close()
+    return log_s / raw_s
+
+
 # ---------------------------------------------------------------------------------------------
 # The peer: envlogger 1.2's TFDS writer, the path the original oxe_envlogger used.
 
@@ -234,7 +272,7 @@ def bench_w1(reps: int, episodes: int, steps: int, with_peer: bool) -> dict:
     def make_raw():
         return gym.make("HalfCheetah-v5", max_episode_steps=steps)
 
-    raw, ours, peer = [], [], []
+    raw, ours, peer, turns = [], [], [], []
     ours_bytes = peer_bytes = 0
     for _ in range(reps):
         tmp = tempfile.mkdtemp(prefix="w1_")
@@ -244,6 +282,8 @@ def bench_w1(reps: int, episodes: int, steps: int, with_peer: bool) -> dict:
                       episodes, 0)
             ours.append(r)
             ours_bytes = dir_bytes(os.path.join(tmp, "ours"))
+            turns.append(interleaved(make_raw, lambda tmp=tmp: AutoOXEEnvLogger(
+                make_raw(), "w1", os.path.join(tmp, "turns")), episodes, 0))
             if with_peer:
                 p = timed(lambda tmp=tmp: make_envlogger_peer(make_raw(), os.path.join(tmp, "peer")),
                           episodes, 0)
@@ -260,6 +300,8 @@ def bench_w1(reps: int, episodes: int, steps: int, with_peer: bool) -> dict:
         "raw_steps_per_s": round(raw[0]["steps"] / raw_s),
         # each rep's logged run is divided by the raw run just before it, then the median
         "overhead": _median_ratio(ours, raw),
+        # raw and logged episodes taking turns (see interleaved()), median over reps
+        "overhead_interleaved": round(statistics.median(turns), 3),
         "steps_per_s": round(ours[0]["steps"] / ours_s),
         "bytes_on_disk": ours_bytes,
         "longest_call_ms": round(longest_ours * 1e3, 2),
@@ -315,7 +357,7 @@ def bench_w2(reps: int, episodes: int, steps: int, codec: str) -> dict:
     def make_raw():
         return gym.make(oxe_envlogger.envs.ENV_ID, max_episode_steps=steps)
 
-    raw, ours = [], []
+    raw, ours, turns = [], [], []
     nbytes = 0
     for _ in range(reps):
         tmp = tempfile.mkdtemp(prefix="w2_")
@@ -328,6 +370,9 @@ def bench_w2(reps: int, episodes: int, steps: int, codec: str) -> dict:
             with open(os.path.join(tmp, "ours", "oxe_envlogger.json")) as f:
                 session = json.load(f)["sessions"][-1]
             ours[-1]["cpu_s"] += session.get("encoder_cpu_seconds", 0.0)
+            turns.append(interleaved(make_raw, lambda tmp=tmp: AutoOXEEnvLogger(
+                make_raw(), "w2", os.path.join(tmp, "turns"), image_codec=codec),
+                episodes, 0, language=True))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     raw_s = statistics.median(x["wall_s"] for x in raw)
@@ -342,6 +387,7 @@ def bench_w2(reps: int, episodes: int, steps: int, codec: str) -> dict:
         "reps": reps,
         "raw_steps_per_s": round(raw[0]["steps"] / raw_s),
         "overhead": _median_ratio(ours, raw),
+        "overhead_interleaved": round(statistics.median(turns), 3),
         "steps_per_s": round(ours[0]["steps"] / ours_s),
         "bytes_on_disk": nbytes,
         "longest_call_ms": round(max(x["longest_call_s"] for x in ours) * 1e3, 2),
