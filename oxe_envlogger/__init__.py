@@ -3,38 +3,73 @@
 Importing this package (and logging) never imports TensorFlow or JAX.
 """
 
-from oxe_envlogger.envlogger import AutoOXEEnvLogger, OXEEnvLogger
-from oxe_envlogger.errors import (
-    CorruptDatasetError,
-    DatasetExistsError,
-    FeatureMismatchError,
-    LoggerClosedError,
-    NonFiniteError,
-    OXEEnvLoggerError,
-    RecordTooLargeError,
-    SpecError,
-    StepOrderError,
-    UnknownKeyError,
-    UnsupportedSpaceError,
-    WriterError,
-)
-from oxe_envlogger.layout import recover
-from oxe_envlogger.reader import read_episodes
-from oxe_envlogger.rlds_logger import RLDSLogger, RLDSStepType
-from oxe_envlogger.specs import ImageCodec, get_gym_space
-from oxe_envlogger.vector import VectorOXEEnvLogger
-from oxe_envlogger.writer import WriterOptions
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.2.0"
 
+# Names are imported on first use, so that ``import oxe_envlogger`` (and the image encoder
+# processes, which import only ``oxe_envlogger.codecs``) stay light: gymnasium alone takes
+# a quarter second, the dm_env/envlogger front as much again.
+_ERRORS = ("CorruptDatasetError", "DatasetExistsError", "FeatureMismatchError",
+           "LoggerClosedError", "NonFiniteError", "OXEEnvLoggerError", "RecordTooLargeError",
+           "SpecError", "StepOrderError", "UnknownKeyError", "UnsupportedSpaceError",
+           "WriterError")
+_WHERE = {
+    "AutoOXEEnvLogger": "envlogger",
+    "OXEEnvLogger": "envlogger",
+    "DmEnvLogger": "dm_env_logger",
+    "RLDSBackendWriter": "dm_env_logger",
+    "ImageCodec": "codecs",
+    "RLDSLogger": "rlds_logger",
+    "RLDSStepType": "rlds_logger",
+    "VectorOXEEnvLogger": "vector",
+    "WriterOptions": "writer",
+    "get_gym_space": "specs",
+    "read_episodes": "reader",
+    "recover": "layout",
+    **dict.fromkeys(_ERRORS, "errors"),
+}
+
+if TYPE_CHECKING:
+    from oxe_envlogger.codecs import ImageCodec
+    from oxe_envlogger.dm_env_logger import DmEnvLogger, RLDSBackendWriter
+    from oxe_envlogger.envlogger import AutoOXEEnvLogger, OXEEnvLogger
+    from oxe_envlogger.errors import (
+        CorruptDatasetError,
+        DatasetExistsError,
+        FeatureMismatchError,
+        LoggerClosedError,
+        NonFiniteError,
+        OXEEnvLoggerError,
+        RecordTooLargeError,
+        SpecError,
+        StepOrderError,
+        UnknownKeyError,
+        UnsupportedSpaceError,
+        WriterError,
+    )
+    from oxe_envlogger.layout import recover
+    from oxe_envlogger.reader import read_episodes
+    from oxe_envlogger.rlds_logger import RLDSLogger, RLDSStepType
+    from oxe_envlogger.specs import get_gym_space
+    from oxe_envlogger.vector import VectorOXEEnvLogger
+    from oxe_envlogger.writer import WriterOptions
+
 
 def __getattr__(name: str):
-    # The dm_env/envlogger front imports envlogger (a quarter second); only when asked for.
-    if name in ("DmEnvLogger", "RLDSBackendWriter"):
-        from oxe_envlogger import dm_env_logger
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'oxe_envlogger' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"oxe_envlogger.{module}"), name)
+    globals()[name] = value  # once
+    return value
 
-        return getattr(dm_env_logger, name)
-    raise AttributeError(f"module 'oxe_envlogger' has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
 
 
 __all__ = [

@@ -13,8 +13,8 @@ import signal
 import sys
 
 from oxe_envlogger import codecs
+from oxe_envlogger.codecs import ImageCodec
 from oxe_envlogger.encoding import _FORMATS, _JOB, _RESULT
-from oxe_envlogger.specs import ImageCodec
 
 _FORMAT_NAMES = {v: k for k, v in _FORMATS.items()}
 

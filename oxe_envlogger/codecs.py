@@ -7,11 +7,11 @@ standard files that ``tf.image.decode_image`` (and so tfds) reads.
 
 from __future__ import annotations
 
+import dataclasses
 import io
+from typing import Literal
 
 import numpy as np
-
-from oxe_envlogger.specs import ImageCodec
 
 try:  # fpng's extension module; the package-level import pulls in optional cv2 glue lazily.
     from fpng import fpng_ext as _fpng
@@ -22,6 +22,43 @@ try:
     import simplejpeg as _simplejpeg
 except Exception:  # pragma: no cover
     _simplejpeg = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageCodec:
+    """How a uint8 image is stored.
+
+    Attributes:
+      format: ``"png"`` (lossless, the default), ``"jpeg"`` (lossy, small and fast) or ``"raw"``
+        (the pixels as a bytes-encoded uint8 tensor: exact and fastest, but large).
+      quality: JPEG quality, 1..100.
+    """
+
+    format: Literal["png", "jpeg", "raw"] = "png"
+    quality: int = 95
+
+    def __post_init__(self):
+        if self.format not in ("png", "jpeg", "raw"):
+            raise ValueError(f"image codec: expected 'png', 'jpeg' or 'raw', given {self.format!r}")
+        if not 1 <= int(self.quality) <= 100:
+            raise ValueError(f"image codec: JPEG quality must be in 1..100, given {self.quality}")
+
+    @classmethod
+    def parse(cls, value: str | ImageCodec) -> ImageCodec:
+        """Reads ``"png"``, ``"raw"``, ``"jpeg"`` or ``"jpeg:90"`` (JPEG with quality 90)."""
+        if isinstance(value, ImageCodec):
+            return value
+        if not isinstance(value, str):
+            raise ValueError(f"image codec: expected a str or ImageCodec, given {value!r}")
+        name, _, quality = value.lower().partition(":")
+        if name in ("jpg", "jpeg"):
+            return cls("jpeg", int(quality) if quality else 95)
+        if quality:
+            raise ValueError(f"image codec: only jpeg takes a quality, given {value!r}")
+        return cls(name)  # type: ignore[arg-type]
+
+    def __str__(self) -> str:
+        return f"jpeg:{self.quality}" if self.format == "jpeg" else self.format
 
 
 def png_backend() -> str:

@@ -37,8 +37,8 @@ from typing import Any
 import numpy as np
 
 from oxe_envlogger import codecs
+from oxe_envlogger.codecs import ImageCodec
 from oxe_envlogger.errors import WriterError
-from oxe_envlogger.specs import ImageCodec
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,7 @@ _JOB = struct.Struct("<qQIIIBB")  # job id, slot offset, height, width, channels
 _RESULT = struct.Struct("<qBQ")  # job id, status (0 ok, 1 error), payload length
 _FORMATS = {"png": 0, "jpeg": 1}
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+_PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _PIPE_BYTES = 1 << 20
 
 
@@ -174,10 +175,12 @@ class _Worker:
         # that busy-waits about 0.1 s after start-up, on the CPUs the env loop needs.
         env.update(OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
         args = [sys.executable, "-m", "oxe_envlogger._encode_worker", shm_path, str(size)]
-        # A session of its own: a terminal's Ctrl-C reaches the logger, not its encoders.
+        # A session of its own: a terminal's Ctrl-C reaches the logger, not its encoders. Run
+        # from the directory holding this very package: ``-m`` looks in the working directory
+        # first, and the user's may hold another copy of oxe_envlogger.
         self.proc = subprocess.Popen(args, stdin=jobs_fd,
                                      stdout=subprocess.PIPE, env=env, bufsize=0,
-                                     start_new_session=True)
+                                     start_new_session=True, cwd=_PACKAGE_PARENT)
         # Room for many encoded frames in the pipe: results are read in batches.
         with contextlib.suppress(OSError):
             fcntl.fcntl(self.proc.stdout.fileno(), _F_SETPIPE_SZ, _PIPE_BYTES)
@@ -207,7 +210,8 @@ class _Worker:
         while len(buf) < n:
             chunk = os.read(self.fd, n - len(buf))
             if not chunk:
-                raise EOFError("encoder worker exited")
+                # an OSError, so that make_pool falls back to threads (its stderr says why)
+                raise OSError(f"encoder worker exited at start-up (code {self.proc.wait()})")
             buf += chunk
         return bytes(buf)
 

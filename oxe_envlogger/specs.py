@@ -26,6 +26,7 @@ from typing import Any, Literal
 import gymnasium as gym
 import numpy as np
 
+from oxe_envlogger.codecs import ImageCodec
 from oxe_envlogger.errors import (
     NonFiniteError,
     SpecError,
@@ -47,47 +48,6 @@ TEXT_DTYPE = np.dtype(object)
 _FLOAT32 = np.dtype(np.float32)
 TEXT_MAX_LENGTH = 1 << 16
 _TEXT_CHARSET = string.printable
-
-# ---------------------------------------------------------------------------------------------
-# Image codecs
-
-
-@dataclasses.dataclass(frozen=True)
-class ImageCodec:
-    """How a uint8 image is stored.
-
-    Attributes:
-      format: ``"png"`` (lossless, the default), ``"jpeg"`` (lossy, small and fast) or ``"raw"``
-        (the pixels as a bytes-encoded uint8 tensor: exact and fastest, but large).
-      quality: JPEG quality, 1..100.
-    """
-
-    format: Literal["png", "jpeg", "raw"] = "png"
-    quality: int = 95
-
-    def __post_init__(self):
-        if self.format not in ("png", "jpeg", "raw"):
-            raise ValueError(f"image codec: expected 'png', 'jpeg' or 'raw', given {self.format!r}")
-        if not 1 <= int(self.quality) <= 100:
-            raise ValueError(f"image codec: JPEG quality must be in 1..100, given {self.quality}")
-
-    @classmethod
-    def parse(cls, value: str | ImageCodec) -> ImageCodec:
-        """Reads ``"png"``, ``"raw"``, ``"jpeg"`` or ``"jpeg:90"`` (JPEG with quality 90)."""
-        if isinstance(value, ImageCodec):
-            return value
-        if not isinstance(value, str):
-            raise ValueError(f"image codec: expected a str or ImageCodec, given {value!r}")
-        name, _, quality = value.lower().partition(":")
-        if name in ("jpg", "jpeg"):
-            return cls("jpeg", int(quality) if quality else 95)
-        if quality:
-            raise ValueError(f"image codec: only jpeg takes a quality, given {value!r}")
-        return cls(name)  # type: ignore[arg-type]
-
-    def __str__(self) -> str:
-        return f"jpeg:{self.quality}" if self.format == "jpeg" else self.format
-
 
 # ---------------------------------------------------------------------------------------------
 # The spec tree

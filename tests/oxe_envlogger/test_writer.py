@@ -157,6 +157,49 @@ def test_image_encoders_threads_and_processes(processes, dataset_dir):
                                       np.stack([o["gray"] for o in want["obs"]]))
 
 
+def test_encoder_workers_ignore_another_copy_in_the_working_directory(tmp_path, monkeypatch,
+                                                                      dataset_dir):
+    """The user's working directory holds another ``oxe_envlogger`` (an old checkout, say):
+    the encoder processes still run this package's code, not that copy."""
+    decoy = tmp_path / "cwd" / "oxe_envlogger"
+    decoy.mkdir(parents=True)
+    (decoy / "__init__.py").write_text("raise ImportError('the decoy was imported')\n")
+    monkeypatch.chdir(decoy.parent)
+    space = spaces.Dict({"cam": spaces.Box(0, 255, (16, 16, 3), np.uint8)})
+    env = OXEEnvLogger(RecordingEnv(space, BOX, episode_len=4), "cwd", dataset_dir,
+                       writer_options=WriterOptions(encode_processes=1))
+    run_episodes(env, 2)
+    kind = env._recorder.writer.encoder.kind
+    env.close()
+    assert kind == "processes"
+    for got, want in zip(read_tfds(dataset_dir), env.unwrapped.episodes, strict=True):
+        np.testing.assert_array_equal(got["steps"]["observation"]["cam"],
+                                      np.stack([o["cam"] for o in want["obs"]]))
+
+
+def test_encoders_fall_back_to_threads_when_workers_cannot_start(tmp_path, monkeypatch,
+                                                                 dataset_dir, caplog):
+    """Worker processes that die at start-up (here: made to import a broken package) leave the
+    logger on encoder threads, with a warning, and nothing lost."""
+    from oxe_envlogger import encoding
+
+    broken = tmp_path / "broken" / "oxe_envlogger"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text("raise ImportError('broken install')\n")
+    monkeypatch.setattr(encoding, "_PACKAGE_PARENT", str(broken.parent))
+    space = spaces.Dict({"cam": spaces.Box(0, 255, (16, 16, 3), np.uint8)})
+    env = OXEEnvLogger(RecordingEnv(space, BOX, episode_len=4), "fallback", dataset_dir,
+                       writer_options=WriterOptions(encode_processes=1))
+    run_episodes(env, 2)
+    kind = env._recorder.writer.encoder.kind
+    env.close()
+    assert kind == "threads"
+    assert "encoder worker exited at start-up" in caplog.text
+    for got, want in zip(read_tfds(dataset_dir), env.unwrapped.episodes, strict=True):
+        np.testing.assert_array_equal(got["steps"]["observation"]["cam"],
+                                      np.stack([o["cam"] for o in want["obs"]]))
+
+
 def test_encoded_frames_larger_than_the_result_buffer(dataset_dir):
     """Noise does not compress: each PNG is larger than the 1 MiB buffer results are read
     into, and several workers deliver them at once."""
