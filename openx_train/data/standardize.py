@@ -212,6 +212,10 @@ def standardize_dataset(
 ) -> tf.data.Dataset:
     """Episodes (from :func:`~openx_train.data.load_dataset`) to standardized episodes.
 
+    The parts of an episode split at the logger's ``max_episode_bytes`` are separate episodes
+    here (windows and chunks are padded at a split point as at an episode's ends; joining them
+    would hold the oversized episode in memory); ``make_dataloader`` joins them.
+
     Each output element holds the episode's frames (``T - 1`` with ``drop_final_step``)::
 
         {"observation": {"state": [F, n_obs, D], <camera>: [F, n_obs] encoded,
