@@ -58,6 +58,10 @@ class WriterOptions:
         with the episode id ``<id>.1``, ``<id>.2``, ... (a tf.train.Example cannot exceed
         2 GiB, and an episode is held in memory until it ends). None: never split (an
         episode above 2 GiB is then lost with :class:`RecordTooLargeError`).
+      commit_every_s: also commit the open shard once it is this many seconds old (checked as
+        each episode is written), so that readers see a long collection run's episodes within
+        about this time, not only when a shard fills up; None: only at ``shard_bytes``,
+        ``flush()`` and ``close()``.
     """
 
     shard_bytes: int = DEFAULT_SHARD_BYTES
@@ -68,6 +72,7 @@ class WriterOptions:
     fsync: bool = True
     split: str = layout.DEFAULT_SPLIT
     max_episode_bytes: int | None = DEFAULT_MAX_EPISODE_BYTES
+    commit_every_s: float | None = 300.0
 
     def __post_init__(self):
         if self.shard_bytes <= 0:
@@ -80,6 +85,8 @@ class WriterOptions:
                 0 < self.max_episode_bytes <= _RECORD_LIMIT):
             raise ValueError(f"max_episode_bytes: expected 1..{_RECORD_LIMIT} or None, "
                              f"given {self.max_episode_bytes}")
+        if self.commit_every_s is not None and not self.commit_every_s >= 0:
+            raise ValueError(f"commit_every_s: expected >= 0 or None, given {self.commit_every_s}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,6 +184,7 @@ class DatasetWriter:
         self._registration: layout.WriterRegistration | None = None
         self._shard: record.RecordWriter | None = None
         self._shard_seq = 0
+        self._shard_opened = 0.0  # time.monotonic() when the open shard was created
         self._shard_episodes = 0
         self._shard_stats: stats.StatsSet | None = None
         self.committed_shards: list[str] = []
@@ -398,6 +406,7 @@ class DatasetWriter:
                                 f"{self.writer_id}-{opts.split}-{self._shard_seq:05d}.tfrecord")
             self._shard_seq += 1
             self._shard = record.RecordWriter(path)
+            self._shard_opened = time.monotonic()
             self._shard_episodes = 0
             self._shard_stats = stats.StatsSet(
                 schema.stat_shapes, seed=int(self.writer_id[:8], 16) + self._shard_seq)
@@ -418,6 +427,9 @@ class DatasetWriter:
                 self.nonfinite[key] = self.nonfinite.get(key, 0) + bad
         self._shard_stats.add_episode({k: step_columns[schema.index[k]] for k in schema.stat_keys},
                                       rows.num_steps)
+        if (opts.commit_every_s is not None
+                and time.monotonic() - self._shard_opened >= opts.commit_every_s):
+            self._commit()
 
     def _commit(self, *, final: bool = False) -> None:
         """Commits the open staging shard (if any) and refreshes this session's metadata."""

@@ -340,3 +340,34 @@ def test_flush_commits_completed_episodes_while_logging_goes_on(dataset_dir):
     assert stats.load_split(dataset_dir, "train", current=True).num_episodes == 4
     with pytest.raises(oxe_envlogger.LoggerClosedError):
         env.flush()
+
+
+@pytest.mark.parametrize("commit_every_s", [0.0, None])
+def test_commit_every_s_makes_episodes_visible_while_logging(commit_every_s, dataset_dir):
+    """With a commit age of 0 every episode is committed as soon as it is written, so tfds
+    reads it while the logger runs; with None, written episodes wait for the shard budget."""
+    import gymnasium as gym
+
+    env = oxe_envlogger.AutoOXEEnvLogger(
+        gym.make("CartPole-v1", max_episode_steps=20), "visible", dataset_dir,
+        writer_options=WriterOptions(commit_every_s=commit_every_s))
+    run_episodes(env, 3)
+    env.flush(commit=False)  # hands episode 2 over; written and fsynced, committed only by age
+    info = layout.read_json(os.path.join(dataset_dir, layout.DATASET_INFO))
+    committed = sum(n for _, n in layout.shard_paths(dataset_dir, info, "train"))
+    visible = read_tfds(dataset_dir) if committed else []
+    shards = len(env.writer_stats["shards"])
+    env.close()
+    final = read_tfds(dataset_dir)
+    assert len(final) == 3
+    if commit_every_s is None:
+        assert committed == 0 and shards == 0
+    else:
+        assert committed == 3 and shards == 3  # one shard per episode at age 0
+        for got, want in zip(visible, final, strict=True):
+            np.testing.assert_array_equal(got["steps"]["observation"], want["steps"]["observation"])
+
+
+def test_writer_options_reject_a_negative_commit_age():
+    with pytest.raises(ValueError, match="commit_every_s"):
+        WriterOptions(commit_every_s=-1)
