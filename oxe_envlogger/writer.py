@@ -328,9 +328,12 @@ class DatasetWriter:
         finally:
             if self.encoder is not None:
                 self.encoder.shutdown()
+            commit_error = None
             try:
                 if self.schema is not None:
                     self._commit(final=True)
+            except Exception as e:  # reported below, after the earlier error if there was one
+                commit_error = e
             finally:
                 if self._registration is not None:
                     self._registration.release()
@@ -339,6 +342,11 @@ class DatasetWriter:
         if self._error is not None:
             err, self._error = self._error, None
             raise WriterError(f"writing to {self.dir.path} failed: {err}") from err
+        if commit_error is not None:
+            raise WriterError(
+                f"committing {self.dir.path} at close failed: {commit_error}; the episodes "
+                "written are kept in staging, and reopening the directory (or "
+                "oxe_envlogger.recover) commits them") from commit_error
 
     # -- writer thread ----------------------------------------------------------------------------
 
@@ -370,9 +378,12 @@ class DatasetWriter:
                         self._commit()
                 elif self._shard is not None and self.options.fsync:
                     self._shard.sync()
-        except BaseException as e:  # the shard is left as it was; close() retries the commit
+        except BaseException as e:  # as a failed episode write: the writer stops (what it
+            # wrote is fsynced in staging, where recovery commits it)
             log.error("flushing %s failed: %s", self.dir.path, e)
             marker.error = e
+            self._error = e
+            self._fatal = True
         finally:
             marker.done.set()
 

@@ -3,6 +3,7 @@ a dataset that tfds cannot read (after recovery)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -171,7 +172,9 @@ def _mount_tmpfs(path: str, size: str) -> bool:
 
 
 @pytest.mark.slow
-def test_disk_full(tmp_path):
+@pytest.mark.parametrize("flush_every", [None, 2])
+def test_disk_full(flush_every, tmp_path):
+    """Also with ``flush()`` (which commits, so the disk may fill while metadata is written)."""
     mnt = str(tmp_path / "small_disk")
     if not _mount_tmpfs(mnt, "3m"):
         pytest.skip("cannot mount a tmpfs here (needs root)")
@@ -187,22 +190,77 @@ def test_disk_full(tmp_path):
                                          "full", directory, max_episodes_per_file=3,
                                          image_codec="raw")
         assert isinstance(env, gym.Env)
-        written = 0
+        written = flushed = 0
         with pytest.raises(oxe_envlogger.WriterError, match="No space left"):
             for ep in range(1000):
                 env.reset(seed=ep)
                 for _ in range(10):
                     env.step(0)
+                if flush_every and ep % flush_every == flush_every - 1:
+                    env.flush()
+                    flushed = ep + 1  # committed: readable without recovery
                 written = ep
         with pytest.raises(oxe_envlogger.WriterError):
             env.close()
         env.close()  # idempotent after the error
+        if flush_every:
+            assert flushed >= 2 and len(read_tfds(directory)) >= flushed
         oxe_envlogger.recover(directory)
         episodes = read_tfds(directory)
         assert len(episodes) >= written - QUEUE - 1 >= 3
         for e, want in zip(episodes, env.unwrapped.episodes):
             np.testing.assert_array_equal(e["steps"]["observation"]["noise"],
                                           np.stack([o["noise"] for o in want["obs"]]))
+    finally:
+        subprocess.run(["umount", "-l", mnt], check=False)
+
+
+@pytest.mark.parametrize("commit_by", ["flush", "close"])
+def test_commit_on_a_full_disk(commit_by, tmp_path):
+    """The disk fills between writing episodes and committing them: ``flush()`` (then the
+    logger stops) or ``close()`` raises a ``WriterError`` naming the cause, and once there is
+    room again recovery commits every episode that was written."""
+    mnt = str(tmp_path / "small_disk")
+    if not _mount_tmpfs(mnt, "2m"):
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        from gymnasium import spaces
+
+        from tests.helpers import RecordingEnv
+
+        space = spaces.Dict({"x": spaces.Box(0, 255, (32, 32, 3), np.uint8)})
+        directory = os.path.join(mnt, "ds")
+        env = oxe_envlogger.OXEEnvLogger(
+            RecordingEnv(space, spaces.Discrete(2), episode_len=5), "full", directory,
+            image_codec="raw", writer_options=oxe_envlogger.WriterOptions(commit_every_s=None))
+        for ep in range(3):
+            env.reset(seed=ep)
+            for _ in range(5):
+                env.step(0)
+        env.flush(commit=False)  # written and fsynced in staging
+        filler = os.path.join(mnt, "filler")
+        with open(filler, "wb", buffering=0) as f, contextlib.suppress(OSError):
+            while True:
+                f.write(b"\0" * 4096)
+        if commit_by == "flush":
+            with pytest.raises(oxe_envlogger.WriterError, match="No space left"):
+                env.flush()
+            with pytest.raises(oxe_envlogger.WriterError):
+                env.reset(seed=3)  # the writer stopped
+            with pytest.raises(oxe_envlogger.WriterError, match="No space left"):
+                env.close()
+        else:
+            with pytest.raises(oxe_envlogger.WriterError,
+                               match=r"committing .* at close failed: .*No space left"):
+                env.close()
+        env.close()  # idempotent
+        os.unlink(filler)
+        oxe_envlogger.recover(directory)
+        episodes = read_tfds(directory)
+        assert len(episodes) == 3
+        for e, want in zip(episodes, env.unwrapped.episodes, strict=False):
+            np.testing.assert_array_equal(e["steps"]["observation"]["x"],
+                                          np.stack([o["x"] for o in want["obs"]]))
     finally:
         subprocess.run(["umount", "-l", mnt], check=False)
 
