@@ -19,6 +19,7 @@ logger does not leave them behind.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import itertools
 import logging
@@ -46,6 +47,8 @@ _JOB = struct.Struct("<qQIIIBB")  # job id, slot offset, height, width, channels
 _RESULT = struct.Struct("<qBQ")  # job id, status (0 ok, 1 error), payload length
 _FORMATS = {"png": 0, "jpeg": 1}
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+_MIN_SLOTS = 4  # frames the ring holds at least
+_RING_MAX_BYTES = 256 << 20  # and at most this much memory: fewer slots for large frames
 _PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _PIPE_BYTES = 1 << 20
 
@@ -229,7 +232,8 @@ class ProcessEncodePool:
     Args:
       workers: number of worker processes.
       slot_bytes: bytes of the largest frame.
-      slots: frames that may wait for encoding before ``submit`` blocks.
+      slots: frames that may wait for encoding before ``submit`` blocks (at most 256 MiB of
+        them, and fewer when shared memory is short: see :func:`_reserve`).
       stalls: where blocked time is counted.
 
     Raises:
@@ -244,12 +248,16 @@ class ProcessEncodePool:
         self.slot_bytes = int(slot_bytes)
         self.frames = 0
         self.bytes_out = 0  # encoded bytes of those frames
-        size = self.slot_bytes * slots
-        shm_dir = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+        slots = max(_MIN_SLOTS, min(slots, _RING_MAX_BYTES // max(1, self.slot_bytes)))
+        shm_dir = _shm_dir()
         fd, self._path = tempfile.mkstemp(prefix="oxe_frames_", dir=shm_dir)
         try:
-            os.ftruncate(fd, size)
+            slots = _reserve(fd, self.slot_bytes, slots, shm_dir)
+            size = self.slot_bytes * slots
             self._map = mmap.mmap(fd, size)
+        except BaseException:
+            os.unlink(self._path)
+            raise
         finally:
             os.close(fd)
         self._ring = np.frombuffer(self._map, dtype=np.uint8)
@@ -437,6 +445,46 @@ class ProcessEncodePool:
         """CPU time (user + system) the workers have used since they started."""
         live = sum(_process_cpu_seconds(w.proc.pid) for w in self._workers)
         return self._cpu_done + live - self._cpu_start
+
+
+def _shm_dir() -> str:
+    return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+
+
+def _reserve(fd: int, slot_bytes: int, slots: int, where: str) -> int:
+    """Sizes the ring file and reserves its memory now, halving the slots while there is not
+    room for them; returns the slots reserved.
+
+    A tmpfs (``/dev/shm``) allocates a page only when it is first written, and a write to a
+    mapped page that no longer fits kills the process with SIGBUS, taking every episode it
+    holds with it. Containers get a 64 MiB ``/dev/shm`` by default, a tenth of 64 slots of
+    1080p frames.
+
+    Raises:
+      OSError: when not even ``_MIN_SLOTS`` frames fit (the caller falls back to threads).
+    """
+    wanted = slots
+    while True:
+        os.ftruncate(fd, 0)  # drops what a failed attempt allocated
+        os.ftruncate(fd, slot_bytes * slots)
+        try:
+            os.posix_fallocate(fd, 0, slot_bytes * slots)
+            break
+        except OSError as e:
+            if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                break  # a file system without fallocate: pages come on first write, as before
+            if e.errno not in (errno.ENOSPC, errno.EFBIG):
+                raise
+            if slots // 2 < _MIN_SLOTS:
+                raise OSError(e.errno, f"{where} has no room for {_MIN_SLOTS} frames of "
+                              f"{slot_bytes} bytes; in a container, give it more shared "
+                              "memory (docker run --shm-size=1g)") from e
+            slots //= 2
+    if slots < wanted:
+        log.warning("%s has room for %d of the %d frames of %d bytes the image encoders "
+                    "would hold; fewer frames in flight can stall step() more often (in a "
+                    "container, docker run --shm-size=1g)", where, slots, wanted, slot_bytes)
+    return slots
 
 
 def _process_cpu_seconds(pid: int) -> float:

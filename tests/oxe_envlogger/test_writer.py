@@ -371,3 +371,60 @@ def test_commit_every_s_makes_episodes_visible_while_logging(commit_every_s, dat
 def test_writer_options_reject_a_negative_commit_age():
     with pytest.raises(ValueError, match="commit_every_s"):
         WriterOptions(commit_every_s=-1)
+
+
+_SMALL_SHM_CHILD = """
+import json, sys
+import numpy as np
+from gymnasium import spaces
+import oxe_envlogger
+from oxe_envlogger import encoding
+from tests.helpers import RecordingEnv, run_episodes
+encoding._shm_dir = lambda: sys.argv[1]
+space = spaces.Dict({"cam": spaces.Box(0, 255, (256, 256, 3), np.uint8)})
+env = oxe_envlogger.OXEEnvLogger(RecordingEnv(space, spaces.Discrete(2), episode_len=40), "shm",
+                                 sys.argv[2], writer_options=oxe_envlogger.WriterOptions(
+                                     encode_processes=1))
+enc = env._recorder.writer.encoder
+run_episodes(env, 3)
+env.close()
+np.savez(sys.argv[2] + ".npz", *[np.stack([o["cam"] for o in e["obs"]])
+                                 for e in env.unwrapped.episodes])
+print(json.dumps({"kind": enc.kind, "slots": len(getattr(enc, "_free", []))}))
+"""
+
+
+@pytest.mark.parametrize("shm_size,kind", [("4m", "processes"), ("512k", "threads")])
+def test_a_small_shared_memory_never_kills_the_logger(shm_size, kind, tmp_path, dataset_dir):
+    """A container's small /dev/shm: the frame ring used to be sized lazily, and the first
+    write past the end of the tmpfs killed the logger with SIGBUS. Now the ring is reserved up
+    front, with fewer slots when room is short (4 MiB: 16 of 64 frames of 192 KiB) and encoder
+    threads when not even 4 frames fit; every episode is logged either way."""
+    import json
+    import subprocess
+    import sys
+
+    shm = str(tmp_path / "shm")
+    os.makedirs(shm)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={shm_size}", "tmpfs", shm],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        proc = subprocess.run([sys.executable, "-c", _SMALL_SHM_CHILD, shm, dataset_dir],
+                              cwd=root, capture_output=True, text=True, timeout=300,
+                              env=dict(os.environ, PYTHONPATH=root))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        out = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert out["kind"] == kind
+        if kind == "processes":
+            assert 4 <= out["slots"] < 64
+            assert "has room for" in proc.stderr
+        assert os.listdir(shm) == []  # the ring file is gone
+    finally:
+        subprocess.run(["umount", "-l", shm], check=False)
+    want = np.load(dataset_dir + ".npz")
+    got = read_tfds(dataset_dir)
+    assert len(got) == 3
+    for i, e in enumerate(got):
+        np.testing.assert_array_equal(e["steps"]["observation"]["cam"], want[f"arr_{i}"])
