@@ -19,12 +19,12 @@ from oxe_envlogger.encoding import _FORMATS, _JOB, _RESULT
 _FORMAT_NAMES = {v: k for k, v in _FORMATS.items()}
 
 
-def main(path: str, size: int) -> int:
+def main(ring_fd: str, size: int) -> int:
     # A terminal's Ctrl-C or a service manager's SIGTERM may reach the workers too; they keep
     # encoding what the logger still holds, and exit when the logger closes their pipe.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    fd = os.open(path, os.O_RDONLY)
+    fd = int(ring_fd)  # inherited from the logger
     try:
         ring = mmap.mmap(fd, size, prot=mmap.PROT_READ)
     finally:

@@ -2,7 +2,8 @@
 
 The fastest PNG encoder here (fpng) holds the GIL for the whole encode, so encoder *threads* would
 stall the env loop; encoding runs in worker processes instead. Frames travel through one shared
-memory ring (a file in /dev/shm, mapped by every worker): the control thread copies a step's
+memory ring (an anonymous memory file, memfd, reserved up front and mapped by every worker; see
+:func:`_open_ring` and :func:`_reserve`): the control thread copies a step's
 frames into free slots and writes their 30-byte jobs, in one write, to the pipe all workers read
 (whichever worker is free takes the next job); each worker writes the encoded bytes back on its
 own stdout. When every slot is taken the control thread blocks (lossless) and the stall is
@@ -171,17 +172,17 @@ class ThreadEncodePool:
 
 
 class _Worker:
-    def __init__(self, shm_path: str, size: int, index: int, jobs_fd: int):
+    def __init__(self, ring_fd: int, size: int, index: int, jobs_fd: int):
         env = dict(os.environ)
         env.pop("PYTHONSTARTUP", None)
         # The encoder never calls BLAS; without this, numpy's OpenBLAS starts a thread per CPU
         # that busy-waits about 0.1 s after start-up, on the CPUs the env loop needs.
         env.update(OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-        args = [sys.executable, "-m", "oxe_envlogger._encode_worker", shm_path, str(size)]
+        args = [sys.executable, "-m", "oxe_envlogger._encode_worker", str(ring_fd), str(size)]
         # A session of its own: a terminal's Ctrl-C reaches the logger, not its encoders. Run
         # from the directory holding this very package: ``-m`` looks in the working directory
         # first, and the user's may hold another copy of oxe_envlogger.
-        self.proc = subprocess.Popen(args, stdin=jobs_fd,
+        self.proc = subprocess.Popen(args, stdin=jobs_fd, pass_fds=(ring_fd,),
                                      stdout=subprocess.PIPE, env=env, bufsize=0,
                                      start_new_session=True, cwd=_PACKAGE_PARENT)
         # Room for many encoded frames in the pipe: results are read in batches.
@@ -249,17 +250,14 @@ class ProcessEncodePool:
         self.frames = 0
         self.bytes_out = 0  # encoded bytes of those frames
         slots = max(_MIN_SLOTS, min(slots, _RING_MAX_BYTES // max(1, self.slot_bytes)))
-        shm_dir = _shm_dir()
-        fd, self._path = tempfile.mkstemp(prefix="oxe_frames_", dir=shm_dir)
+        ring_fd, where = _open_ring()
         try:
-            slots = _reserve(fd, self.slot_bytes, slots, shm_dir)
+            slots = _reserve(ring_fd, self.slot_bytes, slots, where)
             size = self.slot_bytes * slots
-            self._map = mmap.mmap(fd, size)
+            self._map = mmap.mmap(ring_fd, size)
         except BaseException:
-            os.unlink(self._path)
+            os.close(ring_fd)
             raise
-        finally:
-            os.close(fd)
         self._ring = np.frombuffer(self._map, dtype=np.uint8)
         self._free: list[int] = [i * self.slot_bytes for i in range(slots)]
         self._low_water = max(2, slots // 2)
@@ -276,7 +274,7 @@ class ProcessEncodePool:
             with contextlib.suppress(OSError):
                 fcntl.fcntl(self._jobs_w, _F_SETPIPE_SZ, _PIPE_BYTES)
             for i in range(workers):
-                self._workers.append(_Worker(self._path, size, i, jobs_r))
+                self._workers.append(_Worker(ring_fd, size, i, jobs_r))
             for w in self._workers:  # wait until each has mapped the ring
                 if _RESULT.unpack(w.read_exact(_RESULT.size))[0] != -1:
                     raise OSError("encoder worker did not start")
@@ -287,8 +285,7 @@ class ProcessEncodePool:
             raise
         finally:
             os.close(jobs_r)  # the workers hold it; EOF reaches them when the logger goes
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self._path)  # mapped by everyone; nothing to leak from now on
+            os.close(ring_fd)  # mapped by everyone; the memory goes with the last mapping
         self._poll = select.poll()
         for w in self._workers:
             self._poll.register(w.fd, select.POLLIN)
@@ -449,6 +446,25 @@ class ProcessEncodePool:
 
 def _shm_dir() -> str:
     return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+
+
+_USE_MEMFD = hasattr(os, "memfd_create")
+
+
+def _open_ring() -> tuple[int, str]:
+    """A file descriptor for the frame ring, and where it lives (for messages): an anonymous
+    memory file (memfd) where the kernel has them, which no ``/dev/shm`` size limit applies
+    to (a container's is 64 MiB by default) and which nothing can leak; else an unlinked file
+    in ``/dev/shm``."""
+    if _USE_MEMFD:
+        try:
+            return os.memfd_create("oxe_frames", os.MFD_CLOEXEC), "shared memory (memfd)"
+        except OSError:  # e.g. a seccomp profile without memfd_create
+            pass
+    where = _shm_dir()
+    fd, path = tempfile.mkstemp(prefix="oxe_frames_", dir=where)
+    os.unlink(path)  # the descriptor is what the workers get
+    return fd, where
 
 
 def _reserve(fd: int, slot_bytes: int, slots: int, where: str) -> int:

@@ -380,7 +380,9 @@ from gymnasium import spaces
 import oxe_envlogger
 from oxe_envlogger import encoding
 from tests.helpers import RecordingEnv, run_episodes
-encoding._shm_dir = lambda: sys.argv[1]
+if sys.argv[1] != "memfd":
+    encoding._USE_MEMFD = False  # the ring as a file in this directory
+    encoding._shm_dir = lambda: sys.argv[1]
 space = spaces.Dict({"cam": spaces.Box(0, 255, (256, 256, 3), np.uint8)})
 env = oxe_envlogger.OXEEnvLogger(RecordingEnv(space, spaces.Discrete(2), episode_len=40), "shm",
                                  sys.argv[2], writer_options=oxe_envlogger.WriterOptions(
@@ -394,12 +396,45 @@ print(json.dumps({"kind": enc.kind, "slots": len(getattr(enc, "_free", []))}))
 """
 
 
+def _check_shm_child_output(dataset_dir: str) -> None:
+    want = np.load(dataset_dir + ".npz")
+    got = read_tfds(dataset_dir)
+    assert len(got) == 3
+    for i, e in enumerate(got):
+        np.testing.assert_array_equal(e["steps"]["observation"]["cam"], want[f"arr_{i}"])
+
+
+def test_the_frame_ring_is_not_limited_by_dev_shm(dataset_dir):
+    """The ring is a memfd, so a container's small /dev/shm (here a 1 MiB tmpfs mounted over it
+    in a mount namespace of the logger's own) leaves it whole: 64 frames of 192 KiB."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("unshare") is None or subprocess.run(
+            ["unshare", "-m", "true"], capture_output=True).returncode != 0:
+        pytest.skip("no mount namespaces here (needs root and unshare)")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    script = ('mount -t tmpfs -o size=1m tmpfs /dev/shm && df -k /dev/shm >&2 && '
+              'exec "$0" -c "$1" memfd "$2"')
+    proc = subprocess.run(["unshare", "-m", "sh", "-c", script, sys.executable, _SMALL_SHM_CHILD,
+                           dataset_dir], cwd=root, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=root))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert " 1024 " in proc.stderr  # the child saw a 1 MiB /dev/shm
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out == {"kind": "processes", "slots": 64}
+    assert "has room for" not in proc.stderr
+    _check_shm_child_output(dataset_dir)
+
+
 @pytest.mark.parametrize("shm_size,kind", [("4m", "processes"), ("512k", "threads")])
 def test_a_small_shared_memory_never_kills_the_logger(shm_size, kind, tmp_path, dataset_dir):
-    """A container's small /dev/shm: the frame ring used to be sized lazily, and the first
-    write past the end of the tmpfs killed the logger with SIGBUS. Now the ring is reserved up
-    front, with fewer slots when room is short (4 MiB: 16 of 64 frames of 192 KiB) and encoder
-    threads when not even 4 frames fit; every episode is logged either way."""
+    """Where the ring is a file in /dev/shm (no memfd): it used to be sized lazily, and the
+    first write past the end of a small tmpfs killed the logger with SIGBUS. Now it is reserved
+    up front, with fewer slots when room is short (4 MiB: 16 of 64 frames of 192 KiB) and
+    encoder threads when not even 4 frames fit; every episode is logged either way."""
     import json
     import subprocess
     import sys
@@ -423,8 +458,4 @@ def test_a_small_shared_memory_never_kills_the_logger(shm_size, kind, tmp_path, 
         assert os.listdir(shm) == []  # the ring file is gone
     finally:
         subprocess.run(["umount", "-l", shm], check=False)
-    want = np.load(dataset_dir + ".npz")
-    got = read_tfds(dataset_dir)
-    assert len(got) == 3
-    for i, e in enumerate(got):
-        np.testing.assert_array_equal(e["steps"]["observation"]["cam"], want[f"arr_{i}"])
+    _check_shm_child_output(dataset_dir)
