@@ -188,6 +188,8 @@ def test_rlds_logger_metadata_and_discount(dataset_dir):
         logger(np.float32(1), {"pos": np.ones(2, np.float32)}, 0.5, {"tag": "mid"}, discount=np.float32(0.9))
         logger(np.float32(2), {"pos": np.full(2, 2, np.float32)}, 1.0,
                step_type=RLDSStepType.TRUNCATION)
+        logger.flush()
+        assert len(read_tfds(dataset_dir)) == 1
         logger(None, obs, 0.0, step_type=RLDSStepType.RESTART)
         logger(np.float32(3), obs, 2.0, step_type=RLDSStepType.TERMINATION)
     episodes = read_tfds(dataset_dir)
@@ -259,7 +261,14 @@ def test_dm_env_logger(dataset_dir):
     ts = env.reset()
     while not ts.last():
         ts = env.step(np.int64(2))
+    env.flush()  # the ended episode, readable while the logger is open
+    assert len(read_tfds(dataset_dir)) == 1
+    ts = env.step(np.int64(1))  # dm_env: step() after LAST starts a new episode
+    assert ts.first()
+    while not ts.last():
+        ts = env.step(np.int64(3))
     env.close()
+    assert len(read_tfds(dataset_dir)) == 2
     steps = read_tfds(dataset_dir)[0]["steps"]
     np.testing.assert_array_equal(steps["observation"]["x"][:, 0], [0, 1, 2, 3])
     assert steps["observation"]["label"].tolist() == [b"start", b"t1", b"t2", b"t3"]
