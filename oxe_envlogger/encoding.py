@@ -34,6 +34,7 @@ import sys
 import tempfile
 import threading
 import time
+import weakref
 from typing import Any
 
 import numpy as np
@@ -289,6 +290,24 @@ class ProcessEncodePool:
         self._poll = select.poll()
         for w in self._workers:
             self._poll.register(w.fd, select.POLLIN)
+        _LIVE_POOLS.add(self)
+
+    def _forget_in_fork_child(self) -> None:
+        """In a child forked from the logger's process (multiprocessing, an async vector env):
+        drops the inherited pipe ends, so that the workers still see EOF when the logger closes
+        (they lingered as long as the child lived), and makes this copy of the pool refuse
+        work: the encoders belong to the parent."""
+        self._error = WriterError("the image encoders belong to the process that started "
+                                  "the logger, not to a forked child")
+        if self._jobs_w is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._jobs_w)
+        for w in self._workers:
+            with contextlib.suppress(OSError):
+                w.proc.stdout.close()  # through its file object, which would close it later
+        self._jobs_w = None
+        self._workers = []
+        self._outstanding = {}
 
     # -- control thread -------------------------------------------------------------------------
 
@@ -442,6 +461,19 @@ class ProcessEncodePool:
         """CPU time (user + system) the workers have used since they started."""
         live = sum(_process_cpu_seconds(w.proc.pid) for w in self._workers)
         return self._cpu_done + live - self._cpu_start
+
+
+_LIVE_POOLS: weakref.WeakSet = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for pool in list(_LIVE_POOLS):
+        pool._forget_in_fork_child()
+    _LIVE_POOLS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _shm_dir() -> str:

@@ -459,3 +459,42 @@ def test_a_small_shared_memory_never_kills_the_logger(shm_size, kind, tmp_path, 
     finally:
         subprocess.run(["umount", "-l", shm], check=False)
     _check_shm_child_output(dataset_dir)
+
+
+def test_a_forked_child_does_not_keep_the_encoders_alive(dataset_dir):
+    """A child forked after the logger started (multiprocessing, an async vector env) used to
+    hold the encoders' job pipe open, so they outlived the logger as long as the child lived.
+    Now the child drops it, and its copy of the encoders refuses work with a clear error."""
+    import time
+
+    space = spaces.Dict({"cam": spaces.Box(0, 255, (16, 16, 3), np.uint8)})
+    env = OXEEnvLogger(RecordingEnv(space, BOX, episode_len=3), "fork", dataset_dir,
+                       writer_options=WriterOptions(encode_processes=1))
+    run_episodes(env, 2)
+    pool = env._recorder.writer.encoder
+    procs = [w.proc for w in pool._workers]
+    r, w = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child reports through its exit code
+        code = 1
+        try:
+            os.close(w)
+            try:
+                pool.submit_many([(np.zeros((16, 16, 3), np.uint8), oxe_envlogger.ImageCodec())])
+            except oxe_envlogger.WriterError as e:
+                code = 0 if "forked child" in str(e) else 2
+            os.read(r, 1)  # lives until the parent closes its end (EOF)
+        finally:
+            os._exit(code)
+    os.close(r)
+    try:
+        env.close()
+        deadline = time.monotonic() + 20
+        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert all(p.poll() is not None for p in procs), "encoders outlived the logger"
+    finally:
+        os.close(w)  # lets the child finish
+        _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert len(read_tfds(dataset_dir)) == 2
