@@ -521,7 +521,7 @@ def _reserve(fd: int, slot_bytes: int, slots: int, where: str) -> int:
         except OSError as e:
             if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):
                 break  # a file system without fallocate: pages come on first write, as before
-            if e.errno not in (errno.ENOSPC, errno.EFBIG):
+            if e.errno not in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG):  # tmpfs, memory cgroup
                 raise
             if slots // 2 < _MIN_SLOTS:
                 raise OSError(e.errno, f"{where} has no room for {_MIN_SLOTS} frames of "
