@@ -75,25 +75,35 @@ class RSSSampler:
         self.peak = max(self.peak, self._proc.memory_info().rss)
 
 
+def run_episode(env, seed: int, *, language: bool = False) -> tuple[int, float]:
+    """One episode of ``env`` with random actions from its (seeded) action space; returns the
+    steps taken and the longest single ``reset()``/``step()`` call."""
+    t0 = time.perf_counter()
+    _, info = env.reset(seed=seed)
+    longest = time.perf_counter() - t0
+    if language and hasattr(env, "set_language_instruction"):
+        env.set_language_instruction(info["language_instruction"])
+    steps = 0
+    done = False
+    while not done:
+        action = env.action_space.sample()
+        t0 = time.perf_counter()
+        _, _, terminated, truncated, _ = env.step(action)
+        longest = max(longest, time.perf_counter() - t0)
+        steps += 1
+        done = terminated or truncated
+    return steps, longest
+
+
 def run_loop(env, episodes: int, seed: int, *, language: bool = False) -> dict:
     """Steps ``env`` with seeded random actions; times every call."""
     env.action_space.seed(seed)
     longest = 0.0
     steps = 0
     for ep in range(episodes):
-        t0 = time.perf_counter()
-        _, info = env.reset(seed=seed + ep)
-        longest = max(longest, time.perf_counter() - t0)
-        if language and hasattr(env, "set_language_instruction"):
-            env.set_language_instruction(info["language_instruction"])
-        done = False
-        while not done:
-            action = env.action_space.sample()
-            t0 = time.perf_counter()
-            _, _, terminated, truncated, _ = env.step(action)
-            longest = max(longest, time.perf_counter() - t0)
-            steps += 1
-            done = terminated or truncated
+        n, slowest = run_episode(env, seed + ep, language=language)
+        steps += n
+        longest = max(longest, slowest)
     return {"steps": steps, "longest_call_s": longest}
 
 
@@ -142,22 +152,12 @@ def interleaved(make_raw, make_logged, episodes: int, seed: int, *, language=Fal
     raw_env.action_space.seed(seed)
     log_env.action_space.seed(seed)
     raw_s = log_s = 0.0
-
-    def episode(env, ep):
-        _, info = env.reset(seed=seed + ep)
-        if language and hasattr(env, "set_language_instruction"):
-            env.set_language_instruction(info["language_instruction"])
-        done = False
-        while not done:
-            _, _, terminated, truncated, _ = env.step(env.action_space.sample())
-            done = terminated or truncated
-
     gc.collect()
     for ep in range(episodes):
         t0 = time.perf_counter()
-        episode(raw_env, ep)
+        run_episode(raw_env, seed + ep, language=language)
         t1 = time.perf_counter()
-        episode(log_env, ep)
+        run_episode(log_env, seed + ep, language=language)
         log_env.flush(commit=False)
         t2 = time.perf_counter()
         raw_s += t1 - t0
@@ -434,9 +434,8 @@ def w2_encode_seconds_per_step(codec: str, steps: int = 60) -> float:
     """CPU seconds to encode one W2 step's frames (both cameras) with ``codec``, in this
     process with nothing else running: the encoders' own cost, without any logging."""
     from oxe_envlogger import codecs
-    from oxe_envlogger.specs import ImageCodec
 
-    codec_ = ImageCodec.parse(codec)
+    codec_ = codecs.ImageCodec.parse(codec)
     frames = w2_frames(steps)
     times = []
     for _ in range(3):
