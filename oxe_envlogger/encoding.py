@@ -314,19 +314,19 @@ class ProcessEncodePool:
     def submit_many(self, images: list[tuple[np.ndarray, ImageCodec]]) -> list[EncodedFrame]:
         """Copies the frames of one step into the ring and hands them over with one write
         (a write that wakes a sleeping worker costs the caller about 20 us on a VM: one per
-        step, not one per camera)."""
+        step, not one per camera). A frame larger than the ring's slots (a metadata image that
+        first appears late) is encoded here, at once."""
         if self._error is not None:
             raise WriterError(f"image encoding failed: {self._error}") from self._error
-        for image, _ in images:  # before anything is queued
-            if image.size > self.slot_bytes:
-                raise ValueError(f"frame of {image.size} bytes exceeds the ring's slot of "
-                                 f"{self.slot_bytes}")
         if len(self._free) < self._low_water:
             self._drain(0.0)  # free the slots of finished frames (cheap, but not free: syscalls)
         frames = []
         jobs: list[bytes] = []
         for image, codec in images:
             n = image.size
+            if n > self.slot_bytes:
+                frames.append(done_frame(codecs.encode(np.ascontiguousarray(image), codec)))
+                continue
             if not self._free:
                 self._send(jobs)  # what is waited for must reach the workers first
                 jobs = []

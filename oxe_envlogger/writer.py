@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from oxe_envlogger import codecs, encoding, layout, record, stats
+from oxe_envlogger import encoding, layout, record, stats
 from oxe_envlogger.encoding import ProcessEncodePool, Stalls, ThreadEncodePool
 from oxe_envlogger.errors import LoggerClosedError, RecordTooLargeError, WriterError
 from oxe_envlogger.specs import Group, Leaf, iter_leaves
@@ -245,13 +245,7 @@ class DatasetWriter:
         to the encoders together."""
         if self.encoder is None:
             self.prepare_encoder(max(image.size for image, _ in images))
-        slot = self.encoder.slot_bytes if isinstance(self.encoder, ProcessEncodePool) else None
-        if slot is None or all(image.size <= slot for image, _ in images):
-            return self.encoder.submit_many(images)
-        # A frame larger than the ring's slots (a late metadata image): encoded here.
-        return [encoding.done_frame(codecs.encode(np.ascontiguousarray(image), codec))
-                if image.size > slot else self.encoder.submit_many([(image, codec)])[0]
-                for image, codec in images]
+        return self.encoder.submit_many(images)
 
     def check(self) -> None:
         """Raises the writer thread's error, if any (once for per-episode errors)."""
@@ -275,15 +269,22 @@ class DatasetWriter:
         except queue.Full:
             pass
         t0 = time.perf_counter()
+        self._enqueue(rows)
+        self.stalls.add(time.perf_counter() - t0)
+
+    def _enqueue(self, item: Any) -> None:
+        """Puts ``item`` in the writer queue, waiting while it is full, unless the writer stops."""
         while True:
             try:
-                self._queue.put(rows, timeout=0.5)
-                break
+                self._queue.put(item, timeout=0.5)
+                return
             except queue.Full:
-                if self._fatal or not self._thread.is_alive():
-                    self.check()
-                    raise WriterError(f"the writer of {self.dir.path} stopped") from None
-        self.stalls.add(time.perf_counter() - t0)
+                self._check_running()
+
+    def _check_running(self) -> None:
+        if self._fatal or not self._thread.is_alive():
+            self.check()
+            raise WriterError(f"the writer of {self.dir.path} stopped") from None
 
     def flush(self, *, commit: bool = True) -> None:
         """Blocks until every episode queued so far is written (and fsynced, with ``fsync``);
@@ -299,18 +300,9 @@ class DatasetWriter:
         if self._thread is None:
             return  # nothing was ever queued
         marker = _Flush(commit)
-        while True:
-            try:
-                self._queue.put(marker, timeout=0.5)
-                break
-            except queue.Full:
-                if self._fatal or not self._thread.is_alive():
-                    self.check()
-                    raise WriterError(f"the writer of {self.dir.path} stopped") from None
+        self._enqueue(marker)
         while not marker.done.wait(0.5):
-            if not self._thread.is_alive():
-                self.check()
-                raise WriterError(f"the writer of {self.dir.path} stopped") from None
+            self._check_running()
         if marker.error is not None:
             raise WriterError(f"flushing {self.dir.path} failed: {marker.error}") from marker.error
         self.check()
