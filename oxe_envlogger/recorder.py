@@ -417,7 +417,7 @@ class EpisodeRecorder:
         if s.pending_obs is not None:
             self.end(stream=s)
         s.part = 0
-        s.ended = s.terminal = False  # (an episode handed over by flush() stays ended until here)
+        s.ended = False  # (an episode handed over by flush() stays ended until here)
         s.pending_obs = self._obs.submit_images(flat)
 
     def step(self, action_flat: list, reward: Any, next_obs: Any, *, terminated: bool,
@@ -569,9 +569,8 @@ class EpisodeRecorder:
         self._ensure_open()
         for s in self.streams:
             if s.ended and s.pending_obs is not None:
-                terminal = s.terminal
                 self.end(stream=s)
-                s.ended, s.terminal = True, terminal  # still ended: step() needs a reset()
+                s.ended = True  # still ended: step() needs a reset()
         self.writer.flush(commit=commit)
 
     def close(self) -> None:

@@ -215,7 +215,7 @@ class StatsSet:
             **self.body_json(),
             "covers": {s: dict(v) for s, v in covers.items()},
         }
-        # A single split's statistics are the totals: written once (see _splits_of).
+        # A single split's statistics are the totals: written once (see _split_json).
         if splits is not None and not (len(splits) == 1 and set(splits) == set(covers)):
             out["splits"] = {name: st.body_json() for name, st in splits.items()}
         return out
@@ -236,15 +236,22 @@ def _read(directory: str | os.PathLike) -> dict | None:
     return data
 
 
-def _splits_of(data: Mapping[str, Any], total: StatsSet, covers: Mapping[str, Any],
-               ) -> dict[str, StatsSet] | None:
-    """Each split's statistics. A file that covers a single split holds them once, as the
-    totals; one written before they were kept per split has them only in that case."""
+def _split_json(data: Mapping[str, Any], covers: Mapping[str, Any], split: str,
+                ) -> Mapping[str, Any] | None:
+    """One split's statistics as stored. A file that covers a single split holds them once, as
+    the totals; one written before they were kept per split has them only in that case."""
     if "splits" in data:
-        return {name: StatsSet.from_json(v) for name, v in data["splits"].items()}
-    if len(covers) <= 1:
-        return {name: copy.deepcopy(total) for name in covers}
-    return None
+        return data["splits"].get(split)
+    return data if list(covers) == [split] else None
+
+
+def _splits_of(data: Mapping[str, Any], covers: Mapping[str, Any],
+               ) -> dict[str, StatsSet] | None:
+    """Each split's statistics (see :func:`_split_json`); None when not kept per split."""
+    names = list(data["splits"]) if "splits" in data else list(covers)
+    if "splits" not in data and len(names) > 1:
+        return None
+    return {name: StatsSet.from_json(_split_json(data, covers, name)) for name in names}
 
 
 def _covers(data: Mapping[str, Any]) -> dict[str, dict[str, int]]:
@@ -270,11 +277,8 @@ def load_split(directory: str | os.PathLike, split: str, *, current: bool = Fals
     covers = _covers(data)
     if current and not _covers_committed(directory, covers, split):
         return None
-    if "splits" in data:
-        own = data["splits"].get(split)
-        return None if own is None else StatsSet.from_json(own)
-    # A file covering a single split holds its statistics once, as the totals (_splits_of).
-    return StatsSet.from_json(data) if list(covers) == [split] else None
+    own = _split_json(data, covers, split)
+    return None if own is None else StatsSet.from_json(own)
 
 
 def merge_into(directory: str | os.PathLike, new: StatsSet, split: str,
@@ -287,7 +291,7 @@ def merge_into(directory: str | os.PathLike, new: StatsSet, split: str,
     else:
         total = StatsSet.from_json(data)
         covers = _covers(data)
-        splits = _splits_of(data, total, covers)
+        splits = _splits_of(data, covers)
     total.merge(new)
     if splits is not None:
         splits.setdefault(split, StatsSet({})).merge(new)

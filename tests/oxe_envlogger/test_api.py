@@ -336,3 +336,14 @@ def test_run_gym_cli(tmp_path):
     assert meta["sessions"][0]["env"]["id"] == "CartPole-v1"
     assert meta["sessions"][0]["reset_seeds"] == [0, 1, 2]
     assert "numpy" in meta["sessions"][0]["versions"]
+
+
+def test_every_public_name_imports_lazily():
+    """``__all__`` (literal, for static tools) and the lazy name map list the same names, and
+    each resolves to the object its module defines."""
+    import importlib
+
+    assert sorted(oxe_envlogger.__all__) == sorted(oxe_envlogger._WHERE)
+    for name, module in oxe_envlogger._WHERE.items():
+        assert getattr(oxe_envlogger, name) is getattr(
+            importlib.import_module(f"oxe_envlogger.{module}"), name)
