@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import os
+import subprocess
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import gymnasium as gym
@@ -99,3 +103,29 @@ def tree_get(tree: Any, path: str) -> Any:
     for k in path.split("/"):
         tree = tree[k]
     return tree
+
+
+def assert_observations_equal(logged: Sequence[dict], recorded: Sequence[dict], key: str) -> None:
+    """Observation ``key`` of each episode tfds read equals what the ``RecordingEnv`` returned
+    (``len(logged)`` episodes are compared)."""
+    assert len(logged) <= len(recorded)
+    for got, want in zip(logged, recorded):
+        np.testing.assert_array_equal(got["steps"]["observation"][key],
+                                      np.stack([o[key] for o in want["obs"]]))
+
+
+@contextlib.contextmanager
+def tmpfs(path: str | os.PathLike, size: str) -> Iterator[str]:
+    """A tmpfs of ``size`` (``"2m"``) mounted at ``path`` for the block; skips the test where
+    mounting is not allowed (it needs root, which CI has)."""
+    import pytest
+
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", path],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", path], check=False)

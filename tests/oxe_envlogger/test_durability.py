@@ -11,12 +11,14 @@ import subprocess
 import sys
 import time
 
+import gymnasium as gym
 import numpy as np
 import pytest
+from gymnasium import spaces
 
 import oxe_envlogger
 from oxe_envlogger import layout
-from tests.helpers import read_tfds
+from tests.helpers import RecordingEnv, assert_observations_equal, read_tfds, tmpfs
 from tests.oxe_envlogger.crash_child import EPISODE_LEN, action, expected_obs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -165,37 +167,31 @@ def test_flush_makes_completed_episodes_durable(commit, tmp_path):
     assert not any(e["invalid"] for e in episodes)
 
 
-def _mount_tmpfs(path: str, size: str) -> bool:
-    os.makedirs(path, exist_ok=True)
-    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", path],
-                          capture_output=True).returncode == 0
+def _raw_camera_logger(directory: str, side: int, episode_len: int, **options):
+    space = spaces.Dict({"x": spaces.Box(0, 255, (side, side, 3), np.uint8)})
+    return oxe_envlogger.OXEEnvLogger(RecordingEnv(space, spaces.Discrete(2),
+                                                   episode_len=episode_len),
+                                      "full", directory, image_codec="raw", **options)
+
+
+def _log_episode(env, seed: int, steps: int) -> None:
+    env.reset(seed=seed)
+    for _ in range(steps):
+        env.step(0)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("flush_every", [None, 2])
 def test_disk_full(flush_every, tmp_path):
     """Also with ``flush()`` (which commits, so the disk may fill while metadata is written)."""
-    mnt = str(tmp_path / "small_disk")
-    if not _mount_tmpfs(mnt, "3m"):
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    try:
-        import gymnasium as gym
-        from gymnasium import spaces
-
-        from tests.helpers import RecordingEnv
-
-        space = spaces.Dict({"noise": spaces.Box(0, 255, (64, 64, 3), np.uint8)})
+    with tmpfs(tmp_path / "small_disk", "3m") as mnt:
         directory = os.path.join(mnt, "ds")
-        env = oxe_envlogger.OXEEnvLogger(RecordingEnv(space, spaces.Discrete(2), episode_len=10),
-                                         "full", directory, max_episodes_per_file=3,
-                                         image_codec="raw")
+        env = _raw_camera_logger(directory, 64, 10, max_episodes_per_file=3)
         assert isinstance(env, gym.Env)
         written = flushed = 0
         with pytest.raises(oxe_envlogger.WriterError, match="No space left"):
             for ep in range(1000):
-                env.reset(seed=ep)
-                for _ in range(10):
-                    env.step(0)
+                _log_episode(env, ep, 10)
                 if flush_every and ep % flush_every == flush_every - 1:
                     env.flush()
                     flushed = ep + 1  # committed: readable without recovery
@@ -208,11 +204,7 @@ def test_disk_full(flush_every, tmp_path):
         oxe_envlogger.recover(directory)
         episodes = read_tfds(directory)
         assert len(episodes) >= written - QUEUE - 1 >= 3
-        for e, want in zip(episodes, env.unwrapped.episodes):
-            np.testing.assert_array_equal(e["steps"]["observation"]["noise"],
-                                          np.stack([o["noise"] for o in want["obs"]]))
-    finally:
-        subprocess.run(["umount", "-l", mnt], check=False)
+        assert_observations_equal(episodes, env.unwrapped.episodes, "x")
 
 
 @pytest.mark.parametrize("commit_by", ["flush", "close"])
@@ -220,23 +212,12 @@ def test_commit_on_a_full_disk(commit_by, tmp_path):
     """The disk fills between writing episodes and committing them: ``flush()`` (then the
     logger stops) or ``close()`` raises a ``WriterError`` naming the cause, and once there is
     room again recovery commits every episode that was written."""
-    mnt = str(tmp_path / "small_disk")
-    if not _mount_tmpfs(mnt, "2m"):
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    try:
-        from gymnasium import spaces
-
-        from tests.helpers import RecordingEnv
-
-        space = spaces.Dict({"x": spaces.Box(0, 255, (32, 32, 3), np.uint8)})
+    with tmpfs(tmp_path / "small_disk", "2m") as mnt:
         directory = os.path.join(mnt, "ds")
-        env = oxe_envlogger.OXEEnvLogger(
-            RecordingEnv(space, spaces.Discrete(2), episode_len=5), "full", directory,
-            image_codec="raw", writer_options=oxe_envlogger.WriterOptions(commit_every_s=None))
+        env = _raw_camera_logger(directory, 32, 5,
+                                 writer_options=oxe_envlogger.WriterOptions(commit_every_s=None))
         for ep in range(3):
-            env.reset(seed=ep)
-            for _ in range(5):
-                env.step(0)
+            _log_episode(env, ep, 5)
         env.flush(commit=False)  # written and fsynced in staging
         filler = os.path.join(mnt, "filler")
         with open(filler, "wb", buffering=0) as f, contextlib.suppress(OSError):
@@ -258,11 +239,7 @@ def test_commit_on_a_full_disk(commit_by, tmp_path):
         oxe_envlogger.recover(directory)
         episodes = read_tfds(directory)
         assert len(episodes) == 3
-        for e, want in zip(episodes, env.unwrapped.episodes, strict=False):
-            np.testing.assert_array_equal(e["steps"]["observation"]["x"],
-                                          np.stack([o["x"] for o in want["obs"]]))
-    finally:
-        subprocess.run(["umount", "-l", mnt], check=False)
+        assert_observations_equal(episodes, env.unwrapped.episodes, "x")
 
 
 def _parallel_child(directory: str, worker: int, episodes: int) -> None:

@@ -3,7 +3,12 @@ large for the format, image encoders."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -11,9 +16,10 @@ from gymnasium import spaces
 
 import oxe_envlogger
 from oxe_envlogger import OXEEnvLogger, RecordTooLargeError, WriterOptions, layout, record, stats
-from tests.helpers import RecordingEnv, read_tfds, run_episodes
+from tests.helpers import RecordingEnv, assert_observations_equal, read_tfds, run_episodes, tmpfs
 
 BOX = spaces.Box(-5, 5, (4,), np.float32)
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_shards_close_at_the_byte_budget(dataset_dir):
@@ -115,8 +121,6 @@ def test_running_stats_merge_equals_one_pass():
 
 
 def test_record_too_large_is_a_clear_error_and_the_logger_goes_on(dataset_dir, monkeypatch):
-    import time
-
     monkeypatch.setattr(record, "MAX_RECORD_BYTES", 3000)
     space = spaces.Box(-1, 1, (40,), np.float64)
     env = OXEEnvLogger(RecordingEnv(space, BOX, episode_len=3), "large", dataset_dir)
@@ -157,24 +161,35 @@ def test_image_encoders_threads_and_processes(processes, dataset_dir):
                                       np.stack([o["gray"] for o in want["obs"]]))
 
 
-def test_encoder_workers_ignore_another_copy_in_the_working_directory(tmp_path, monkeypatch,
-                                                                      dataset_dir):
-    """The user's working directory holds another ``oxe_envlogger`` (an old checkout, say):
-    the encoder processes still run this package's code, not that copy."""
-    decoy = tmp_path / "cwd" / "oxe_envlogger"
-    decoy.mkdir(parents=True)
-    (decoy / "__init__.py").write_text("raise ImportError('the decoy was imported')\n")
-    monkeypatch.chdir(decoy.parent)
+def _broken_package(parent) -> str:
+    """A directory holding an ``oxe_envlogger`` package that fails to import."""
+    package = parent / "oxe_envlogger"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("raise ImportError('the wrong oxe_envlogger')\n")
+    return str(parent)
+
+
+def _log_camera_episodes(dataset_dir: str) -> str:
+    """Logs two small camera episodes with one encoder process requested, checks them with
+    tfds, and returns the kind of encoders that did the work."""
     space = spaces.Dict({"cam": spaces.Box(0, 255, (16, 16, 3), np.uint8)})
-    env = OXEEnvLogger(RecordingEnv(space, BOX, episode_len=4), "cwd", dataset_dir,
+    env = OXEEnvLogger(RecordingEnv(space, BOX, episode_len=4), "cam", dataset_dir,
                        writer_options=WriterOptions(encode_processes=1))
     run_episodes(env, 2)
     kind = env._recorder.writer.encoder.kind
     env.close()
-    assert kind == "processes"
-    for got, want in zip(read_tfds(dataset_dir), env.unwrapped.episodes, strict=True):
-        np.testing.assert_array_equal(got["steps"]["observation"]["cam"],
-                                      np.stack([o["cam"] for o in want["obs"]]))
+    logged = read_tfds(dataset_dir)
+    assert len(logged) == 2
+    assert_observations_equal(logged, env.unwrapped.episodes, "cam")
+    return kind
+
+
+def test_encoder_workers_ignore_another_copy_in_the_working_directory(tmp_path, monkeypatch,
+                                                                      dataset_dir):
+    """The user's working directory holds another ``oxe_envlogger`` (an old checkout, say):
+    the encoder processes still run this package's code, not that copy."""
+    monkeypatch.chdir(_broken_package(tmp_path / "cwd"))
+    assert _log_camera_episodes(dataset_dir) == "processes"
 
 
 def test_encoders_fall_back_to_threads_when_workers_cannot_start(tmp_path, monkeypatch,
@@ -183,21 +198,9 @@ def test_encoders_fall_back_to_threads_when_workers_cannot_start(tmp_path, monke
     logger on encoder threads, with a warning, and nothing lost."""
     from oxe_envlogger import encoding
 
-    broken = tmp_path / "broken" / "oxe_envlogger"
-    broken.mkdir(parents=True)
-    (broken / "__init__.py").write_text("raise ImportError('broken install')\n")
-    monkeypatch.setattr(encoding, "_PACKAGE_PARENT", str(broken.parent))
-    space = spaces.Dict({"cam": spaces.Box(0, 255, (16, 16, 3), np.uint8)})
-    env = OXEEnvLogger(RecordingEnv(space, BOX, episode_len=4), "fallback", dataset_dir,
-                       writer_options=WriterOptions(encode_processes=1))
-    run_episodes(env, 2)
-    kind = env._recorder.writer.encoder.kind
-    env.close()
-    assert kind == "threads"
+    monkeypatch.setattr(encoding, "_PACKAGE_PARENT", _broken_package(tmp_path / "broken"))
+    assert _log_camera_episodes(dataset_dir) == "threads"
     assert "encoder worker exited at start-up" in caplog.text
-    for got, want in zip(read_tfds(dataset_dir), env.unwrapped.episodes, strict=True):
-        np.testing.assert_array_equal(got["steps"]["observation"]["cam"],
-                                      np.stack([o["cam"] for o in want["obs"]]))
 
 
 def test_encoded_frames_larger_than_the_result_buffer(dataset_dir):
@@ -217,7 +220,6 @@ def test_encoder_workers_outlive_a_terminal_interrupt(dataset_dir):
     """Ctrl-C in a terminal signals the whole process group: the workers must keep encoding
     what the logger still holds (they exit when the logger closes their pipe)."""
     import signal
-    import subprocess
 
     space = spaces.Dict({"cam": spaces.Box(0, 255, (16, 16, 3), np.uint8)})
     env = OXEEnvLogger(RecordingEnv(space, BOX, episode_len=5), "sig", dataset_dir,
@@ -246,7 +248,6 @@ def test_encoder_worker_death_is_reported(dataset_dir):
                        writer_options=WriterOptions(encode_processes=1, max_pending_frames=8))
     run_episodes(env, 1)
     env.reset(seed=1)  # hands the first episode over
-    import time
 
     while env._recorder.writer.episodes_written < 1:
         time.sleep(0.01)
@@ -396,37 +397,33 @@ print(json.dumps({"kind": enc.kind, "slots": len(getattr(enc, "_free", []))}))
 """
 
 
-def _check_shm_child_output(dataset_dir: str) -> None:
+def _run_shm_child(command: list[str], dataset_dir: str) -> tuple[dict, str]:
+    """Runs ``_SMALL_SHM_CHILD`` (``command`` ends with its ring-location argument), checks the
+    three episodes it logged against the frames it saved, and returns its report and stderr."""
+    proc = subprocess.run([*command, dataset_dir], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert proc.returncode == 0, proc.stderr[-3000:]
     want = np.load(dataset_dir + ".npz")
     got = read_tfds(dataset_dir)
     assert len(got) == 3
     for i, e in enumerate(got):
         np.testing.assert_array_equal(e["steps"]["observation"]["cam"], want[f"arr_{i}"])
+    return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
 
 
 def test_the_frame_ring_is_not_limited_by_dev_shm(dataset_dir):
     """The ring is a memfd, so a container's small /dev/shm (here a 1 MiB tmpfs mounted over it
     in a mount namespace of the logger's own) leaves it whole: 64 frames of 192 KiB."""
-    import json
-    import shutil
-    import subprocess
-    import sys
-
     if shutil.which("unshare") is None or subprocess.run(
             ["unshare", "-m", "true"], capture_output=True).returncode != 0:
         pytest.skip("no mount namespaces here (needs root and unshare)")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     script = ('mount -t tmpfs -o size=1m tmpfs /dev/shm && df -k /dev/shm >&2 && '
               'exec "$0" -c "$1" memfd "$2"')
-    proc = subprocess.run(["unshare", "-m", "sh", "-c", script, sys.executable, _SMALL_SHM_CHILD,
-                           dataset_dir], cwd=root, capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, PYTHONPATH=root))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert " 1024 " in proc.stderr  # the child saw a 1 MiB /dev/shm
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out, err = _run_shm_child(["unshare", "-m", "sh", "-c", script, sys.executable,
+                               _SMALL_SHM_CHILD], dataset_dir)
+    assert " 1024 " in err  # the child saw a 1 MiB /dev/shm
     assert out == {"kind": "processes", "slots": 64}
-    assert "has room for" not in proc.stderr
-    _check_shm_child_output(dataset_dir)
+    assert "has room for" not in err
 
 
 @pytest.mark.parametrize("shm_size,kind", [("4m", "processes"), ("512k", "threads")])
@@ -435,37 +432,19 @@ def test_a_small_shared_memory_never_kills_the_logger(shm_size, kind, tmp_path, 
     first write past the end of a small tmpfs killed the logger with SIGBUS. Now it is reserved
     up front, with fewer slots when room is short (4 MiB: 16 of 64 frames of 192 KiB) and
     encoder threads when not even 4 frames fit; every episode is logged either way."""
-    import json
-    import subprocess
-    import sys
-
-    shm = str(tmp_path / "shm")
-    os.makedirs(shm)
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={shm_size}", "tmpfs", shm],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    try:
-        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        proc = subprocess.run([sys.executable, "-c", _SMALL_SHM_CHILD, shm, dataset_dir],
-                              cwd=root, capture_output=True, text=True, timeout=300,
-                              env=dict(os.environ, PYTHONPATH=root))
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        out = json.loads(proc.stdout.strip().splitlines()[-1])
+    with tmpfs(tmp_path / "shm", shm_size) as shm:
+        out, err = _run_shm_child([sys.executable, "-c", _SMALL_SHM_CHILD, shm], dataset_dir)
         assert out["kind"] == kind
         if kind == "processes":
             assert 4 <= out["slots"] < 64
-            assert "has room for" in proc.stderr
+            assert "has room for" in err
         assert os.listdir(shm) == []  # the ring file is gone
-    finally:
-        subprocess.run(["umount", "-l", shm], check=False)
-    _check_shm_child_output(dataset_dir)
 
 
 def test_a_forked_child_does_not_keep_the_encoders_alive(dataset_dir):
     """A child forked after the logger started (multiprocessing, an async vector env) used to
     hold the encoders' job pipe open, so they outlived the logger as long as the child lived.
     Now the child drops it, and its copy of the encoders refuses work with a clear error."""
-    import time
 
     space = spaces.Dict({"cam": spaces.Box(0, 255, (16, 16, 3), np.uint8)})
     env = OXEEnvLogger(RecordingEnv(space, BOX, episode_len=3), "fork", dataset_dir,
