@@ -150,21 +150,40 @@ def _camera_strip(images: Sequence[np.ndarray], height: int) -> tuple[list[np.nd
     return out, sum(a.shape[2] for a in out) + 4 * (len(out) - 1)
 
 
-def _trace_background(actions: np.ndarray, action_labels: list[str], rewards: np.ndarray | None,
-                      width: int, height: int) -> tuple[np.ndarray, list[tuple[np.ndarray, int, int]]]:
-    """The traces plot as an RGB image, and per axes the pixel column of each step and the
-    axes' top and bottom rows (to draw the cursor)."""
+def _figure(width_in: float, height_in: float, dpi: int = 100):
+    """A matplotlib Figure on the Agg canvas (no pyplot, no display)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    fig = Figure(figsize=(width_in, height_in), dpi=dpi)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _action_legend_label(label: str) -> str:
+    """``action[3]`` -> ``[3]``, ``action/arm[2]`` -> ``arm[2]``: the panel says "action"."""
+    rest = label[len("action"):] if label.startswith("action") else label
+    return rest.lstrip("/") or label
+
+
+def trace_figure(actions: np.ndarray, action_labels: list[str], rewards: np.ndarray | None,
+                 width: int, height: int):
+    """The action and reward traces of an episode video as a matplotlib Figure of
+    ``width`` x ``height`` pixels, one panel each, sharing the step axis.
+
+    The action legend (for 2 to 20 dimensions, or one named by its key) sits right of the
+    panels, outside the axes, so that it covers no trace.
+
+    Returns:
+      ``(figure, axes, steps)``: the panels' axes (action first) and the step numbers.
+    """
     dpi = 100
     panels = [p for p in (("action", actions), ("reward", rewards)) if p[1] is not None
               and np.size(p[1])]
-    fig = Figure(figsize=(width / dpi, height / dpi), dpi=dpi)
-    canvas = FigureCanvasAgg(fig)
+    fig = _figure(width / dpi, height / dpi, dpi)
     axes = fig.subplots(max(1, len(panels)), 1, sharex=True, squeeze=False)[:, 0]
     steps = np.arange(len(actions) if np.size(actions) else len(rewards if rewards is not None
                                                                      else []))
@@ -174,23 +193,35 @@ def _trace_background(actions: np.ndarray, action_labels: list[str], rewards: np
             ax.plot(steps, values, lw=1.2, color="tab:green")
         else:
             for i in range(values.shape[1]):
+                label = action_labels[i] if i < len(action_labels) else None
                 ax.plot(steps, values[:, i], lw=1.0,
-                        label=action_labels[i].split("/")[-1] if i < len(action_labels) else None)
-            if values.shape[1] <= 10:
-                ax.legend(loc="upper left", fontsize=6, ncol=min(values.shape[1], 5),
-                          framealpha=0.6)
+                        label=_action_legend_label(label) if label else None)
+            named = values.shape[1] > 1 or action_labels[:1] != ["action"]
+            if named and values.shape[1] <= 20:
+                # Outside the axes, right of the action panel; up to 8 rows fit its height.
+                ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0,
+                          fontsize=6, ncol=math.ceil(values.shape[1] / 8), handlelength=1.2,
+                          labelspacing=0.3, columnspacing=0.8, frameon=False)
         ax.set_ylabel(name, fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
     axes[-1].set_xlabel("step", fontsize=8)
     if len(steps):
         axes[-1].set_xlim(-0.5, max(len(steps) - 0.5, 0.5))
-    fig.tight_layout(pad=0.4)
-    canvas.draw()
-    image = np.asarray(canvas.buffer_rgba())[..., :3].copy()
+    fig.tight_layout(pad=0.4)  # counts the legend, so the axes leave it room
+    return fig, axes[: len(panels)], steps
+
+
+def _trace_background(actions: np.ndarray, action_labels: list[str], rewards: np.ndarray | None,
+                      width: int, height: int) -> tuple[np.ndarray, list[tuple[np.ndarray, int, int]]]:
+    """The traces plot as an RGB image, and per axes the pixel column of each step and the
+    axes' top and bottom rows (to draw the cursor)."""
+    fig, axes, steps = trace_figure(actions, action_labels, rewards, width, height)
+    fig.canvas.draw()
+    image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
     fig_h = image.shape[0]
     cursors = []
-    for ax in axes[: len(panels)]:
+    for ax in axes:
         xs = ax.transData.transform(np.stack([steps, np.zeros_like(steps)], 1))[:, 0]
         _, y0, _, y1 = ax.bbox.extents
         cursors.append((np.clip(np.round(xs).astype(int), 0, image.shape[1] - 2),
@@ -376,34 +407,40 @@ def collect_distributions(directory: PathLike, *, split: str | None = None,
             "returns": returns}
 
 
-def plot_distributions(directory: PathLike, out_path: PathLike, *, split: str | None = None,
-                       max_episodes: int | None = None, max_dims: int = 32) -> dict[str, Any]:
-    """Draws the action and state distributions of a dataset into a PNG.
+def integer_bins(values: Sequence[int], max_bins: int = 30) -> np.ndarray:
+    """Histogram bin edges for integer data: each bin spans the same whole number of integers
+    and is centred on them (edges at ``k - 0.5``), so no bar straddles a value."""
+    lo, hi = int(min(values)), int(max(values))
+    width = max(1, math.ceil((hi - lo + 1) / max_bins))
+    return np.arange(lo, hi + width + 1, width) - 0.5
 
-    Returns:
-      ``{"path", "keys": {key: dims}, "episodes", "samples"}``.
+
+def distributions_figure(data: dict[str, Any], name: str):
+    """The figure :func:`plot_distributions` saves, from :func:`collect_distributions`'s
+    ``data``: episode length and return histograms, then one row of violins per key.
+
+    The legends sit above the axes' top right corner, outside the data area.
     """
-    import matplotlib
+    from matplotlib.ticker import MaxNLocator
 
-    matplotlib.use("Agg", force=False)
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    data = collect_distributions(directory, split=split, max_episodes=max_episodes,
-                                 max_dims=max_dims)
     keys = data["keys"]
     rows = 1 + len(keys)
     widest = max([v.shape[1] for v in keys.values()] + [8])
-    fig = Figure(figsize=(max(9.0, 0.55 * widest + 2.5), 2.7 * rows), dpi=100)
-    FigureCanvasAgg(fig)
+    fig = _figure(max(9.0, 0.55 * widest + 2.5), 2.7 * rows)
     grid = fig.add_gridspec(rows, 2)
-    name = os.path.basename(os.path.normpath(os.fspath(directory)))
     ax = fig.add_subplot(grid[0, 0])
-    ax.hist(data["lengths"], bins=min(30, max(1, len(set(data["lengths"])))), color="tab:blue")
-    ax.set_title(f"{name}: episode length ({len(data['lengths'])} episodes)", fontsize=9)
+    if data["lengths"]:
+        ax.hist(data["lengths"], bins=integer_bins(data["lengths"]), color="tab:blue")
+    # min_n_ticks=1: where only one whole number is in view (every episode equally long), tick
+    # it alone rather than fall back to fractional ticks.
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    ax.set_title(f"{name}: episode length (RLDS steps; {len(data['lengths'])} episodes)",
+                 fontsize=9)
     ax = fig.add_subplot(grid[0, 1])
     if data["returns"]:
         ax.hist(data["returns"], bins=min(30, max(1, len(data["returns"]))), color="tab:green")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     ax.set_title("episode return (steps but the last)", fontsize=9)
     for row, (key, values) in enumerate(keys.items(), start=1):
         ax = fig.add_subplot(grid[row, :])
@@ -422,12 +459,28 @@ def plot_distributions(directory: PathLike, out_path: PathLike, *, split: str | 
         ax.scatter(positions, hi, marker="_", s=80, color="tab:red", zorder=3)
         ax.set_xticks(positions)
         ax.set_xticklabels(data["labels"][key][:dims], fontsize=7)
-        ax.set_title(f"steps/{key}: {dims} dims, {len(values)} steps", fontsize=9)
+        ax.set_title(f"steps/{key}: {dims} dims, {len(values)} steps", fontsize=9, loc="left")
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(loc="upper right", fontsize=7)
+        # Above the top right corner, beside the left-aligned title: no violin under it.
+        ax.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), borderaxespad=0.2, ncol=2,
+                  fontsize=7, frameon=False)
     fig.tight_layout()
+    return fig
+
+
+def plot_distributions(directory: PathLike, out_path: PathLike, *, split: str | None = None,
+                       max_episodes: int | None = None, max_dims: int = 32) -> dict[str, Any]:
+    """Draws the action and state distributions of a dataset into a PNG.
+
+    Returns:
+      ``{"path", "keys": {key: dims}, "episodes", "samples"}``.
+    """
+    data = collect_distributions(directory, split=split, max_episodes=max_episodes,
+                                 max_dims=max_dims)
+    fig = distributions_figure(data, os.path.basename(os.path.normpath(os.fspath(directory))))
     out_path = os.fspath(out_path)
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     fig.savefig(out_path)
+    keys = data["keys"]
     return {"path": out_path, "keys": {k: v.shape[1] for k, v in keys.items()},
             "episodes": len(data["lengths"]), "samples": {k: len(v) for k, v in keys.items()}}

@@ -47,6 +47,56 @@ def _oscillator(action_space: gym.spaces.Box) -> Policy:
     return act
 
 
+# Reacher-v5 (gymnasium/envs/mujoco/assets/reacher.xml): the elbow is 0.1 from the shoulder at the
+# origin, the fingertip 0.11 from the elbow; each joint is driven by a motor with gear 200 and has
+# an armature of 1 and a damping of 1.
+_REACHER_LINKS = (0.1, 0.11)
+# PD gains on the joint-angle error (per unit of action): after the gear, a stiffness of 60 and a
+# damping of 11 on an inertia of about 1, i.e. about 7.7 rad/s and a damping ratio of 0.7. Stiffer
+# gains reach the target sooner but pay more in the reward's control cost (sum of squared actions)
+# than they save in distance.
+_REACHER_KP, _REACHER_KD = 0.3, 0.05
+
+
+def _wrap(angle):
+    return (angle + np.pi) % (2 * np.pi) - np.pi
+
+
+def reacher_joint_targets(target: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Reacher's joint angles that put the fingertip on a target: closed-form 2-link inverse
+    kinematics.
+
+    Args:
+      target: the target's (x, y), the shoulder at the origin.
+      q: the current (shoulder, elbow) angles; of the two elbow solutions, the one nearer to
+        them is taken (the shoulder angle is unwrapped to the turn nearest ``q[0]``).
+
+    Returns:
+      (shoulder, elbow) angles. A target out of reach gives the arm stretched towards it (or
+      folded, if too near the shoulder).
+    """
+    l1, l2 = _REACHER_LINKS
+    x, y = float(target[0]), float(target[1])
+    cos_elbow = np.clip((x * x + y * y - l1 * l1 - l2 * l2) / (2 * l1 * l2), -1.0, 1.0)
+    best, best_move = q, np.inf
+    for elbow in (np.arccos(cos_elbow), -np.arccos(cos_elbow)):
+        shoulder = np.arctan2(y, x) - np.arctan2(l2 * np.sin(elbow), l1 + l2 * np.cos(elbow))
+        solution = np.array([q[0] + _wrap(shoulder - q[0]), elbow])
+        move = np.abs(solution - q).sum()
+        if move < best_move:
+            best, best_move = solution, move
+    return best
+
+
+def _reacher(obs):
+    # obs: cos q (2), sin q (2), target x y, joint velocities (2), fingertip - target x y; a dict
+    # when run_gym --render added the camera image beside it as "state".
+    s = obs["state"] if isinstance(obs, dict) else obs
+    q = np.arctan2(s[2:4], s[0:2])
+    error = reacher_joint_targets(s[4:6], q) - q
+    return np.clip(_REACHER_KP * error - _REACHER_KD * s[6:8], -1.0, 1.0).astype(np.float32)
+
+
 def _synthetic_camera(obs):
     s = obs["state"]
     gripper, opened, obj, target = s[:3], s[3], s[4:6], s[6:8]
@@ -61,7 +111,8 @@ def _synthetic_camera(obs):
 
 
 def make_policy(name: str, env: gym.Env, seed: int = 0) -> Policy:
-    """``"random"`` or ``"scripted"`` (CartPole, Pendulum, MuJoCo locomotion, SyntheticCamera).
+    """``"random"`` or ``"scripted"`` (CartPole, Pendulum, Reacher, MuJoCo locomotion,
+    SyntheticCamera).
 
     Raises:
       ValueError: for an unknown policy, or ``"scripted"`` on an env without one.
@@ -75,6 +126,8 @@ def make_policy(name: str, env: gym.Env, seed: int = 0) -> Policy:
         return _cartpole
     if env_id.startswith("Pendulum"):
         return _pendulum
+    if env_id.startswith("Reacher"):
+        return _reacher
     if "SyntheticCamera" in env_id:
         return _synthetic_camera
     if isinstance(env.action_space, gym.spaces.Box) and any(
@@ -85,12 +138,14 @@ def make_policy(name: str, env: gym.Env, seed: int = 0) -> Policy:
 
 def run_episodes(env: gym.Env, num_episodes: int, *, policy: Policy | None = None, seed: int = 0,
                  max_steps: int | None = None, language_instruction: str | None = None,
-                 on_episode: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+                 on_episode: Callable[[dict[str, Any]], None] | None = None,
+                 on_step: Callable[[], Any] | None = None) -> list[dict[str, Any]]:
     """Runs ``num_episodes`` episodes, resetting with seeds ``seed``, ``seed + 1``, ...
 
     A logger's language instruction is ``language_instruction`` if given, else
     ``info["language_instruction"]`` from reset where the env gives one. ``max_steps`` cuts episodes short (a logger then keeps the last one as invalid at
-    close). Returns ``{"steps", "return", "terminated"}`` per episode.
+    close). ``on_step()`` is called after every step (a progress bar's ``update``).
+    Returns ``{"steps", "return", "terminated"}`` per episode.
     """
     policy = policy or random_policy(env, seed)
     results = []
@@ -105,6 +160,8 @@ def run_episodes(env: gym.Env, num_episodes: int, *, policy: Policy | None = Non
             obs, reward, terminated, truncated, info = env.step(policy(obs))
             total += float(reward)
             steps += 1
+            if on_step is not None:
+                on_step()
             done = terminated or truncated or (max_steps is not None and steps >= max_steps)
         results.append({"steps": steps, "return": total, "terminated": bool(terminated)})
         if on_episode is not None:

@@ -4,6 +4,7 @@ RLDS dataset written by TFDS itself (read through the tfds fallback)."""
 from __future__ import annotations
 
 import collections
+import itertools
 import subprocess
 import sys
 
@@ -192,3 +193,65 @@ def test_summary_does_not_import_tensorflow(data):
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
                          timeout=120, check=False)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
+
+
+def _overlaps(a, b) -> bool:
+    from matplotlib.transforms import Bbox
+
+    cut = Bbox.intersection(a, b)
+    return cut is not None and cut.width > 0 and cut.height > 0
+
+
+@pytest.mark.parametrize("dims", [1, 2, 7, 12, 20])
+def test_video_action_legend_covers_no_trace(dims):
+    rng = np.random.default_rng(dims)
+    actions = rng.uniform(-1, 1, size=(60, dims))
+    actions[:, 0] = 1.0  # a trace along the top edge, where an inside legend would sit
+    labels = [f"action[{i}]" for i in range(dims)] if dims > 1 else ["action"]
+    fig, axes, _ = visualize.trace_figure(actions, labels, rng.normal(size=60), 512, 260)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    legend = axes[0].get_legend()
+    if dims == 1:  # the panel's label says it all
+        assert legend is None
+        return
+    assert [t.get_text() for t in legend.get_texts()] == [f"[{i}]" for i in range(dims)]
+    box = legend.get_window_extent(renderer)
+    for ax in axes:  # the data area of every panel, action and reward
+        assert not _overlaps(box, ax.bbox), (dims, box, ax.bbox)
+    assert fig.bbox.contains(box.x0, box.y0) and fig.bbox.contains(box.x1, box.y1)
+
+
+@pytest.mark.parametrize("lengths", [[61] * 4, [10, 11, 11, 12, 40, 61], list(range(1, 201)),
+                                     [5, 500]])
+def test_episode_length_histogram_has_integer_bins(lengths):
+    data = {"keys": {"action": np.random.default_rng(0).normal(size=(50, 3))},
+            "labels": {"action": ["0", "1", "2"]}, "lengths": lengths,
+            "returns": [float(n) for n in lengths]}
+    fig = visualize.distributions_figure(data, "x")
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    bars = sorted(ax.patches, key=lambda p: p.get_x())
+    edges = np.array([p.get_x() for p in bars] + [bars[-1].get_x() + bars[-1].get_width()])
+    widths = np.diff(edges)
+    # Every bin spans the same whole number of lengths, centred on them (edges at k - 0.5).
+    np.testing.assert_allclose(edges + 0.5, np.round(edges + 0.5), atol=1e-9)
+    assert np.allclose(widths, widths[0]) and widths[0] == round(widths[0]) >= 1
+    assert len(bars) <= 30
+    counts = [sum(lo < n < hi for n in lengths) for lo, hi in itertools.pairwise(edges)]
+    assert [p.get_height() for p in bars] == counts and sum(counts) == len(lengths)
+    lo, hi = ax.get_xlim()
+    ticks = [t for t in ax.get_xticks() if lo <= t <= hi]
+    assert ticks and all(t == round(t) for t in ticks)
+
+
+def test_distribution_legends_cover_no_violin(data):
+    fig = visualize.distributions_figure(visualize.collect_distributions(data["w2"]), "w2")
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    legends = [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]
+    assert len(legends) == 2  # action and observation/state
+    for legend in legends:
+        box = legend.get_window_extent(renderer)
+        for ax in fig.axes:
+            assert not _overlaps(box, ax.bbox), (box, ax.bbox)
