@@ -106,7 +106,10 @@ class _Part:
 
 def _infer_spec(value: Any, path: str, image_codec, image_codecs) -> Spec:
     space = specs.get_gym_space(value, _path=path)
-    return specs.space_to_spec(space, path=path, image_codec=image_codec, image_codecs=image_codecs)
+    spec = specs.space_to_spec(space, path=path, image_codec=image_codec,
+                               image_codecs=image_codecs)
+    specs.check_keys(spec, path)
+    return spec
 
 
 class EpisodeRecorder:
@@ -182,8 +185,13 @@ class EpisodeRecorder:
             existing_episode = {k: v for k, v in ex.fields.items() if k != "steps"}
 
         def declared(decl, path):
-            return None if decl is None else specs.declaration_to_spec(
-                decl, path=path, image_codec=self._codec, image_codecs=self._codecs)
+            if decl is None:
+                return None
+            spec = specs.declaration_to_spec(decl, path=path, image_codec=self._codec,
+                                             image_codecs=self._codecs)
+            if existing is None:  # (a dataset being appended to keeps the keys it has)
+                specs.check_keys(spec, path)
+            return spec
 
         obs_spec = declared(observation, "observation")
         act_spec = declared(action, "action")

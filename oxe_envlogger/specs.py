@@ -129,13 +129,50 @@ def is_image_shape(shape: tuple[int, ...], dtype: Any) -> bool:
     return np.dtype(dtype) == np.uint8 and len(shape) == 3 and shape[-1] in (1, 3, 4)
 
 
-def iter_leaves(spec: Spec, prefix: str = "") -> Iterator[tuple[str, Leaf]]:
-    """Yields ``(path, leaf)`` in storage order; paths join keys with ``/``."""
+def iter_leaf_keys(spec: Spec, prefix: tuple[str, ...] = ()
+                   ) -> Iterator[tuple[tuple[str, ...], Leaf]]:
+    """Yields ``(keys, leaf)`` in storage order: the dict keys from ``spec`` down to each leaf.
+
+    The stored feature name is the keys joined with ``/`` (as tfds joins them). Our loggers
+    refuse keys with ``/`` (:func:`check_keys`), but a dataset written by another tool may
+    hold one (tfds allows it), so readers nest values by these keys, never by splitting names.
+    """
     if isinstance(spec, Leaf):
         yield prefix, spec
         return
     for key, sub in spec.fields.items():
-        yield from iter_leaves(sub, f"{prefix}/{key}" if prefix else key)
+        yield from iter_leaf_keys(sub, (*prefix, key))
+
+
+def iter_leaves(spec: Spec, prefix: str = "") -> Iterator[tuple[str, Leaf]]:
+    """Yields ``(path, leaf)`` in storage order; paths join keys with ``/``."""
+    for keys, leaf in iter_leaf_keys(spec):
+        yield "/".join((prefix, *keys) if prefix else keys), leaf
+
+
+def check_keys(spec: Spec, path: str = "") -> None:
+    """Refuses dict keys that ``features.json`` cannot hold unambiguously.
+
+    tfds stores every leaf under its key path joined with ``/``, so a key holding ``/`` reads
+    back differently from how it was logged by any reader that nests names, and collides with a
+    nested key of the same name (``{"cam/left": ..., "cam": {"left": ...}}`` makes a dataset
+    tfds cannot open). Empty keys and keys that are not ``str`` are refused too.
+
+    Raises:
+      SpecError: naming the key's full path.
+    """
+    if isinstance(spec, Leaf):
+        return
+    for key, sub in spec.fields.items():
+        where = join(path, str(key))
+        if not isinstance(key, str) or not key or "/" in key:
+            hint = ("tfds stores values under their key path joined with '/', so this key "
+                    "would read back as nested keys or collide with them")
+            if isinstance(key, str) and key:
+                hint += f"; rename it, e.g. {key.replace('/', '_')!r}"
+            raise SpecError(where, "a dict key that is a non-empty str without '/'", repr(key),
+                            hint)
+        check_keys(sub, where)
 
 
 def join(prefix: str, key: str) -> str:

@@ -238,3 +238,48 @@ def test_gym_unwrapped_obs_error_from_env(dataset_dir):
     with pytest.raises(SpecError, match=r"observation: expected shape \(2,\) float32, given shape \(2,\) float64"):
         env.reset()
     env.close()
+
+
+SLASH_OBS = spaces.Dict({"cam/left": spaces.Box(-1, 1, (2,), np.float32),
+                         "cam": spaces.Dict({"left": spaces.Box(-1, 1, (3,), np.float32)})})
+
+
+@pytest.mark.parametrize("front", ["oxe", "auto", "rlds", "vector"])
+def test_key_with_slash_is_refused_when_the_logger_is_built(dataset_dir, front):
+    """tfds stores "cam/left" and "cam" -> "left" under one name: the dataset would be
+    unreadable, so the declared space is refused before anything is written."""
+    env = RecordingEnv(SLASH_OBS, ACT)
+    with pytest.raises(SpecError, match=r"^observation/cam/left: expected a dict key that is a "
+                                        r"non-empty str without '/', given 'cam/left'") as info:
+        if front == "oxe":
+            OXEEnvLogger(env, "slash", dataset_dir)
+        elif front == "auto":
+            AutoOXEEnvLogger(env, "slash", dataset_dir)
+        elif front == "rlds":
+            RLDSLogger(SLASH_OBS, ACT, "slash", dataset_dir)
+        else:
+            from oxe_envlogger import VectorOXEEnvLogger
+
+            VectorOXEEnvLogger(gym.vector.SyncVectorEnv([lambda: env]), "slash", dataset_dir)
+    assert info.value.path == "observation/cam/left" and "'cam_left'" in str(info.value)
+    with pytest.raises(SpecError, match=r"^action/: expected a dict key that is a non-empty"):
+        OXEEnvLogger(RecordingEnv(OBS, spaces.Dict({"": ACT})), "empty", dataset_dir + "2")
+
+
+def test_key_with_slash_in_inferred_or_declared_values(dataset_dir):
+    """Inferred specs are checked when the first value arrives, before anything changes."""
+    logger = RLDSLogger(None, ACT, "slash", dataset_dir)
+    with pytest.raises(SpecError, match=r"^observation/a/b: expected a dict key"):
+        logger(None, {"a/b": np.zeros(2, np.float32)}, 0.0, step_type=RLDSStepType.RESTART)
+    logger(None, {"a_b": np.zeros(2, np.float32)}, 0.0, step_type=RLDSStepType.RESTART)
+    with pytest.raises(SpecError, match=r"^info/x/y: expected a dict key"):
+        logger.set_step_metadata({"info": {"x/y": 1.0}, "speed": 2.0})
+    logger(ACT.sample(), {"a_b": np.ones(2, np.float32)}, 1.0,
+           step_type=RLDSStepType.TERMINATION)
+    logger.close()
+    (episode,) = read_tfds(dataset_dir)
+    assert sorted(episode["steps"]["observation"]) == ["a_b"]
+    assert "info" not in episode["steps"] and "speed" not in episode["steps"]  # nothing changed
+    with pytest.raises(SpecError, match=r"^info/x/y: expected a dict key"):
+        OXEEnvLogger(RecordingEnv(OBS, ACT), "declared", dataset_dir + "2",
+                     episode_metadata_info={"info": {"x/y": float}})
