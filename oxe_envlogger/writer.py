@@ -12,6 +12,7 @@ stall counts are logged at close and kept in ``oxe_envlogger.json``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -195,6 +196,7 @@ class DatasetWriter:
         self.nonfinite: dict[str, int] = {}
         self.session: dict[str, Any] = {"writer_id": self.writer_id, "started": layout.now_iso(),
                                         **(session or {})}
+        self._created_dir = not os.path.exists(self.dir.path)
         os.makedirs(self.dir.path, exist_ok=True)
         with self.dir.lock():
             if overwrite:
@@ -330,6 +332,12 @@ class DatasetWriter:
                 if self._registration is not None:
                     self._registration.release()
                     self._registration = None
+                if self.schema is None:
+                    try:
+                        self._remove_unstarted()
+                    except OSError as e:  # (leftovers cost nothing; close() goes on)
+                        log.warning("%s: could not remove the empty dataset directory: %s",
+                                    self.dir.path, e)
         self._log_summary()
         if self._error is not None:
             err, self._error = self._error, None
@@ -339,6 +347,26 @@ class DatasetWriter:
                 f"committing {self.dir.path} at close failed: {commit_error}; the episodes "
                 "written are kept in staging, and reopening the directory (or "
                 "oxe_envlogger.recover) commits them") from commit_error
+
+    def _remove_unstarted(self) -> None:
+        """Leaves no dataset directory behind when the features never became known (nothing
+        was written): without ``features.json`` no reader could open it. Only what a writer
+        makes before it starts is removed (the lock file and empty internal folders, and the
+        directory if this writer created it and it is empty): never another writer's files or
+        anything else a directory already held."""
+        internal = os.path.join(self.dir.path, layout.INTERNAL)
+        with self.dir.lock():
+            if self.dir.read_info() is not None or _writer_files(self.dir.path):
+                return  # another writer started a dataset here, or is starting one
+            for sub in ("writers", "staging"):
+                with contextlib.suppress(OSError):
+                    os.rmdir(os.path.join(internal, sub))
+            if os.listdir(internal) == ["lock"]:
+                os.unlink(os.path.join(internal, "lock"))
+                os.rmdir(internal)
+        if self._created_dir:
+            with contextlib.suppress(OSError):
+                os.rmdir(self.dir.path)
 
     # -- writer thread ----------------------------------------------------------------------------
 

@@ -262,6 +262,7 @@ def test_key_with_slash_is_refused_when_the_logger_is_built(dataset_dir, front):
 
             VectorOXEEnvLogger(gym.vector.SyncVectorEnv([lambda: env]), "slash", dataset_dir)
     assert info.value.path == "observation/cam/left" and "'cam_left'" in str(info.value)
+    assert not os.path.exists(dataset_dir)  # nothing was written, nothing is left
     with pytest.raises(SpecError, match=r"^action/: expected a dict key that is a non-empty"):
         OXEEnvLogger(RecordingEnv(OBS, spaces.Dict({"": ACT})), "empty", dataset_dir + "2")
 
