@@ -207,16 +207,24 @@ class AutoOXEEnvLogger(_GymLogger):
 
     Observation and action features come from the env's spaces (each value is checked against
     them). Step and episode metadata features, and whether there is a language instruction, are
-    inferred from the values given (``set_step_metadata`` ...) during the first episode. Nothing
-    is replayed or held back: the first episode is written like every other one.
+    inferred from the values given (``set_step_metadata`` ...) during the first episode, unless
+    declared. Nothing is replayed or held back: the first episode is written like every other
+    one, and it fixes the dataset's features: a metadata key first set later, or a language
+    instruction first given later, is an error. Declare those up front when the first episode
+    may not show them.
 
     Args:
       env: the environment.
       dataset_name: TFDS dataset name.
       directory: dataset directory (default ``./logs/<dataset_name>``).
       optimal_shard_size: shard size in MB (the original's option; same as ``shard_bytes``).
-      **kwargs: the keyword options of :class:`OXEEnvLogger`, and ``step_metadata_info``,
-        ``episode_metadata_info`` or ``language_instruction`` to declare those parts.
+      step_metadata_info: ``{key: declaration}`` of every step metadata key (as for
+        :class:`OXEEnvLogger`, e.g. ``{"speed": float, "grasp": gym.spaces.Discrete(2)}``);
+        None (default) infers them from the first episode.
+      episode_metadata_info: the same for episode metadata.
+      language_instruction: True or False to declare whether steps carry
+        ``language_instruction``; None (default) infers it from the first episode.
+      **options: the other keyword options of :class:`OXEEnvLogger`, with the same meaning.
     """
 
     def __init__(self, env: gym.Env, dataset_name: str, directory: str | os.PathLike | None = None,

@@ -112,6 +112,32 @@ def _infer_spec(value: Any, path: str, image_codec, image_codecs) -> Spec:
     return spec
 
 
+def _declaration_example(value: Any) -> str:
+    """A declaration of ``value``'s feature as a user would write it, for error messages."""
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{k!r}: {_declaration_example(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (str, bytes)):
+        return "str"
+    if isinstance(value, (bool, int, float)):
+        return type(value).__name__
+    try:
+        arr = np.asarray(value)
+    except Exception:
+        return "<a gymnasium space>"
+    if arr.dtype.kind not in "biuf":
+        return "<a gymnasium space>"
+    dtype = f"np.{arr.dtype.name}"
+    if arr.shape == ():
+        return dtype
+    if arr.dtype.kind == "f":
+        low, high = "-np.inf", "np.inf"
+    elif arr.dtype.kind == "b":
+        low, high = "0", "1"
+    else:
+        low, high = np.iinfo(arr.dtype).min, np.iinfo(arr.dtype).max
+    return f"gym.spaces.Box({low}, {high}, {arr.shape}, {dtype})"
+
+
 class EpisodeRecorder:
     """Collects one episode at a time and hands finished episodes to a :class:`DatasetWriter`.
 
@@ -213,7 +239,12 @@ class EpisodeRecorder:
         self._step_meta_frozen = step_metadata is not None
         self._episode_meta_frozen = episode_metadata is not None
         self._language = language
+        # What fixed each part's features, for the errors about keys that came too late.
+        self._fixed_by = {"step": "declared" if step_metadata is not None else None,
+                          "episode": "declared" if episode_metadata is not None else None,
+                          "language": "declared" if language is not None else None}
         if existing is not None:
+            self._fixed_by = dict.fromkeys(self._fixed_by, "existing")
             self._step_meta_frozen = self._episode_meta_frozen = True
             step_metadata = {k: v for k, v in existing_steps.items() if k not in STEP_RESERVED}
             episode_metadata = {k: v for k, v in existing_episode.items() if k not in EPISODE_RESERVED}
@@ -373,13 +404,28 @@ class EpisodeRecorder:
                 if frozen:
                     raise UnknownKeyError(
                         key, f"one of the {what} metadata keys {sorted(parts)}", repr(key),
-                        "the dataset's features were fixed by its first episode or declaration")
+                        self._too_late_hint(what, f"{what}_metadata_info={{"
+                                            f"{key!r}: {_declaration_example(value)}}}"))
                 self._check_meta_key(key, reserved, what)
                 part = self._part(_infer_spec(value, key, self._codec, self._codecs), key)
             checked[key] = (part, part.check(value))
         for key, (part, _) in checked.items():
             parts[key] = part
         return checked
+
+    def _too_late_hint(self, what: str, declaration: str) -> str:
+        """Why a metadata key or the language instruction has no feature, and how to give it."""
+        fixed = self._fixed_by[what]
+        if fixed == "existing":
+            return (f"the dataset being appended to in {self.directory} has no such feature; "
+                    "log to another directory, or pass overwrite=True to replace it")
+        why = ("the logger's declarations fixed the features" if fixed == "declared" else
+               "the dataset's features were fixed by its first episode, which did not set it")
+        how = (f"declare it when creating the logger: {declaration} (every logger takes it, "
+               "AutoOXEEnvLogger too)")
+        if fixed == "declared":
+            return f"{why}; {how}"
+        return f"{why}; {how}, or set it during the first episode"
 
     @staticmethod
     def _submit(checked: dict[str, tuple[_Part, list]]) -> dict[str, list]:
@@ -390,7 +436,8 @@ class EpisodeRecorder:
         self._ensure_open()
         if self._language is False:
             raise SpecError("language_instruction", "no language instruction (the dataset has "
-                            "no steps/language_instruction feature)", repr(instruction)[:80])
+                            "no steps/language_instruction feature)", repr(instruction)[:80],
+                            self._too_late_hint("language", "language_instruction=True"))
         if not isinstance(instruction, (str, bytes)):
             raise SpecError("language_instruction", "a str", type(instruction).__name__)
         if self._language is None:
@@ -516,6 +563,9 @@ class EpisodeRecorder:
 
     def _freeze(self) -> None:
         """Fixes the features from what the first episode showed."""
+        for what, fixed in self._fixed_by.items():
+            if fixed is None:
+                self._fixed_by[what] = "first episode"
         self._step_meta_frozen = True
         self._episode_meta_frozen = True
         if self._language is None:

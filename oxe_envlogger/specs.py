@@ -240,8 +240,9 @@ def _space_to_spec(space, path, image_codec, image_codecs) -> Spec:
 def get_gym_space(sample: Any, *, _path: str = "") -> gym.Space:
     """Builds a gymnasium space that describes ``sample``.
 
-    Nested dicts become ``Dict``, tuples ``Tuple``, arrays and Python or numpy scalars ``Box`` of
-    the same dtype and shape (uint8 HxWx{1,3,4} arrays are images), strings ``Text``.
+    Nested dicts become ``Dict``, tuples ``Tuple``, numeric and bool arrays and Python or numpy
+    scalars ``Box`` of the same dtype and shape (uint8 HxWx{1,3,4} arrays are images), strings
+    ``Text``. ``None`` (no type to infer) and arrays of strings or objects have no space.
 
     Raises:
       UnsupportedSpaceError: for a value with no space, naming its key path.
@@ -257,6 +258,16 @@ def get_gym_space(sample: Any, *, _path: str = "") -> gym.Space:
                              for i, v in enumerate(sample)])
     if isinstance(sample, (str, bytes, np.str_, np.bytes_)):
         return spaces.Text(max_length=TEXT_MAX_LENGTH, min_length=0, charset=_TEXT_CHARSET)
+    where = _path or "<root>"
+    if sample is None:
+        decl = "float"
+        for key in reversed(where.split("/")):
+            decl = f"{{{key!r}: {decl}}}"
+        raise UnsupportedSpaceError(
+            f"{where}: None has no feature (no type can be inferred from it); declare the "
+            f"type (the observation or action space; for metadata e.g. step_metadata_info="
+            f"{decl}) and log a sentinel where there is no value (NaN, -1, \"\"): a metadata "
+            "key never set holds zeros or an empty string")
     if isinstance(sample, bool):
         arr = np.asarray(sample, dtype=np.bool_)
     elif isinstance(sample, int):
@@ -268,11 +279,16 @@ def get_gym_space(sample: Any, *, _path: str = "") -> gym.Space:
             arr = np.asarray(sample)
         except Exception as e:  # ragged lists and the like
             raise UnsupportedSpaceError(
-                f"{_path or '<root>'}: cannot make a space from {type(sample).__name__}: {e}") from e
+                f"{where}: cannot make a space from {type(sample).__name__}: {e}") from e
     if arr.dtype.kind not in "biuf":
+        hint = ""
+        if arr.dtype.kind in "USO" and isinstance(sample, (list, np.ndarray)):
+            hint = ("; for strings log a tuple of str (stored as keys '0', '1', ..., always as "
+                    "many) or one str (e.g. json.dumps of the list)")
         raise UnsupportedSpaceError(
-            f"{_path or '<root>'}: cannot make a space from {type(sample).__name__} "
-            f"with dtype {arr.dtype}")
+            f"{where}: cannot make a space from {type(sample).__name__} with dtype "
+            f"{arr.dtype}: supported are dicts with str keys, tuples, str, bool, int, float "
+            f"and numeric or bool arrays{hint}")
     return _box_for(arr)
 
 
@@ -565,7 +581,10 @@ def convert_exact(value: Any, leaf: Leaf, path: str) -> np.ndarray:
     """``value`` as an array of ``leaf``'s dtype and shape, if that changes no element."""
     dtype, shape = leaf.dtype, leaf.shape
     expected = leaf.describe()
-    if isinstance(value, (str, bytes, Mapping)) or value is None:
+    if value is None:
+        raise SpecError(path, expected, "None", "None is not a value of any feature; log a "
+                        "sentinel where there is no value (NaN, -1, ...)")
+    if isinstance(value, (str, bytes, Mapping)):
         raise SpecError(path, expected, _describe_value(value))
     try:
         arr = np.asarray(value)

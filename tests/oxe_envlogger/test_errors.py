@@ -284,3 +284,81 @@ def test_key_with_slash_in_inferred_or_declared_values(dataset_dir):
     with pytest.raises(SpecError, match=r"^info/x/y: expected a dict key"):
         OXEEnvLogger(RecordingEnv(OBS, ACT), "declared", dataset_dir + "2",
                      episode_metadata_info={"info": {"x/y": float}})
+
+
+def _suggested(err: Exception, option: str):
+    """The declaration an error suggests (``option={...}``), evaluated as a user would paste it."""
+    import re
+
+    m = re.search(rf"{option}=(\{{.*?\}}) \(every logger takes it", str(err))
+    assert m, str(err)
+    return eval(m[1], {"gym": gym, "np": np})
+
+
+def test_keys_first_set_after_the_first_episode_say_how_to_declare_them(dataset_dir):
+    env = AutoOXEEnvLogger(RecordingEnv(OBS, ACT, episode_len=2), "late", dataset_dir)
+    run_episodes(env, 1)
+    env.reset(seed=1)
+    first = r"fixed by its first episode, which did not set it; declare it when creating"
+    with pytest.raises(UnknownKeyError, match=first) as step_err:
+        env.set_step_metadata({"grip": np.zeros(3, np.float32)})
+    assert "AutoOXEEnvLogger too" in str(step_err.value)
+    with pytest.raises(UnknownKeyError, match=r"episode_metadata_info=\{'success': bool\}") as ep_err:
+        env.set_episode_metadata({"success": True})
+    with pytest.raises(SpecError, match=r"language_instruction=True \(every logger takes it"):
+        env.set_language_instruction("pick")
+    run_episodes(env, 1, seed=1)  # the run goes on
+    env.close()
+    assert len(read_tfds(dataset_dir)) == 2
+
+    # What the errors suggest works: the keys first set in the second episode are logged.
+    grip = _suggested(step_err.value, "step_metadata_info")
+    assert isinstance(grip["grip"], spaces.Box) and grip["grip"].shape == (3,)
+    env = AutoOXEEnvLogger(RecordingEnv(OBS, ACT, episode_len=2), "late", dataset_dir + "2",
+                           step_metadata_info=grip, language_instruction=True,
+                           episode_metadata_info=_suggested(ep_err.value,
+                                                            "episode_metadata_info"))
+    run_episodes(env, 1)
+    env.reset(seed=1)
+    env.set_step_metadata({"grip": np.ones(3, np.float32)})
+    env.set_episode_metadata({"success": True})
+    env.set_language_instruction("pick")
+    env.step(ACT.sample())
+    env.close()
+    first_ep, second_ep = read_tfds(dataset_dir + "2")
+    np.testing.assert_array_equal(first_ep["steps"]["grip"], np.zeros((3, 3), np.float32))
+    np.testing.assert_array_equal(second_ep["steps"]["grip"], np.ones((2, 3), np.float32))
+    assert [bool(first_ep["success"]), bool(second_ep["success"])] == [False, True]
+    assert list(second_ep["steps"]["language_instruction"]) == [b"pick"] * 2
+
+    # Declared features and an appended dataset say so.
+    env = OXEEnvLogger(RecordingEnv(OBS, ACT), "late", dataset_dir + "3")
+    with pytest.raises(UnknownKeyError, match=r"the logger's declarations fixed the features; "
+                                              r"declare it when creating the logger: "
+                                              r"step_metadata_info=\{'x': int\}"):
+        env.set_step_metadata({"x": 1})
+    env.close()
+    env = AutoOXEEnvLogger(RecordingEnv(OBS, ACT), "late", dataset_dir)
+    with pytest.raises(UnknownKeyError, match=r"the dataset being appended to .* has no such "
+                                              r"feature; .* overwrite=True"):
+        env.set_step_metadata({"grip": np.zeros(3, np.float32)})
+    env.close()
+
+
+def test_metadata_none_and_lists_of_strings_name_a_workaround(dataset_dir):
+    env = AutoOXEEnvLogger(RecordingEnv(OBS, ACT, episode_len=1), "none", dataset_dir)
+    env.reset(seed=0)
+    with pytest.raises(UnsupportedSpaceError, match=r"^info/x: None has no feature .*"
+                                                    r"step_metadata_info=\{'info': \{'x': "
+                                                    r"float\}\}"):
+        env.set_step_metadata({"info": {"x": None}})
+    with pytest.raises(UnsupportedSpaceError, match=r"^names: .*log a tuple of str"):
+        env.set_step_metadata({"names": ["cup", "plate"]})
+    env.set_step_metadata({"names": ("cup", "plate"), "x": 0.5})
+    with pytest.raises(SpecError, match=r"^x: expected shape \(\) float64, given None "
+                                        r"\(None is not a value"):
+        env.set_step_metadata({"x": None})
+    env.step(ACT.sample())
+    env.close()
+    steps = read_tfds(dataset_dir)[0]["steps"]
+    assert list(steps["names"]["0"]) == [b"cup"] * 2 and list(steps["names"]["1"]) == [b"plate"] * 2
