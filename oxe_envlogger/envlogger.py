@@ -110,7 +110,8 @@ class _GymLogger(gym.Wrapper, LoggerMixin):
                  language: bool | None, doc_field: DocField | None, version: str,
                  max_episodes_per_file: int | None, shard_bytes: int | None,
                  image_codec: str | ImageCodec, image_codecs: Mapping[str, str | ImageCodec] | None,
-                 reward_dtype: Any, strict_finite: bool, incomplete: str, overwrite: bool,
+                 reward_dtype: Any, strict_finite: bool, strict_bounds: bool, incomplete: str,
+                 overwrite: bool,
                  fsync: bool | None, writer_options: WriterOptions | None, description: str,
                  handle_signals: bool):
         super().__init__(env)
@@ -121,7 +122,7 @@ class _GymLogger(gym.Wrapper, LoggerMixin):
             reward_dtype=reward_dtype, step_metadata=step_metadata,
             episode_metadata=episode_metadata, language=language,
             image_codec=image_codec, image_codecs=image_codecs, docs=doc_field,
-            strict_finite=strict_finite, incomplete=incomplete,
+            strict_finite=strict_finite, strict_bounds=strict_bounds, incomplete=incomplete,
             options=_writer_options(writer_options, shard_bytes, max_episodes_per_file, fsync),
             overwrite=overwrite, session=provenance.session_info(env, {"reset_seeds": self._seeds}),
             description=description or f"RLDS episodes of {provenance.env_info(env).get('id', 'an environment')} logged by oxe_envlogger.",
@@ -171,6 +172,9 @@ class OXEEnvLogger(_GymLogger):
       image_codecs: per key path codecs, e.g. ``{"observation/wrist": "jpeg"}``.
       reward_dtype: dtype of ``reward`` (float64 keeps Python floats exact).
       strict_finite: raise on NaN/Inf in float values instead of counting them.
+      strict_bounds: raise :class:`OutOfBoundsError` on an observation or action outside its
+        space (a Box's bounds, a Discrete's range) instead of counting it (counts are reported
+        at close and kept in ``oxe_envlogger.json``; gymnasium's own bounds are often loose).
       incomplete: ``"keep"`` (default) writes an episode cut short by ``close()``, an exception
         or a signal as truncated with ``invalid=True``; ``"drop"`` discards it.
       overwrite: replace an existing dataset in ``directory``.
@@ -189,6 +193,7 @@ class OXEEnvLogger(_GymLogger):
                  image_codec: str | ImageCodec = "png",
                  image_codecs: Mapping[str, str | ImageCodec] | None = None,
                  reward_dtype: Any = np.float64, strict_finite: bool = False,
+                 strict_bounds: bool = False,
                  incomplete: str = "keep", overwrite: bool = False, fsync: bool | None = None,
                  writer_options: WriterOptions | None = None, description: str = "",
                  handle_signals: bool = True):
@@ -197,7 +202,8 @@ class OXEEnvLogger(_GymLogger):
             episode_metadata=episode_metadata_info or {}, language=language_instruction,
             doc_field=doc_field, version=version, max_episodes_per_file=max_episodes_per_file,
             shard_bytes=shard_bytes, image_codec=image_codec, image_codecs=image_codecs,
-            reward_dtype=reward_dtype, strict_finite=strict_finite, incomplete=incomplete,
+            reward_dtype=reward_dtype, strict_finite=strict_finite,
+            strict_bounds=strict_bounds, incomplete=incomplete,
             overwrite=overwrite, fsync=fsync, writer_options=writer_options,
             description=description, handle_signals=handle_signals)
 
@@ -237,6 +243,7 @@ class AutoOXEEnvLogger(_GymLogger):
                  image_codec: str | ImageCodec = "png",
                  image_codecs: Mapping[str, str | ImageCodec] | None = None,
                  reward_dtype: Any = np.float64, strict_finite: bool = False,
+                 strict_bounds: bool = False,
                  incomplete: str = "keep", overwrite: bool = False, fsync: bool | None = None,
                  writer_options: WriterOptions | None = None, description: str = "",
                  handle_signals: bool = True):
@@ -249,7 +256,8 @@ class AutoOXEEnvLogger(_GymLogger):
             episode_metadata=episode_metadata_info, language=language_instruction,
             doc_field=doc_field, version=version, max_episodes_per_file=max_episodes_per_file,
             shard_bytes=shard_bytes, image_codec=image_codec, image_codecs=image_codecs,
-            reward_dtype=reward_dtype, strict_finite=strict_finite, incomplete=incomplete,
+            reward_dtype=reward_dtype, strict_finite=strict_finite,
+            strict_bounds=strict_bounds, incomplete=incomplete,
             overwrite=overwrite, fsync=fsync, writer_options=writer_options,
             description=description, handle_signals=handle_signals)
 

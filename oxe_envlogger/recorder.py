@@ -57,7 +57,8 @@ class _Part:
     """One compiled part of a step (observation, action, a metadata key): checks values and
     starts image encoding."""
 
-    def __init__(self, spec: Spec, path: str, writer: DatasetWriter, strict_finite: bool):
+    def __init__(self, spec: Spec, path: str, writer: DatasetWriter, strict_finite: bool,
+                 strict_bounds: bool = False):
         self.spec = spec
         self.path = path
         self.leaves = list(specs.iter_leaves(spec))
@@ -69,13 +70,15 @@ class _Part:
         # the rows an episode holds do not make the collector rescan the heap every few
         # hundred steps (about 2 us per step with a small heap, more with a large one).
         if isinstance(spec, Leaf):  # the common case (a Box): one call
-            leaf_check = specs.leaf_checker(spec, path, strict_finite=strict_finite)
+            leaf_check = specs.leaf_checker(spec, path, strict_finite=strict_finite,
+                                            strict_bounds=strict_bounds)
             if images:
                 self.check = lambda value: [leaf_check(value)]
             else:
                 self.check = lambda value: (leaf_check(value),)
         else:
-            group_check = specs.compile_checker(spec, path, strict_finite=strict_finite)
+            group_check = specs.compile_checker(spec, path, strict_finite=strict_finite,
+                                                strict_bounds=strict_bounds)
 
             def check(value: Any) -> list | tuple:
                 out: list = []
@@ -154,6 +157,8 @@ class EpisodeRecorder:
       image_codec, image_codecs: see :func:`oxe_envlogger.specs.space_to_spec`.
       docs: ``{key path or leaf name: description}`` kept in ``features.json``.
       strict_finite: raise :class:`NonFiniteError` on NaN/Inf instead of counting them.
+      strict_bounds: raise :class:`OutOfBoundsError` on an observation or action outside its
+        declared space (Box bounds, Discrete range) instead of counting it.
       incomplete: what ``close()`` does with an episode in progress: ``"keep"`` (written,
         truncated, ``invalid=True``) or ``"drop"``.
       options: :class:`WriterOptions`.
@@ -171,7 +176,8 @@ class EpisodeRecorder:
                  image_codec: str | specs.ImageCodec = "png",
                  image_codecs: Mapping[str, str | specs.ImageCodec] | None = None,
                  docs: Mapping[str, str] | None = None,
-                 strict_finite: bool = False, incomplete: str = "keep",
+                 strict_finite: bool = False, strict_bounds: bool = False,
+                 incomplete: str = "keep",
                  options: WriterOptions | None = None, overwrite: bool = False,
                  session: Mapping[str, Any] | None = None,
                  description: str = "", version: str = layout.DEFAULT_VERSION):
@@ -181,6 +187,7 @@ class EpisodeRecorder:
         self._codecs = {self._step_path(k): v for k, v in (image_codecs or {}).items()}
         self._docs = dict(docs or {})
         self._strict = strict_finite
+        self._strict_bounds = strict_bounds
         self._incomplete = incomplete
         self._description = description
         self._version = version
@@ -287,7 +294,10 @@ class EpisodeRecorder:
 
     def _part(self, spec: Spec, path: str) -> _Part:
         spec = self._with_docs(spec, path)
-        return _Part(spec, path, self.writer, self._strict)
+        # Bounds are the env's: observations and actions (metadata keys never set hold zeros,
+        # which a space's bounds need not allow).
+        return _Part(spec, path, self.writer, self._strict,
+                     self._strict_bounds and path in ("observation", "action"))
 
     def _with_docs(self, spec: Spec, path: str) -> Spec:
         if not self._docs:

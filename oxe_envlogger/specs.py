@@ -29,6 +29,7 @@ import numpy as np
 from oxe_envlogger.codecs import ImageCodec
 from oxe_envlogger.errors import (
     NonFiniteError,
+    OutOfBoundsError,
     SpecError,
     UnknownKeyError,
     UnsupportedSpaceError,
@@ -53,6 +54,52 @@ _TEXT_CHARSET = string.printable
 # The spec tree
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class Bounds:
+    """The closed range a declared space allows, per element: ``low <= value <= high`` (arrays
+    of the leaf's shape). Kept in the spec only, not in ``features.json`` (a tfds feature has no
+    bounds): values outside are counted by the writer, or refused with ``strict_bounds``."""
+
+    low: np.ndarray
+    high: np.ndarray
+
+    def count_outside(self, values: np.ndarray) -> int:
+        """How many elements of ``values`` (any leading axes) lie outside; NaN is not counted
+        (it is counted as non-finite)."""
+        return int(np.count_nonzero((values < self.low) | (values > self.high)))
+
+    def check(self, value: Any, path: str) -> None:
+        """Raises :class:`OutOfBoundsError` for the first element outside, naming its index."""
+        arr = np.asarray(value)
+        outside = (arr < self.low) | (arr > self.high)
+        if not outside.any():
+            return
+        index = tuple(np.argwhere(outside)[0].tolist())
+        low, high = np.broadcast_to(self.low, arr.shape), np.broadcast_to(self.high, arr.shape)
+        where = f" at index {list(index)}" if index else ""
+        raise OutOfBoundsError(path, f"a value in [{low[index]}, {high[index]}]",
+                               f"{arr[index]!r}{where}", "the declared space's bounds; "
+                               "strict_bounds=True refuses values outside them")
+
+
+def bounds(low: Any, high: Any, shape: tuple[int, ...], dtype: Any) -> Bounds | None:
+    """The bounds of a space of ``shape`` and ``dtype``; None where they allow every value of
+    the dtype (bool, unbounded floats, a full integer range), so that nothing is counted."""
+    dtype = np.dtype(dtype)
+    if dtype.kind not in "iuf":
+        return None
+    low = np.broadcast_to(np.asarray(low), shape)
+    high = np.broadcast_to(np.asarray(high), shape)
+    if dtype.kind == "f":
+        if np.isneginf(low).all() and np.isposinf(high).all():
+            return None
+    else:
+        info = np.iinfo(dtype)
+        if (low <= info.min).all() and (high >= info.max).all():
+            return None
+    return Bounds(low.copy(), high.copy())
+
+
 @dataclasses.dataclass(frozen=True)
 class Leaf:
     """One stored array (see the module docstring).
@@ -65,6 +112,8 @@ class Leaf:
         used for float64, which a float list would round to float32, and for raw images).
       codec: for images, how they are compressed.
       doc: a description kept in ``features.json``.
+      bounds: what the declared space allows (:class:`Bounds`), for tensors; not part of the
+        feature (two leaves that differ only in bounds are equal).
     """
 
     kind: Literal["tensor", "image", "text"]
@@ -73,6 +122,7 @@ class Leaf:
     encoding: Literal["none", "bytes", "zlib"] = "none"
     codec: ImageCodec | None = None
     doc: str = ""
+    bounds: Bounds | None = dataclasses.field(default=None, compare=False)
 
     @property
     def is_float(self) -> bool:
@@ -223,18 +273,26 @@ def _space_to_spec(space, path, image_codec, image_codecs) -> Spec:
                 raise UnsupportedSpaceError(
                     f"{path}: a codec was given but the space is {space}, not a uint8 (H, W, C) image")
             return image(shape, codec if codec is not None else image_codec)
-        return tensor(shape, dtype)
+        return with_bounds(tensor(shape, dtype), space.low, space.high)
     if isinstance(space, spaces.Discrete):
-        return tensor((), space.dtype)
+        return with_bounds(tensor((), space.dtype), space.start, space.start + space.n - 1)
     if isinstance(space, spaces.MultiDiscrete):
-        return tensor(tuple(space.nvec.shape), space.dtype)
+        return with_bounds(tensor(tuple(space.nvec.shape), space.dtype), space.start,
+                        space.start + space.nvec - 1)
     if isinstance(space, spaces.MultiBinary):
-        return tensor(tuple(space.shape), space.dtype)
+        return with_bounds(tensor(tuple(space.shape), space.dtype), 0, 1)
     if isinstance(space, spaces.Text):
         return text()
     raise UnsupportedSpaceError(
         f"{path or '<root>'}: gymnasium space {space!r} has no RLDS feature; supported are Box, "
         "Discrete, MultiDiscrete, MultiBinary, Text, Dict and Tuple")
+
+
+def with_bounds(leaf: Leaf, low: Any, high: Any) -> Leaf:
+    """``leaf`` with the :func:`bounds` ``[low, high]`` (unchanged where they allow every
+    value)."""
+    b = bounds(low, high, leaf.shape, leaf.dtype)
+    return dataclasses.replace(leaf, bounds=b) if b is not None else leaf
 
 
 def get_gym_space(sample: Any, *, _path: str = "") -> gym.Space:
@@ -454,20 +512,25 @@ def diff_features(a: Mapping, b: Mapping, path: str = "") -> list[str]:
 Checker = Callable[[Any, list], None]
 
 
-def compile_checker(spec: Spec, path: str = "", *, strict_finite: bool = False) -> Checker:
+def compile_checker(spec: Spec, path: str = "", *, strict_finite: bool = False,
+                    strict_bounds: bool = False) -> Checker:
     """Compiles ``spec`` into ``check(value, out)``, which appends one validated, independent
     copy per leaf to ``out`` (in :func:`iter_leaves` order) or raises :class:`SpecError`.
 
     Text values come out as ``bytes``; tensors and images as numpy arrays (scalars may come out
-    as Python ``float``/``int``/``bool`` of the right kind, which stack exactly)."""
+    as Python ``float``/``int``/``bool`` of the right kind, which stack exactly). With
+    ``strict_bounds``, a value outside its leaf's :class:`Bounds` raises
+    :class:`OutOfBoundsError`."""
     if isinstance(spec, Leaf):
-        leaf_check = leaf_checker(spec, path, strict_finite=strict_finite)
+        leaf_check = leaf_checker(spec, path, strict_finite=strict_finite,
+                                  strict_bounds=strict_bounds)
 
         def check_leaf(value, out, _f=leaf_check):
             out.append(_f(value))
 
         return check_leaf
-    subs = [(k, compile_checker(v, join(path, k), strict_finite=strict_finite))
+    subs = [(k, compile_checker(v, join(path, k), strict_finite=strict_finite,
+                                strict_bounds=strict_bounds))
             for k, v in spec.fields.items()]
     if spec.kind == "tuple":
         n = len(subs)
@@ -517,7 +580,8 @@ def _describe_value(value: Any) -> str:
     return f"{type(value).__name__} {value!r}"[:120]
 
 
-def leaf_checker(leaf: Leaf, path: str, *, strict_finite: bool = False) -> Callable[[Any], Any]:
+def leaf_checker(leaf: Leaf, path: str, *, strict_finite: bool = False,
+                 strict_bounds: bool = False) -> Callable[[Any], Any]:
     """``check(value) -> stored value`` for one leaf (see :func:`compile_checker`): bytes for
     text; for images the validated array itself, which the caller must hand to the encoder
     (which copies it) before returning to user code; an independent array or scalar otherwise."""
@@ -551,6 +615,7 @@ def leaf_checker(leaf: Leaf, path: str, *, strict_finite: bool = False) -> Calla
         return check_image
 
     check_finite = strict_finite and dtype.kind == "f"
+    in_bounds = leaf.bounds if strict_bounds else None
     # Python scalars that convert exactly, without numpy, on the hot path.
     py_fast: tuple[type, ...] = ()
     if shape == ():
@@ -566,12 +631,16 @@ def leaf_checker(leaf: Leaf, path: str, *, strict_finite: bool = False) -> Calla
         elif py_fast and value.__class__ in py_fast:
             if check_finite and not np.isfinite(value):
                 raise NonFiniteError(path, "a finite value", repr(value))
+            if in_bounds is not None:
+                in_bounds.check(value, path)
             return value
         else:
             arr = convert_exact(value, leaf, path)
         if check_finite and not np.isfinite(arr).all():
             bad = np.argwhere(~np.isfinite(arr))[0].tolist()
             raise NonFiniteError(path, "finite values", f"{arr[tuple(bad)]} at index {bad}")
+        if in_bounds is not None:
+            in_bounds.check(arr, path)
         return arr
 
     return check_array

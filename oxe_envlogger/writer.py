@@ -112,6 +112,13 @@ class Schema:
         self.stat_keys = stats.stat_keys(self.step_leaves)
         self.stat_shapes = {k: self.step_leaves[self.index[k]][1].shape for k in self.stat_keys}
         self.float_keys = [p for p, leaf in self.step_leaves if leaf.is_float]
+        # (key, column, bounds, rows counted: every step's observation; an action on every
+        # step but the final one, whose action is padding).
+        self.bounded = [(p, self.index[p], leaf.bounds,
+                         slice(None, -1) if p.split("/", 1)[0] == "action" else slice(None))
+                        for p, leaf in self.step_leaves
+                        if leaf.bounds is not None and leaf.kind == "tensor"
+                        and p.split("/", 1)[0] in ("observation", "action")]
 
 
 def payload(leaf: Leaf, values: Sequence[Any]) -> record.Payload:
@@ -194,6 +201,7 @@ class DatasetWriter:
         self.steps_written = 0
         self.bytes_written = 0
         self.nonfinite: dict[str, int] = {}
+        self.out_of_bounds: dict[str, int] = {}  # values outside the declared spaces
         self.session: dict[str, Any] = {"writer_id": self.writer_id, "started": layout.now_iso(),
                                         **(session or {})}
         self._created_dir = not os.path.exists(self.dir.path)
@@ -451,11 +459,15 @@ class DatasetWriter:
         self.episodes_written += 1
         self.steps_written += rows.num_steps
         self.bytes_written += size
-        # Statistics and non-finite counts, from the stacked columns.
+        # Statistics, non-finite and out-of-bounds counts, from the stacked columns.
         for key in schema.float_keys:
             bad = int(np.count_nonzero(~np.isfinite(step_columns[schema.index[key]])))
             if bad:
                 self.nonfinite[key] = self.nonfinite.get(key, 0) + bad
+        for key, i, bounds, counted in schema.bounded:
+            bad = bounds.count_outside(step_columns[i][counted])
+            if bad:
+                self.out_of_bounds[key] = self.out_of_bounds.get(key, 0) + bad
         self._shard_stats.add_episode({k: step_columns[schema.index[k]] for k in schema.stat_keys},
                                       rows.num_steps)
         if (opts.commit_every_s is not None
@@ -494,6 +506,7 @@ class DatasetWriter:
             "shards": list(self.committed_shards),
             "stalls": self.stalls.to_json(),
             "nonfinite_values": dict(self.nonfinite),
+            "out_of_bounds_values": dict(self.out_of_bounds),
             "episodes_split": self.episodes_split,
             "frames_encoded": self.encoder.frames if self.encoder else 0,
             "image_encoders": self.encoder.kind if self.encoder else None,
@@ -510,6 +523,9 @@ class DatasetWriter:
                  len(self.committed_shards), s.count, s.seconds)
         if self.nonfinite:
             log.warning("%s: non-finite values logged: %s", self.dir.path, self.nonfinite)
+        if self.out_of_bounds:
+            log.warning("%s: values outside the declared spaces logged (strict_bounds=True "
+                        "refuses them): %s", self.dir.path, self.out_of_bounds)
 
 
 def _writer_files(directory: str) -> list[str]:

@@ -362,3 +362,138 @@ def test_metadata_none_and_lists_of_strings_name_a_workaround(dataset_dir):
     env.close()
     steps = read_tfds(dataset_dir)[0]["steps"]
     assert list(steps["names"]["0"]) == [b"cup"] * 2 and list(steps["names"]["1"]) == [b"plate"] * 2
+
+
+class OutOfSpaceEnv(RecordingEnv):
+    """Observation "state" (Box(-1, 1, (3,))) at [2, 0, -3] at step 2 of episode 0."""
+
+    def step(self, action):
+        obs, *rest = super().step(action)
+        if self._episode == 0 and self._t == 2:
+            obs = {**obs, "state": np.array([2, 0, -3], np.float32)}
+            self.episodes[-1]["obs"][-1] = obs
+        return (obs, *rest)
+
+
+def test_out_of_bounds_counted_by_default_and_raised_when_strict(dataset_dir, caplog):
+    from oxe_envlogger import OutOfBoundsError, inspection
+
+    act = spaces.Discrete(3, start=1)  # the final step's zero action lies outside: not counted
+    env = OXEEnvLogger(OutOfSpaceEnv(OBS, act, episode_len=3), "bounds", dataset_dir)
+    env.reset(seed=0)
+    env.step(np.int64(7))
+    env.step(np.int64(2))
+    env.step(np.int64(3))
+    with caplog.at_level("WARNING", logger="oxe_envlogger.writer"):
+        env.close()
+    steps = read_tfds(dataset_dir)[0]["steps"]
+    assert steps["action"].tolist() == [7, 2, 3, 0]  # logged as given
+    np.testing.assert_array_equal(steps["observation"]["state"][2], [2, 0, -3])
+    counts = {"observation/state": 2, "action": 1}
+    meta = json.load(open(os.path.join(dataset_dir, "oxe_envlogger.json")))
+    assert meta["sessions"][0]["out_of_bounds_values"] == counts
+    assert "values outside the declared spaces logged" in caplog.text and "'action': 1" in caplog.text
+    summary = inspection.summarize(dataset_dir)
+    assert summary["provenance"]["out_of_bounds_values"] == counts
+    assert "values outside the declared spaces logged" in inspection.format_summary(summary)
+
+    # Bounds are not part of the feature: a wider space appends to the same dataset.
+    features = open(os.path.join(dataset_dir, "features.json")).read()
+    wide = spaces.Dict({"state": spaces.Box(-5, 5, (3,), np.float32), "cam": OBS["cam"]})
+    env = OXEEnvLogger(RecordingEnv(wide, spaces.Discrete(9)), "bounds", dataset_dir)
+    run_episodes(env, 1)
+    env.close()
+    assert open(os.path.join(dataset_dir, "features.json")).read() == features
+    assert len(read_tfds(dataset_dir)) == 2
+    assert inspection.summarize(dataset_dir)["provenance"]["out_of_bounds_values"] == counts
+
+    inner = OutOfSpaceEnv(OBS, act, episode_len=3)
+    strict = OXEEnvLogger(inner, "bounds", dataset_dir + "_strict", strict_bounds=True)
+    strict.reset(seed=0)
+    with pytest.raises(OutOfBoundsError, match=r"^action: expected a value in \[1, 3\], given "
+                                               r"np.int64\(7\) \(the declared space's bounds"):
+        strict.step(np.int64(7))
+    assert inner._t == 0  # the env never saw the action
+    strict.step(np.int64(2))
+    with pytest.raises(OutOfBoundsError, match=r"^observation/state: expected a value in "
+                                               r"\[-1.0, 1.0\], given np.float32\(2.0\) at "
+                                               r"index \[0\]") as info:
+        strict.step(np.int64(2))
+    assert isinstance(info.value, SpecError) and info.value.path == "observation/state"
+    strict.close()
+    assert len(read_tfds(dataset_dir + "_strict")[0]["steps"]["is_first"]) == 2
+
+
+class _DmWalk:
+    """A dm_env env whose action spec is DiscreteArray(3) (a BoundedArray: bounds [0, 2])."""
+
+    def __new__(cls):
+        import dm_env
+        from dm_env import specs as dm_specs
+
+        class Walk(dm_env.Environment):
+            def reset(self):
+                self.t = 0
+                return dm_env.restart(np.zeros(2, np.float32))
+
+            def step(self, action):
+                self.t += 1
+                obs = np.full(2, self.t, np.float32)
+                return dm_env.truncation(0.0, obs) if self.t == 2 else dm_env.transition(0.0, obs)
+
+            def observation_spec(self):
+                return dm_specs.BoundedArray((2,), np.float32, -1, 1)
+
+            def action_spec(self):
+                return dm_specs.DiscreteArray(3)
+
+        return Walk()
+
+
+@pytest.mark.parametrize("front", ["oxe", "auto", "rlds", "vector", "dm", "backend"])
+@pytest.mark.parametrize("strict", [False, True])
+def test_every_front_counts_or_refuses_values_outside_the_space(dataset_dir, front, strict):
+    """Action 7 for Discrete(3) (DiscreteArray(3) on the dm_env fronts): counted, or refused
+    with strict_bounds=True before the env steps."""
+    from oxe_envlogger import DmEnvLogger, OutOfBoundsError, RLDSBackendWriter, VectorOXEEnvLogger
+
+    box = spaces.Box(-1, 1, (2,), np.float32)
+    act = spaces.Discrete(3)
+    kw = {"strict_bounds": strict}
+    if front in ("oxe", "auto", "vector"):
+        inner = RecordingEnv(box, act, episode_len=2)
+        if front == "vector":
+            logger = VectorOXEEnvLogger(gym.vector.SyncVectorEnv([lambda: inner]), "b", dataset_dir,
+                                        **kw)
+            logger.reset(seed=0)
+            log_bad = lambda: logger.step(np.array([7]))  # noqa: E731
+        else:
+            logger = (OXEEnvLogger if front == "oxe" else AutoOXEEnvLogger)(inner, "b", dataset_dir,
+                                                                            **kw)
+            logger.reset(seed=0)
+            log_bad = lambda: logger.step(7)  # noqa: E731
+    elif front == "rlds":
+        logger = RLDSLogger(box, act, "b", dataset_dir, **kw)
+        logger(None, np.zeros(2, np.float32), 0.0, step_type=RLDSStepType.RESTART)
+        log_bad = lambda: logger(7, np.zeros(2, np.float32), 0.0)  # noqa: E731
+    elif front == "dm":
+        logger = DmEnvLogger(_DmWalk(), "b", dataset_dir, **kw)
+        logger.reset()
+        log_bad = lambda: logger.step(np.int64(7))  # noqa: E731
+    else:
+        walk = _DmWalk()
+        logger = RLDSBackendWriter(dataset_dir, "b", observation_info=walk.observation_spec(),
+                                   action_info=walk.action_spec(), **kw)
+        rec = logger._recorder
+        rec.begin(np.zeros(2, np.float32))
+        log_bad = lambda: rec.step(rec.check_action(np.int64(7)), 0.0,  # noqa: E731
+                                   np.zeros(2, np.float32), terminated=False, truncated=True)
+    if strict:
+        with pytest.raises(OutOfBoundsError, match=r"^action: expected a value in \[0, 2\]"):
+            log_bad()
+        logger.close()
+        return
+    log_bad()
+    logger.close()
+    meta = json.load(open(os.path.join(dataset_dir, "oxe_envlogger.json")))
+    assert meta["sessions"][0]["out_of_bounds_values"] == {"action": 1}
