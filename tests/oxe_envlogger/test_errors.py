@@ -424,30 +424,28 @@ def test_out_of_bounds_counted_by_default_and_raised_when_strict(dataset_dir, ca
     assert len(read_tfds(dataset_dir + "_strict")[0]["steps"]["is_first"]) == 2
 
 
-class _DmWalk:
+def _dm_walk():
     """A dm_env env whose action spec is DiscreteArray(3) (a BoundedArray: bounds [0, 2])."""
+    import dm_env
+    from dm_env import specs as dm_specs
 
-    def __new__(cls):
-        import dm_env
-        from dm_env import specs as dm_specs
+    class Walk(dm_env.Environment):
+        def reset(self):
+            self.t = 0
+            return dm_env.restart(np.zeros(2, np.float32))
 
-        class Walk(dm_env.Environment):
-            def reset(self):
-                self.t = 0
-                return dm_env.restart(np.zeros(2, np.float32))
+        def step(self, action):
+            self.t += 1
+            obs = np.full(2, self.t, np.float32)
+            return dm_env.truncation(0.0, obs) if self.t == 2 else dm_env.transition(0.0, obs)
 
-            def step(self, action):
-                self.t += 1
-                obs = np.full(2, self.t, np.float32)
-                return dm_env.truncation(0.0, obs) if self.t == 2 else dm_env.transition(0.0, obs)
+        def observation_spec(self):
+            return dm_specs.BoundedArray((2,), np.float32, -1, 1)
 
-            def observation_spec(self):
-                return dm_specs.BoundedArray((2,), np.float32, -1, 1)
+        def action_spec(self):
+            return dm_specs.DiscreteArray(3)
 
-            def action_spec(self):
-                return dm_specs.DiscreteArray(3)
-
-        return Walk()
+    return Walk()
 
 
 @pytest.mark.parametrize("front", ["oxe", "auto", "rlds", "vector", "dm", "backend"])
@@ -477,11 +475,11 @@ def test_every_front_counts_or_refuses_values_outside_the_space(dataset_dir, fro
         logger(None, np.zeros(2, np.float32), 0.0, step_type=RLDSStepType.RESTART)
         log_bad = lambda: logger(7, np.zeros(2, np.float32), 0.0)  # noqa: E731
     elif front == "dm":
-        logger = DmEnvLogger(_DmWalk(), "b", dataset_dir, **kw)
+        logger = DmEnvLogger(_dm_walk(), "b", dataset_dir, **kw)
         logger.reset()
         log_bad = lambda: logger.step(np.int64(7))  # noqa: E731
     else:
-        walk = _DmWalk()
+        walk = _dm_walk()
         logger = RLDSBackendWriter(dataset_dir, "b", observation_info=walk.observation_spec(),
                                    action_info=walk.action_spec(), **kw)
         rec = logger._recorder

@@ -65,7 +65,6 @@ def make_foreign(directory: str, episodes: int = 3) -> str:
     import numpy as np
     import tensorflow_datasets as tfds
 
-    os.makedirs(directory, exist_ok=True)
     features = tfds.features.FeaturesDict({
         "steps": tfds.features.Dataset({
             "observation": tfds.features.FeaturesDict({
@@ -82,11 +81,6 @@ def make_foreign(directory: str, episodes: int = 3) -> str:
         }),
         "episode_metadata": tfds.features.FeaturesDict({"file_path": tfds.features.Text()}),
     })
-    info = tfds.core.DatasetInfo(
-        builder=tfds.core.DatasetIdentity(name="foreign", version="1.0.0", data_dir=directory,
-                                          module_name=""), features=features)
-    writer = tfds.core.SequentialWriter(info, max_examples_per_shard=2, overwrite=True)
-    writer.initialize_splits(["train"])
     rng = np.random.default_rng(0)
     out = []
     for e in range(episodes):
@@ -101,7 +95,20 @@ def make_foreign(directory: str, episodes: int = 3) -> str:
                   "is_first": t == 0, "is_last": t == n - 1, "is_terminal": t == n - 1,
                   "language_instruction": f"task {e % 2}"} for t in range(n)]
         out.append({"steps": steps, "episode_metadata": {"file_path": f"ep{e}"}})
-    writer.add_examples({"train": out})
+    return _write_with_tfds(directory, "foreign", features, out)
+
+
+def _write_with_tfds(directory: str, name: str, features, episodes: list) -> str:
+    """Writes ``episodes`` into ``directory`` with TFDS's own writer (2 episodes a shard)."""
+    import tensorflow_datasets as tfds
+
+    os.makedirs(directory, exist_ok=True)
+    info = tfds.core.DatasetInfo(
+        builder=tfds.core.DatasetIdentity(name=name, version="1.0.0", data_dir=directory,
+                                          module_name=""), features=features)
+    writer = tfds.core.SequentialWriter(info, max_examples_per_shard=2, overwrite=True)
+    writer.initialize_splits(["train"])
+    writer.add_examples({"train": episodes})
     writer.close_all()
     return directory
 
@@ -114,7 +121,6 @@ def make_slash_keys(directory: str, episodes: int = 2) -> str:
     import numpy as np
     import tensorflow_datasets as tfds
 
-    os.makedirs(directory, exist_ok=True)
     features = tfds.features.FeaturesDict({
         "steps": tfds.features.Dataset({
             "observation": tfds.features.FeaturesDict({
@@ -129,12 +135,6 @@ def make_slash_keys(directory: str, episodes: int = 2) -> str:
         }),
         "meta/operator": tfds.features.Text(),
     })
-    info = tfds.core.DatasetInfo(
-        builder=tfds.core.DatasetIdentity(name="slash_keys", version="1.0.0",
-                                          data_dir=directory, module_name=""),
-        features=features)
-    writer = tfds.core.SequentialWriter(info, max_examples_per_shard=2, overwrite=True)
-    writer.initialize_splits(["train"])
     rng = np.random.default_rng(0)
     out = []
     for e in range(episodes):
@@ -145,6 +145,4 @@ def make_slash_keys(directory: str, episodes: int = 2) -> str:
                   "is_first": t == 0, "is_last": t == n - 1, "is_terminal": False}
                  for t in range(n)]
         out.append({"steps": steps, "meta/operator": f"op{e}"})
-    writer.add_examples({"train": out})
-    writer.close_all()
-    return directory
+    return _write_with_tfds(directory, "slash_keys", features, out)
