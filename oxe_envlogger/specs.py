@@ -278,7 +278,7 @@ def _space_to_spec(space, path, image_codec, image_codecs) -> Spec:
         return with_bounds(tensor((), space.dtype), space.start, space.start + space.n - 1)
     if isinstance(space, spaces.MultiDiscrete):
         return with_bounds(tensor(tuple(space.nvec.shape), space.dtype), space.start,
-                        space.start + space.nvec - 1)
+                           space.start + space.nvec - 1)
     if isinstance(space, spaces.MultiBinary):
         return with_bounds(tensor(tuple(space.shape), space.dtype), 0, 1)
     if isinstance(space, spaces.Text):
@@ -340,7 +340,7 @@ def get_gym_space(sample: Any, *, _path: str = "") -> gym.Space:
                 f"{where}: cannot make a space from {type(sample).__name__}: {e}") from e
     if arr.dtype.kind not in "biuf":
         hint = ""
-        if arr.dtype.kind in "USO" and isinstance(sample, (list, np.ndarray)):
+        if arr.dtype.kind in "US":
             hint = ("; for strings log a tuple of str (stored as keys '0', '1', ..., always as "
                     "many) or one str (e.g. json.dumps of the list)")
         raise UnsupportedSpaceError(
