@@ -14,9 +14,9 @@ __version__ = "0.2.0"
 # processes, which import only ``oxe_envlogger.codecs``) stay light: gymnasium alone takes
 # a quarter second, the dm_env/envlogger front as much again.
 _ERRORS = ("CorruptDatasetError", "DatasetExistsError", "FeatureMismatchError",
-           "LoggerClosedError", "NonFiniteError", "OXEEnvLoggerError", "RecordTooLargeError",
-           "SpecError", "StepOrderError", "UnknownKeyError", "UnsupportedSpaceError",
-           "WriterError")
+           "LoggerClosedError", "NonFiniteError", "OXEEnvLoggerError", "OutOfBoundsError",
+           "RecordTooLargeError", "SpecError", "StepOrderError", "UnknownKeyError",
+           "UnsupportedSpaceError", "WriterError")
 _WHERE = {
     "AutoOXEEnvLogger": "envlogger",
     "OXEEnvLogger": "envlogger",
@@ -43,6 +43,7 @@ if TYPE_CHECKING:
         FeatureMismatchError,
         LoggerClosedError,
         NonFiniteError,
+        OutOfBoundsError,
         OXEEnvLoggerError,
         RecordTooLargeError,
         SpecError,
@@ -83,6 +84,7 @@ __all__ = [
     "NonFiniteError",
     "OXEEnvLogger",
     "OXEEnvLoggerError",
+    "OutOfBoundsError",
     "RLDSBackendWriter",
     "RLDSLogger",
     "RLDSStepType",

@@ -55,7 +55,10 @@ def dm_spec_to_spec(spec: Any, *, path: str = "", image_codec: str | ImageCodec 
         codec = image_codecs.get(path)
         if codec is not None or specs.is_image_shape(shape, dtype):
             return specs.image(shape, codec or image_codec)
-        return specs.tensor(shape, dtype)
+        leaf = specs.tensor(shape, dtype)
+        if isinstance(spec, dm_specs.BoundedArray):  # (DiscreteArray too)
+            return specs.with_bounds(leaf, spec.minimum, spec.maximum)
+        return leaf
     raise UnsupportedSpaceError(f"{path or '<root>'}: dm_env spec {spec!r} is not supported")
 
 
@@ -93,7 +96,8 @@ class DmEnvLogger(dm_env.Environment, LoggerMixin):
                  version: str = layout.DEFAULT_VERSION, max_episodes_per_file: int | None = None,
                  shard_bytes: int | None = None, image_codec: str | ImageCodec = "png",
                  image_codecs: Mapping[str, str | ImageCodec] | None = None,
-                 strict_finite: bool = False, incomplete: str = "keep", overwrite: bool = False,
+                 strict_finite: bool = False, strict_bounds: bool = False,
+                 incomplete: str = "keep", overwrite: bool = False,
                  fsync: bool | None = None, writer_options: WriterOptions | None = None,
                  handle_signals: bool = True):
         self._env = env
@@ -109,7 +113,8 @@ class DmEnvLogger(dm_env.Environment, LoggerMixin):
             discount_dtype=_discount_dtype(env),
             step_metadata=step_metadata_info, episode_metadata=episode_metadata_info,
             language=language_instruction, image_codec=image_codec, image_codecs=codecs,
-            docs=doc_field, strict_finite=strict_finite, incomplete=incomplete,
+            docs=doc_field, strict_finite=strict_finite, strict_bounds=strict_bounds,
+            incomplete=incomplete,
             options=_writer_options(writer_options, shard_bytes, max_episodes_per_file, fsync),
             overwrite=overwrite, session=provenance.session_info(env, {"front": "DmEnvLogger"}),
             description="RLDS episodes of a dm_env environment logged by oxe_envlogger.",
@@ -183,7 +188,8 @@ class RLDSBackendWriter(_BackendBase, LoggerMixin):
                  step_metadata_info: MetadataInfo | None = None,
                  episode_metadata_info: MetadataInfo | None = None,
                  max_episodes_per_file: int | None = None, shard_bytes: int | None = None,
-                 image_codec: str | ImageCodec = "png", incomplete: str = "keep",
+                 image_codec: str | ImageCodec = "png", strict_finite: bool = False,
+                 strict_bounds: bool = False, incomplete: str = "keep",
                  overwrite: bool = False, writer_options: WriterOptions | None = None,
                  scheduler: Any = None, metadata: dict[str, Any] | None = None,
                  handle_signals: bool = True):
@@ -200,7 +206,7 @@ class RLDSBackendWriter(_BackendBase, LoggerMixin):
             action=declared(action_info, "action"), reward_dtype=reward_dtype,
             discount_dtype=discount_dtype, step_metadata=step_metadata_info,
             episode_metadata=episode_metadata_info, image_codec=image_codec,
-            incomplete=incomplete,
+            strict_finite=strict_finite, strict_bounds=strict_bounds, incomplete=incomplete,
             options=_writer_options(writer_options, shard_bytes, max_episodes_per_file, None),
             overwrite=overwrite,
             session=provenance.session_info(None, {"front": "RLDSBackendWriter",

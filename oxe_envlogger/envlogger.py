@@ -110,7 +110,8 @@ class _GymLogger(gym.Wrapper, LoggerMixin):
                  language: bool | None, doc_field: DocField | None, version: str,
                  max_episodes_per_file: int | None, shard_bytes: int | None,
                  image_codec: str | ImageCodec, image_codecs: Mapping[str, str | ImageCodec] | None,
-                 reward_dtype: Any, strict_finite: bool, incomplete: str, overwrite: bool,
+                 reward_dtype: Any, strict_finite: bool, strict_bounds: bool, incomplete: str,
+                 overwrite: bool,
                  fsync: bool | None, writer_options: WriterOptions | None, description: str,
                  handle_signals: bool):
         super().__init__(env)
@@ -121,7 +122,7 @@ class _GymLogger(gym.Wrapper, LoggerMixin):
             reward_dtype=reward_dtype, step_metadata=step_metadata,
             episode_metadata=episode_metadata, language=language,
             image_codec=image_codec, image_codecs=image_codecs, docs=doc_field,
-            strict_finite=strict_finite, incomplete=incomplete,
+            strict_finite=strict_finite, strict_bounds=strict_bounds, incomplete=incomplete,
             options=_writer_options(writer_options, shard_bytes, max_episodes_per_file, fsync),
             overwrite=overwrite, session=provenance.session_info(env, {"reset_seeds": self._seeds}),
             description=description or f"RLDS episodes of {provenance.env_info(env).get('id', 'an environment')} logged by oxe_envlogger.",
@@ -171,6 +172,9 @@ class OXEEnvLogger(_GymLogger):
       image_codecs: per key path codecs, e.g. ``{"observation/wrist": "jpeg"}``.
       reward_dtype: dtype of ``reward`` (float64 keeps Python floats exact).
       strict_finite: raise on NaN/Inf in float values instead of counting them.
+      strict_bounds: raise :class:`OutOfBoundsError` on an observation or action outside its
+        space (a Box's bounds, a Discrete's range) instead of counting it (counts are reported
+        at close and kept in ``oxe_envlogger.json``; gymnasium's own bounds are often loose).
       incomplete: ``"keep"`` (default) writes an episode cut short by ``close()``, an exception
         or a signal as truncated with ``invalid=True``; ``"drop"`` discards it.
       overwrite: replace an existing dataset in ``directory``.
@@ -189,6 +193,7 @@ class OXEEnvLogger(_GymLogger):
                  image_codec: str | ImageCodec = "png",
                  image_codecs: Mapping[str, str | ImageCodec] | None = None,
                  reward_dtype: Any = np.float64, strict_finite: bool = False,
+                 strict_bounds: bool = False,
                  incomplete: str = "keep", overwrite: bool = False, fsync: bool | None = None,
                  writer_options: WriterOptions | None = None, description: str = "",
                  handle_signals: bool = True):
@@ -197,7 +202,8 @@ class OXEEnvLogger(_GymLogger):
             episode_metadata=episode_metadata_info or {}, language=language_instruction,
             doc_field=doc_field, version=version, max_episodes_per_file=max_episodes_per_file,
             shard_bytes=shard_bytes, image_codec=image_codec, image_codecs=image_codecs,
-            reward_dtype=reward_dtype, strict_finite=strict_finite, incomplete=incomplete,
+            reward_dtype=reward_dtype, strict_finite=strict_finite,
+            strict_bounds=strict_bounds, incomplete=incomplete,
             overwrite=overwrite, fsync=fsync, writer_options=writer_options,
             description=description, handle_signals=handle_signals)
 
@@ -207,16 +213,24 @@ class AutoOXEEnvLogger(_GymLogger):
 
     Observation and action features come from the env's spaces (each value is checked against
     them). Step and episode metadata features, and whether there is a language instruction, are
-    inferred from the values given (``set_step_metadata`` ...) during the first episode. Nothing
-    is replayed or held back: the first episode is written like every other one.
+    inferred from the values given (``set_step_metadata`` ...) during the first episode, unless
+    declared. Nothing is replayed or held back: the first episode is written like every other
+    one, and it fixes the dataset's features: a metadata key first set later, or a language
+    instruction first given later, is an error. Declare those up front when the first episode
+    may not show them.
 
     Args:
       env: the environment.
       dataset_name: TFDS dataset name.
       directory: dataset directory (default ``./logs/<dataset_name>``).
       optimal_shard_size: shard size in MB (the original's option; same as ``shard_bytes``).
-      **kwargs: the keyword options of :class:`OXEEnvLogger`, and ``step_metadata_info``,
-        ``episode_metadata_info`` or ``language_instruction`` to declare those parts.
+      step_metadata_info: ``{key: declaration}`` of every step metadata key (as for
+        :class:`OXEEnvLogger`, e.g. ``{"speed": float, "grasp": gym.spaces.Discrete(2)}``);
+        None (default) infers them from the first episode.
+      episode_metadata_info: the same for episode metadata.
+      language_instruction: True or False to declare whether steps carry
+        ``language_instruction``; None (default) infers it from the first episode.
+      **options: the other keyword options of :class:`OXEEnvLogger`, with the same meaning.
     """
 
     def __init__(self, env: gym.Env, dataset_name: str, directory: str | os.PathLike | None = None,
@@ -229,6 +243,7 @@ class AutoOXEEnvLogger(_GymLogger):
                  image_codec: str | ImageCodec = "png",
                  image_codecs: Mapping[str, str | ImageCodec] | None = None,
                  reward_dtype: Any = np.float64, strict_finite: bool = False,
+                 strict_bounds: bool = False,
                  incomplete: str = "keep", overwrite: bool = False, fsync: bool | None = None,
                  writer_options: WriterOptions | None = None, description: str = "",
                  handle_signals: bool = True):
@@ -241,7 +256,8 @@ class AutoOXEEnvLogger(_GymLogger):
             episode_metadata=episode_metadata_info, language=language_instruction,
             doc_field=doc_field, version=version, max_episodes_per_file=max_episodes_per_file,
             shard_bytes=shard_bytes, image_codec=image_codec, image_codecs=image_codecs,
-            reward_dtype=reward_dtype, strict_finite=strict_finite, incomplete=incomplete,
+            reward_dtype=reward_dtype, strict_finite=strict_finite,
+            strict_bounds=strict_bounds, incomplete=incomplete,
             overwrite=overwrite, fsync=fsync, writer_options=writer_options,
             description=description, handle_signals=handle_signals)
 

@@ -34,6 +34,11 @@ class NonFiniteError(SpecError):
     """A float value holds NaN or Inf and the logger was created with ``strict_finite=True``."""
 
 
+class OutOfBoundsError(SpecError):
+    """A value lies outside its declared space (a Box's bounds, a Discrete's range) and the
+    logger was created with ``strict_bounds=True``."""
+
+
 class UnsupportedSpaceError(OXEEnvLoggerError, TypeError):
     """A gymnasium space (or a sample) has no RLDS feature."""
 

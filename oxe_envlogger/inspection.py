@@ -73,6 +73,14 @@ def _all_sessions(meta: dict) -> list[dict]:
     return out
 
 
+def _summed(sessions: list[dict], field: str) -> dict[str, int]:
+    """Per-key counts (``{key: count}`` in each session) summed over the sessions."""
+    out: collections.Counter = collections.Counter()
+    for s in sessions:
+        out.update(s.get(field) or {})
+    return dict(out)
+
+
 def _provenance(meta: dict, info: dict) -> dict[str, Any]:
     sessions = _all_sessions(meta)
     envs = collections.Counter()
@@ -99,8 +107,8 @@ def _provenance(meta: dict, info: dict) -> dict[str, Any]:
         "ended": dict(collections.Counter(s.get("ended", "open") for s in sessions)),
         "stalls_seconds": round(sum((s.get("stalls") or {}).get("seconds", 0.0)
                                     for s in sessions), 3),
-        "nonfinite_values": {k: v for s in sessions
-                             for k, v in (s.get("nonfinite_values") or {}).items()},
+        "nonfinite_values": _summed(sessions, "nonfinite_values"),
+        "out_of_bounds_values": _summed(sessions, "out_of_bounds_values"),
     }
     if meta.get("resharded_from"):
         out["resharded_from"] = [s.get("directory") for s in meta["resharded_from"]]
@@ -409,6 +417,9 @@ def format_summary(summary: dict[str, Any]) -> str:
             lines.append(f"    resharded from: {prov['resharded_from']}")
         if prov.get("nonfinite_values"):
             lines.append(f"    non-finite values logged: {prov['nonfinite_values']}")
+        if prov.get("out_of_bounds_values"):
+            lines.append(f"    values outside the declared spaces logged: "
+                         f"{prov['out_of_bounds_values']}")
     if summary.get("statistics"):
         current = "current" if summary.get("statistics_current") else "NOT current"
         lines.append(f"  statistics ({current}; every step but the last of each episode):")

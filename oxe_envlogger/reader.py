@@ -7,6 +7,7 @@ byte-level resharder) and users who want numpy episodes quickly.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import zlib
 from collections.abc import Collection, Iterator, Mapping
@@ -16,43 +17,96 @@ import numpy as np
 
 from oxe_envlogger import codecs, layout, record
 from oxe_envlogger.errors import CorruptDatasetError
-from oxe_envlogger.specs import Group, Leaf, iter_leaves, spec_from_features_json
+from oxe_envlogger.specs import Group, Leaf, iter_leaf_keys, spec_from_features_json
 
 PathLike = str | os.PathLike
+Keys = tuple[str, ...]
 
 
 def read_spec(directory: PathLike) -> Group:
-    """The episode spec of a dataset directory, from its ``features.json``."""
+    """The episode spec of a dataset directory, from its ``features.json``.
+
+    Raises:
+      FileNotFoundError: without ``features.json``.
+      CorruptDatasetError: when two features are stored under the same name (a key holding
+        ``/`` that collides with a nested key; tfds cannot read such a dataset either).
+    """
     data = layout.read_json(os.path.join(directory, layout.FEATURES))
     if data is None:
         raise FileNotFoundError(f"{directory}: no {layout.FEATURES}; not a dataset directory")
     spec = spec_from_features_json(data)
     assert isinstance(spec, Group)
+    seen: dict[str, Keys] = {}
+    for keys, _ in iter_leaf_keys(spec):
+        name = "/".join(keys)
+        if name in seen:
+            raise CorruptDatasetError(
+                f"{directory}: {layout.FEATURES} stores two features as {name!r} (keys "
+                f"{list(seen[name])} and {list(keys)}): no reader can tell them apart")
+        seen[name] = keys
     return spec
+
+
+def _step_leaf_keys(spec: Group) -> list[tuple[Keys, Leaf]]:
+    steps = spec.fields.get("steps")
+    return list(iter_leaf_keys(steps)) if isinstance(steps, Group) else []
+
+
+def _episode_leaf_keys(spec: Group) -> list[tuple[Keys, Leaf]]:
+    return [(keys, leaf) for keys, leaf in iter_leaf_keys(spec) if keys[0] != "steps"]
 
 
 def step_leaves(spec: Group) -> list[tuple[str, Leaf]]:
     """``(path relative to a step, leaf)`` for every leaf inside ``steps``."""
-    steps = spec.fields.get("steps")
-    if not isinstance(steps, Group):
-        return []
-    return list(iter_leaves(steps))
+    return [("/".join(keys), leaf) for keys, leaf in _step_leaf_keys(spec)]
 
 
 def episode_leaves(spec: Group) -> list[tuple[str, Leaf]]:
     """Episode-level leaves (everything outside ``steps``)."""
-    return [(p, leaf) for p, leaf in iter_leaves(spec) if not p.startswith("steps/")]
+    return [("/".join(keys), leaf) for keys, leaf in _episode_leaf_keys(spec)]
+
+
+def _split(node: Any, path: str, children) -> Keys:
+    """The keys that lead from ``node`` to ``path`` (``children(node)`` gives a node's
+    children, or None for a leaf): ``path.split("/")`` unless a key itself holds ``/``. In a
+    dataset tfds can read no two splits name different leaves, so the first one found is it."""
+    kids = children(node)
+    if kids is None:
+        raise KeyError(path)
+    if path in kids:
+        return (path,)
+    i = path.find("/")
+    while i != -1:
+        head = path[:i]
+        if head in kids:
+            with contextlib.suppress(KeyError):
+                return (head, *_split(kids[head], path[i + 1:], children))
+        i = path.find("/", i + 1)
+    raise KeyError(path)
+
+
+def split_path(spec: Group, path: str) -> Keys:
+    """The keys of ``path`` (names joined with ``/``, as in ``features.json``) in ``spec``.
+
+    Raises:
+      KeyError: when ``spec`` has no such path.
+    """
+    return _split(spec, path, lambda n: n.fields if isinstance(n, Group) else None)
 
 
 def get_path(tree: Mapping[str, Any], path: str) -> Any:
+    """The value at ``path`` (keys joined with ``/``) of a nested dict, such as an episode
+    from :func:`decode_episode`; a key holding ``/`` is found too."""
     node: Any = tree
-    for key in path.split("/"):
+    for key in _split(tree, path, lambda n: n if isinstance(n, Mapping) else None):
         node = node[key]
     return node
 
 
-def set_path(tree: dict, path: str, value: Any) -> None:
-    keys = path.split("/")
+def set_path(tree: dict, path: str | Keys, value: Any) -> None:
+    """Sets ``tree[k0][k1]...`` for the keys ``path`` (a ``/``-joined str is split; give the
+    keys, e.g. from :func:`split_path`, where a key may hold ``/``)."""
+    keys = path.split("/") if isinstance(path, str) else path
     node = tree
     for k in keys[:-1]:
         node = node.setdefault(k, {})
@@ -117,21 +171,24 @@ def decode_episode(data: bytes, spec: Group, *, keys: Collection[str] | None = N
         raise CorruptDatasetError("episode without steps/is_first")
     kind, values = record.decode_feature(first)
     n = len(values)
-    for path, leaf in step_leaves(spec):
+    # Values nest by the keys of features.json, as tfds nests them (never by splitting names).
+    for leaf_keys, leaf in _step_leaf_keys(spec):
+        path = "/".join(leaf_keys)
         if keys is not None and path not in keys and path != "is_first":
             continue
         key = f"steps/{path}"
         if key not in raw:
             raise CorruptDatasetError(f"episode lacks {key}")
         kind, values = record.decode_feature(raw[key])
-        set_path(out["steps"], path, decode_leaf(kind, values, leaf, n, key=key,
-                                                 decode_images=decode_images))
-    for path, leaf in episode_leaves(spec):
+        set_path(out["steps"], leaf_keys, decode_leaf(kind, values, leaf, n, key=key,
+                                                      decode_images=decode_images))
+    for leaf_keys, leaf in _episode_leaf_keys(spec):
+        path = "/".join(leaf_keys)
         if path not in raw:
             raise CorruptDatasetError(f"episode lacks {path}")
         kind, values = record.decode_feature(raw[path])
-        set_path(out, path, decode_leaf(kind, values, leaf, None, key=path,
-                                        decode_images=decode_images))
+        set_path(out, leaf_keys, decode_leaf(kind, values, leaf, None, key=path,
+                                             decode_images=decode_images))
     return out
 
 

@@ -57,7 +57,8 @@ class _Part:
     """One compiled part of a step (observation, action, a metadata key): checks values and
     starts image encoding."""
 
-    def __init__(self, spec: Spec, path: str, writer: DatasetWriter, strict_finite: bool):
+    def __init__(self, spec: Spec, path: str, writer: DatasetWriter, strict_finite: bool,
+                 strict_bounds: bool = False):
         self.spec = spec
         self.path = path
         self.leaves = list(specs.iter_leaves(spec))
@@ -69,13 +70,15 @@ class _Part:
         # the rows an episode holds do not make the collector rescan the heap every few
         # hundred steps (about 2 us per step with a small heap, more with a large one).
         if isinstance(spec, Leaf):  # the common case (a Box): one call
-            leaf_check = specs.leaf_checker(spec, path, strict_finite=strict_finite)
+            leaf_check = specs.leaf_checker(spec, path, strict_finite=strict_finite,
+                                            strict_bounds=strict_bounds)
             if images:
                 self.check = lambda value: [leaf_check(value)]
             else:
                 self.check = lambda value: (leaf_check(value),)
         else:
-            group_check = specs.compile_checker(spec, path, strict_finite=strict_finite)
+            group_check = specs.compile_checker(spec, path, strict_finite=strict_finite,
+                                                strict_bounds=strict_bounds)
 
             def check(value: Any) -> list | tuple:
                 out: list = []
@@ -106,7 +109,36 @@ class _Part:
 
 def _infer_spec(value: Any, path: str, image_codec, image_codecs) -> Spec:
     space = specs.get_gym_space(value, _path=path)
-    return specs.space_to_spec(space, path=path, image_codec=image_codec, image_codecs=image_codecs)
+    spec = specs.space_to_spec(space, path=path, image_codec=image_codec,
+                               image_codecs=image_codecs)
+    specs.check_keys(spec, path)
+    return spec
+
+
+def _declaration_example(value: Any) -> str:
+    """A declaration of ``value``'s feature as a user would write it, for error messages."""
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{k!r}: {_declaration_example(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (str, bytes)):
+        return "str"
+    if isinstance(value, (bool, int, float)):
+        return type(value).__name__
+    try:
+        arr = np.asarray(value)
+    except Exception:
+        return "<a gymnasium space>"
+    if arr.dtype.kind not in "biuf":
+        return "<a gymnasium space>"
+    dtype = f"np.{arr.dtype.name}"
+    if arr.shape == ():
+        return dtype
+    if arr.dtype.kind == "f":
+        low, high = "-np.inf", "np.inf"
+    elif arr.dtype.kind == "b":
+        low, high = "0", "1"
+    else:
+        low, high = np.iinfo(arr.dtype).min, np.iinfo(arr.dtype).max
+    return f"gym.spaces.Box({low}, {high}, {arr.shape}, {dtype})"
 
 
 class EpisodeRecorder:
@@ -125,6 +157,8 @@ class EpisodeRecorder:
       image_codec, image_codecs: see :func:`oxe_envlogger.specs.space_to_spec`.
       docs: ``{key path or leaf name: description}`` kept in ``features.json``.
       strict_finite: raise :class:`NonFiniteError` on NaN/Inf instead of counting them.
+      strict_bounds: raise :class:`OutOfBoundsError` on an observation or action outside its
+        declared space (Box bounds, Discrete range) instead of counting it.
       incomplete: what ``close()`` does with an episode in progress: ``"keep"`` (written,
         truncated, ``invalid=True``) or ``"drop"``.
       options: :class:`WriterOptions`.
@@ -142,7 +176,8 @@ class EpisodeRecorder:
                  image_codec: str | specs.ImageCodec = "png",
                  image_codecs: Mapping[str, str | specs.ImageCodec] | None = None,
                  docs: Mapping[str, str] | None = None,
-                 strict_finite: bool = False, incomplete: str = "keep",
+                 strict_finite: bool = False, strict_bounds: bool = False,
+                 incomplete: str = "keep",
                  options: WriterOptions | None = None, overwrite: bool = False,
                  session: Mapping[str, Any] | None = None,
                  description: str = "", version: str = layout.DEFAULT_VERSION):
@@ -152,6 +187,7 @@ class EpisodeRecorder:
         self._codecs = {self._step_path(k): v for k, v in (image_codecs or {}).items()}
         self._docs = dict(docs or {})
         self._strict = strict_finite
+        self._strict_bounds = strict_bounds
         self._incomplete = incomplete
         self._description = description
         self._version = version
@@ -182,8 +218,13 @@ class EpisodeRecorder:
             existing_episode = {k: v for k, v in ex.fields.items() if k != "steps"}
 
         def declared(decl, path):
-            return None if decl is None else specs.declaration_to_spec(
-                decl, path=path, image_codec=self._codec, image_codecs=self._codecs)
+            if decl is None:
+                return None
+            spec = specs.declaration_to_spec(decl, path=path, image_codec=self._codec,
+                                             image_codecs=self._codecs)
+            if existing is None:  # (a dataset being appended to keeps the keys it has)
+                specs.check_keys(spec, path)
+            return spec
 
         obs_spec = declared(observation, "observation")
         act_spec = declared(action, "action")
@@ -205,7 +246,12 @@ class EpisodeRecorder:
         self._step_meta_frozen = step_metadata is not None
         self._episode_meta_frozen = episode_metadata is not None
         self._language = language
+        # What fixed each part's features, for the errors about keys that came too late.
+        self._fixed_by = {"step": "declared" if step_metadata is not None else None,
+                          "episode": "declared" if episode_metadata is not None else None,
+                          "language": "declared" if language is not None else None}
         if existing is not None:
+            self._fixed_by = dict.fromkeys(self._fixed_by, "existing")
             self._step_meta_frozen = self._episode_meta_frozen = True
             step_metadata = {k: v for k, v in existing_steps.items() if k not in STEP_RESERVED}
             episode_metadata = {k: v for k, v in existing_episode.items() if k not in EPISODE_RESERVED}
@@ -248,7 +294,10 @@ class EpisodeRecorder:
 
     def _part(self, spec: Spec, path: str) -> _Part:
         spec = self._with_docs(spec, path)
-        return _Part(spec, path, self.writer, self._strict)
+        # Bounds are the env's: observations and actions (metadata keys never set hold zeros,
+        # which a space's bounds need not allow).
+        return _Part(spec, path, self.writer, self._strict,
+                     self._strict_bounds and path in ("observation", "action"))
 
     def _with_docs(self, spec: Spec, path: str) -> Spec:
         if not self._docs:
@@ -365,13 +414,28 @@ class EpisodeRecorder:
                 if frozen:
                     raise UnknownKeyError(
                         key, f"one of the {what} metadata keys {sorted(parts)}", repr(key),
-                        "the dataset's features were fixed by its first episode or declaration")
+                        self._too_late_hint(what, f"{what}_metadata_info={{"
+                                            f"{key!r}: {_declaration_example(value)}}}"))
                 self._check_meta_key(key, reserved, what)
                 part = self._part(_infer_spec(value, key, self._codec, self._codecs), key)
             checked[key] = (part, part.check(value))
         for key, (part, _) in checked.items():
             parts[key] = part
         return checked
+
+    def _too_late_hint(self, what: str, declaration: str) -> str:
+        """Why a metadata key or the language instruction has no feature, and how to give it."""
+        fixed = self._fixed_by[what]
+        if fixed == "existing":
+            return (f"the dataset being appended to in {self.directory} has no such feature; "
+                    "log to another directory, or pass overwrite=True to replace it")
+        why = ("the logger's declarations fixed the features" if fixed == "declared" else
+               "the dataset's features were fixed by its first episode, which did not set it")
+        how = (f"declare it when creating the logger: {declaration} (every logger takes it, "
+               "AutoOXEEnvLogger too)")
+        if fixed == "declared":
+            return f"{why}; {how}"
+        return f"{why}; {how}, or set it during the first episode"
 
     @staticmethod
     def _submit(checked: dict[str, tuple[_Part, list]]) -> dict[str, list]:
@@ -382,7 +446,8 @@ class EpisodeRecorder:
         self._ensure_open()
         if self._language is False:
             raise SpecError("language_instruction", "no language instruction (the dataset has "
-                            "no steps/language_instruction feature)", repr(instruction)[:80])
+                            "no steps/language_instruction feature)", repr(instruction)[:80],
+                            self._too_late_hint("language", "language_instruction=True"))
         if not isinstance(instruction, (str, bytes)):
             raise SpecError("language_instruction", "a str", type(instruction).__name__)
         if self._language is None:
@@ -508,6 +573,9 @@ class EpisodeRecorder:
 
     def _freeze(self) -> None:
         """Fixes the features from what the first episode showed."""
+        for what, fixed in self._fixed_by.items():
+            if fixed is None:
+                self._fixed_by[what] = "first episode"
         self._step_meta_frozen = True
         self._episode_meta_frozen = True
         if self._language is None:

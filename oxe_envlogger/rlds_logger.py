@@ -62,6 +62,7 @@ class RLDSLogger(LoggerMixin):
                  image_codec: str | ImageCodec = "png",
                  image_codecs: Mapping[str, str | ImageCodec] | None = None,
                  reward_dtype: Any = np.float64, strict_finite: bool = False,
+                 strict_bounds: bool = False,
                  incomplete: str = "keep", overwrite: bool = False, fsync: bool | None = None,
                  writer_options: WriterOptions | None = None, description: str = "",
                  handle_signals: bool = True):
@@ -70,7 +71,7 @@ class RLDSLogger(LoggerMixin):
             reward_dtype=reward_dtype, step_metadata=step_metadata_info,
             episode_metadata=episode_metadata_info, language=language_instruction,
             image_codec=image_codec, image_codecs=image_codecs, docs=doc_field,
-            strict_finite=strict_finite, incomplete=incomplete,
+            strict_finite=strict_finite, strict_bounds=strict_bounds, incomplete=incomplete,
             options=_writer_options(writer_options, shard_bytes, max_episodes_per_file, fsync),
             overwrite=overwrite, session=provenance.session_info(None, {"front": "RLDSLogger"}),
             description=description or "RLDS episodes logged by oxe_envlogger.RLDSLogger.",

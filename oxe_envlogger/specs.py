@@ -29,6 +29,7 @@ import numpy as np
 from oxe_envlogger.codecs import ImageCodec
 from oxe_envlogger.errors import (
     NonFiniteError,
+    OutOfBoundsError,
     SpecError,
     UnknownKeyError,
     UnsupportedSpaceError,
@@ -53,6 +54,52 @@ _TEXT_CHARSET = string.printable
 # The spec tree
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class Bounds:
+    """The closed range a declared space allows, per element: ``low <= value <= high`` (arrays
+    of the leaf's shape). Kept in the spec only, not in ``features.json`` (a tfds feature has no
+    bounds): values outside are counted by the writer, or refused with ``strict_bounds``."""
+
+    low: np.ndarray
+    high: np.ndarray
+
+    def count_outside(self, values: np.ndarray) -> int:
+        """How many elements of ``values`` (any leading axes) lie outside; NaN is not counted
+        (it is counted as non-finite)."""
+        return int(np.count_nonzero((values < self.low) | (values > self.high)))
+
+    def check(self, value: Any, path: str) -> None:
+        """Raises :class:`OutOfBoundsError` for the first element outside, naming its index."""
+        arr = np.asarray(value)
+        outside = (arr < self.low) | (arr > self.high)
+        if not outside.any():
+            return
+        index = tuple(np.argwhere(outside)[0].tolist())
+        low, high = np.broadcast_to(self.low, arr.shape), np.broadcast_to(self.high, arr.shape)
+        where = f" at index {list(index)}" if index else ""
+        raise OutOfBoundsError(path, f"a value in [{low[index]}, {high[index]}]",
+                               f"{arr[index]!r}{where}", "the declared space's bounds; "
+                               "strict_bounds=True refuses values outside them")
+
+
+def bounds(low: Any, high: Any, shape: tuple[int, ...], dtype: Any) -> Bounds | None:
+    """The bounds of a space of ``shape`` and ``dtype``; None where they allow every value of
+    the dtype (bool, unbounded floats, a full integer range), so that nothing is counted."""
+    dtype = np.dtype(dtype)
+    if dtype.kind not in "iuf":
+        return None
+    low = np.broadcast_to(np.asarray(low), shape)
+    high = np.broadcast_to(np.asarray(high), shape)
+    if dtype.kind == "f":
+        if np.isneginf(low).all() and np.isposinf(high).all():
+            return None
+    else:
+        info = np.iinfo(dtype)
+        if (low <= info.min).all() and (high >= info.max).all():
+            return None
+    return Bounds(low.copy(), high.copy())
+
+
 @dataclasses.dataclass(frozen=True)
 class Leaf:
     """One stored array (see the module docstring).
@@ -65,6 +112,8 @@ class Leaf:
         used for float64, which a float list would round to float32, and for raw images).
       codec: for images, how they are compressed.
       doc: a description kept in ``features.json``.
+      bounds: what the declared space allows (:class:`Bounds`), for tensors; not part of the
+        feature (two leaves that differ only in bounds are equal).
     """
 
     kind: Literal["tensor", "image", "text"]
@@ -73,6 +122,7 @@ class Leaf:
     encoding: Literal["none", "bytes", "zlib"] = "none"
     codec: ImageCodec | None = None
     doc: str = ""
+    bounds: Bounds | None = dataclasses.field(default=None, compare=False)
 
     @property
     def is_float(self) -> bool:
@@ -129,13 +179,50 @@ def is_image_shape(shape: tuple[int, ...], dtype: Any) -> bool:
     return np.dtype(dtype) == np.uint8 and len(shape) == 3 and shape[-1] in (1, 3, 4)
 
 
-def iter_leaves(spec: Spec, prefix: str = "") -> Iterator[tuple[str, Leaf]]:
-    """Yields ``(path, leaf)`` in storage order; paths join keys with ``/``."""
+def iter_leaf_keys(spec: Spec, prefix: tuple[str, ...] = ()
+                   ) -> Iterator[tuple[tuple[str, ...], Leaf]]:
+    """Yields ``(keys, leaf)`` in storage order: the dict keys from ``spec`` down to each leaf.
+
+    The stored feature name is the keys joined with ``/`` (as tfds joins them). Our loggers
+    refuse keys with ``/`` (:func:`check_keys`), but a dataset written by another tool may
+    hold one (tfds allows it), so readers nest values by these keys, never by splitting names.
+    """
     if isinstance(spec, Leaf):
         yield prefix, spec
         return
     for key, sub in spec.fields.items():
-        yield from iter_leaves(sub, f"{prefix}/{key}" if prefix else key)
+        yield from iter_leaf_keys(sub, (*prefix, key))
+
+
+def iter_leaves(spec: Spec, prefix: str = "") -> Iterator[tuple[str, Leaf]]:
+    """Yields ``(path, leaf)`` in storage order; paths join keys with ``/``."""
+    for keys, leaf in iter_leaf_keys(spec):
+        yield "/".join((prefix, *keys) if prefix else keys), leaf
+
+
+def check_keys(spec: Spec, path: str = "") -> None:
+    """Refuses dict keys that ``features.json`` cannot hold unambiguously.
+
+    tfds stores every leaf under its key path joined with ``/``, so a key holding ``/`` reads
+    back differently from how it was logged by any reader that nests names, and collides with a
+    nested key of the same name (``{"cam/left": ..., "cam": {"left": ...}}`` makes a dataset
+    tfds cannot open). Empty keys and keys that are not ``str`` are refused too.
+
+    Raises:
+      SpecError: naming the key's full path.
+    """
+    if isinstance(spec, Leaf):
+        return
+    for key, sub in spec.fields.items():
+        where = join(path, str(key))
+        if not isinstance(key, str) or not key or "/" in key:
+            hint = ("tfds stores values under their key path joined with '/', so this key "
+                    "would read back as nested keys or collide with them")
+            if isinstance(key, str) and key:
+                hint += f"; rename it, e.g. {key.replace('/', '_')!r}"
+            raise SpecError(where, "a dict key that is a non-empty str without '/'", repr(key),
+                            hint)
+        check_keys(sub, where)
 
 
 def join(prefix: str, key: str) -> str:
@@ -186,13 +273,14 @@ def _space_to_spec(space, path, image_codec, image_codecs) -> Spec:
                 raise UnsupportedSpaceError(
                     f"{path}: a codec was given but the space is {space}, not a uint8 (H, W, C) image")
             return image(shape, codec if codec is not None else image_codec)
-        return tensor(shape, dtype)
+        return with_bounds(tensor(shape, dtype), space.low, space.high)
     if isinstance(space, spaces.Discrete):
-        return tensor((), space.dtype)
+        return with_bounds(tensor((), space.dtype), space.start, space.start + space.n - 1)
     if isinstance(space, spaces.MultiDiscrete):
-        return tensor(tuple(space.nvec.shape), space.dtype)
+        return with_bounds(tensor(tuple(space.nvec.shape), space.dtype), space.start,
+                           space.start + space.nvec - 1)
     if isinstance(space, spaces.MultiBinary):
-        return tensor(tuple(space.shape), space.dtype)
+        return with_bounds(tensor(tuple(space.shape), space.dtype), 0, 1)
     if isinstance(space, spaces.Text):
         return text()
     raise UnsupportedSpaceError(
@@ -200,11 +288,19 @@ def _space_to_spec(space, path, image_codec, image_codecs) -> Spec:
         "Discrete, MultiDiscrete, MultiBinary, Text, Dict and Tuple")
 
 
+def with_bounds(leaf: Leaf, low: Any, high: Any) -> Leaf:
+    """``leaf`` with the :func:`bounds` ``[low, high]`` (unchanged where they allow every
+    value)."""
+    b = bounds(low, high, leaf.shape, leaf.dtype)
+    return dataclasses.replace(leaf, bounds=b) if b is not None else leaf
+
+
 def get_gym_space(sample: Any, *, _path: str = "") -> gym.Space:
     """Builds a gymnasium space that describes ``sample``.
 
-    Nested dicts become ``Dict``, tuples ``Tuple``, arrays and Python or numpy scalars ``Box`` of
-    the same dtype and shape (uint8 HxWx{1,3,4} arrays are images), strings ``Text``.
+    Nested dicts become ``Dict``, tuples ``Tuple``, numeric and bool arrays and Python or numpy
+    scalars ``Box`` of the same dtype and shape (uint8 HxWx{1,3,4} arrays are images), strings
+    ``Text``. ``None`` (no type to infer) and arrays of strings or objects have no space.
 
     Raises:
       UnsupportedSpaceError: for a value with no space, naming its key path.
@@ -220,6 +316,16 @@ def get_gym_space(sample: Any, *, _path: str = "") -> gym.Space:
                              for i, v in enumerate(sample)])
     if isinstance(sample, (str, bytes, np.str_, np.bytes_)):
         return spaces.Text(max_length=TEXT_MAX_LENGTH, min_length=0, charset=_TEXT_CHARSET)
+    where = _path or "<root>"
+    if sample is None:
+        decl = "float"
+        for key in reversed(where.split("/")):
+            decl = f"{{{key!r}: {decl}}}"
+        raise UnsupportedSpaceError(
+            f"{where}: None has no feature (no type can be inferred from it); declare the "
+            f"type (the observation or action space; for metadata e.g. step_metadata_info="
+            f"{decl}) and log a sentinel where there is no value (NaN, -1, \"\"): a metadata "
+            "key never set holds zeros or an empty string")
     if isinstance(sample, bool):
         arr = np.asarray(sample, dtype=np.bool_)
     elif isinstance(sample, int):
@@ -231,11 +337,16 @@ def get_gym_space(sample: Any, *, _path: str = "") -> gym.Space:
             arr = np.asarray(sample)
         except Exception as e:  # ragged lists and the like
             raise UnsupportedSpaceError(
-                f"{_path or '<root>'}: cannot make a space from {type(sample).__name__}: {e}") from e
+                f"{where}: cannot make a space from {type(sample).__name__}: {e}") from e
     if arr.dtype.kind not in "biuf":
+        hint = ""
+        if arr.dtype.kind in "US":
+            hint = ("; for strings log a tuple of str (stored as keys '0', '1', ..., always as "
+                    "many) or one str (e.g. json.dumps of the list)")
         raise UnsupportedSpaceError(
-            f"{_path or '<root>'}: cannot make a space from {type(sample).__name__} "
-            f"with dtype {arr.dtype}")
+            f"{where}: cannot make a space from {type(sample).__name__} with dtype "
+            f"{arr.dtype}: supported are dicts with str keys, tuples, str, bool, int, float "
+            f"and numeric or bool arrays{hint}")
     return _box_for(arr)
 
 
@@ -401,20 +512,25 @@ def diff_features(a: Mapping, b: Mapping, path: str = "") -> list[str]:
 Checker = Callable[[Any, list], None]
 
 
-def compile_checker(spec: Spec, path: str = "", *, strict_finite: bool = False) -> Checker:
+def compile_checker(spec: Spec, path: str = "", *, strict_finite: bool = False,
+                    strict_bounds: bool = False) -> Checker:
     """Compiles ``spec`` into ``check(value, out)``, which appends one validated, independent
     copy per leaf to ``out`` (in :func:`iter_leaves` order) or raises :class:`SpecError`.
 
     Text values come out as ``bytes``; tensors and images as numpy arrays (scalars may come out
-    as Python ``float``/``int``/``bool`` of the right kind, which stack exactly)."""
+    as Python ``float``/``int``/``bool`` of the right kind, which stack exactly). With
+    ``strict_bounds``, a value outside its leaf's :class:`Bounds` raises
+    :class:`OutOfBoundsError`."""
     if isinstance(spec, Leaf):
-        leaf_check = leaf_checker(spec, path, strict_finite=strict_finite)
+        leaf_check = leaf_checker(spec, path, strict_finite=strict_finite,
+                                  strict_bounds=strict_bounds)
 
         def check_leaf(value, out, _f=leaf_check):
             out.append(_f(value))
 
         return check_leaf
-    subs = [(k, compile_checker(v, join(path, k), strict_finite=strict_finite))
+    subs = [(k, compile_checker(v, join(path, k), strict_finite=strict_finite,
+                                strict_bounds=strict_bounds))
             for k, v in spec.fields.items()]
     if spec.kind == "tuple":
         n = len(subs)
@@ -464,7 +580,8 @@ def _describe_value(value: Any) -> str:
     return f"{type(value).__name__} {value!r}"[:120]
 
 
-def leaf_checker(leaf: Leaf, path: str, *, strict_finite: bool = False) -> Callable[[Any], Any]:
+def leaf_checker(leaf: Leaf, path: str, *, strict_finite: bool = False,
+                 strict_bounds: bool = False) -> Callable[[Any], Any]:
     """``check(value) -> stored value`` for one leaf (see :func:`compile_checker`): bytes for
     text; for images the validated array itself, which the caller must hand to the encoder
     (which copies it) before returning to user code; an independent array or scalar otherwise."""
@@ -498,6 +615,7 @@ def leaf_checker(leaf: Leaf, path: str, *, strict_finite: bool = False) -> Calla
         return check_image
 
     check_finite = strict_finite and dtype.kind == "f"
+    in_bounds = leaf.bounds if strict_bounds else None
     # Python scalars that convert exactly, without numpy, on the hot path.
     py_fast: tuple[type, ...] = ()
     if shape == ():
@@ -513,12 +631,16 @@ def leaf_checker(leaf: Leaf, path: str, *, strict_finite: bool = False) -> Calla
         elif py_fast and value.__class__ in py_fast:
             if check_finite and not np.isfinite(value):
                 raise NonFiniteError(path, "a finite value", repr(value))
+            if in_bounds is not None:
+                in_bounds.check(value, path)
             return value
         else:
             arr = convert_exact(value, leaf, path)
         if check_finite and not np.isfinite(arr).all():
             bad = np.argwhere(~np.isfinite(arr))[0].tolist()
             raise NonFiniteError(path, "finite values", f"{arr[tuple(bad)]} at index {bad}")
+        if in_bounds is not None:
+            in_bounds.check(arr, path)
         return arr
 
     return check_array
@@ -528,7 +650,10 @@ def convert_exact(value: Any, leaf: Leaf, path: str) -> np.ndarray:
     """``value`` as an array of ``leaf``'s dtype and shape, if that changes no element."""
     dtype, shape = leaf.dtype, leaf.shape
     expected = leaf.describe()
-    if isinstance(value, (str, bytes, Mapping)) or value is None:
+    if value is None:
+        raise SpecError(path, expected, "None", "None is not a value of any feature; log a "
+                        "sentinel where there is no value (NaN, -1, ...)")
+    if isinstance(value, (str, bytes, Mapping)):
         raise SpecError(path, expected, _describe_value(value))
     try:
         arr = np.asarray(value)

@@ -3,7 +3,7 @@
 :func:`validate` reads every record of every committed shard once and checks:
 
 * metadata: ``dataset_info.json`` and ``features.json`` parse, the file format is tfrecord, the
-  features hold an RLDS ``steps`` sequence;
+  features hold an RLDS ``steps`` sequence, no two features are stored under the same name;
 * records: every shard exists, every record is whole and its CRCs match, the record count of each
   shard equals its ``shardLengths`` entry (and ``numBytes`` the shards' size);
 * features: every episode decodes against ``features.json``, every step feature has one value
@@ -302,6 +302,8 @@ def validate(directory: str | os.PathLike, *, decode_images: bool = False,
     spec = None
     try:
         spec = reader.read_spec(directory)
+    except CorruptDatasetError as e:
+        report.add("error", "features", layout.FEATURES, str(e))
     except Exception as e:
         report.add("warning", "features", layout.FEATURES,
                    f"features not checked (the TF-free reader does not know them): {e}")

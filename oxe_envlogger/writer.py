@@ -12,6 +12,7 @@ stall counts are logged at close and kept in ``oxe_envlogger.json``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -111,6 +112,13 @@ class Schema:
         self.stat_keys = stats.stat_keys(self.step_leaves)
         self.stat_shapes = {k: self.step_leaves[self.index[k]][1].shape for k in self.stat_keys}
         self.float_keys = [p for p, leaf in self.step_leaves if leaf.is_float]
+        # (key, column, bounds, rows counted: every step's observation; an action on every
+        # step but the final one, whose action is padding).
+        self.bounded = [(p, self.index[p], leaf.bounds,
+                         slice(None, -1) if p.split("/", 1)[0] == "action" else slice(None))
+                        for p, leaf in self.step_leaves
+                        if leaf.bounds is not None and leaf.kind == "tensor"
+                        and p.split("/", 1)[0] in ("observation", "action")]
 
 
 def payload(leaf: Leaf, values: Sequence[Any]) -> record.Payload:
@@ -193,8 +201,10 @@ class DatasetWriter:
         self.steps_written = 0
         self.bytes_written = 0
         self.nonfinite: dict[str, int] = {}
+        self.out_of_bounds: dict[str, int] = {}  # values outside the declared spaces
         self.session: dict[str, Any] = {"writer_id": self.writer_id, "started": layout.now_iso(),
                                         **(session or {})}
+        self._created_dir = not os.path.exists(self.dir.path)
         os.makedirs(self.dir.path, exist_ok=True)
         with self.dir.lock():
             if overwrite:
@@ -330,6 +340,12 @@ class DatasetWriter:
                 if self._registration is not None:
                     self._registration.release()
                     self._registration = None
+                if self.schema is None:
+                    try:
+                        self._remove_unstarted()
+                    except OSError as e:  # (leftovers cost nothing; close() goes on)
+                        log.warning("%s: could not remove the empty dataset directory: %s",
+                                    self.dir.path, e)
         self._log_summary()
         if self._error is not None:
             err, self._error = self._error, None
@@ -339,6 +355,26 @@ class DatasetWriter:
                 f"committing {self.dir.path} at close failed: {commit_error}; the episodes "
                 "written are kept in staging, and reopening the directory (or "
                 "oxe_envlogger.recover) commits them") from commit_error
+
+    def _remove_unstarted(self) -> None:
+        """Leaves no dataset directory behind when the features never became known (nothing
+        was written): without ``features.json`` no reader could open it. Only what a writer
+        makes before it starts is removed (the lock file and empty internal folders, and the
+        directory if this writer created it and it is empty): never another writer's files or
+        anything else a directory already held."""
+        internal = os.path.join(self.dir.path, layout.INTERNAL)
+        with self.dir.lock():
+            if self.dir.read_info() is not None or _writer_files(self.dir.path):
+                return  # another writer started a dataset here, or is starting one
+            for sub in ("writers", "staging"):
+                with contextlib.suppress(OSError):
+                    os.rmdir(os.path.join(internal, sub))
+            if os.listdir(internal) == ["lock"]:
+                os.unlink(os.path.join(internal, "lock"))
+                os.rmdir(internal)
+        if self._created_dir:
+            with contextlib.suppress(OSError):
+                os.rmdir(self.dir.path)
 
     # -- writer thread ----------------------------------------------------------------------------
 
@@ -423,11 +459,15 @@ class DatasetWriter:
         self.episodes_written += 1
         self.steps_written += rows.num_steps
         self.bytes_written += size
-        # Statistics and non-finite counts, from the stacked columns.
+        # Statistics, non-finite and out-of-bounds counts, from the stacked columns.
         for key in schema.float_keys:
             bad = int(np.count_nonzero(~np.isfinite(step_columns[schema.index[key]])))
             if bad:
                 self.nonfinite[key] = self.nonfinite.get(key, 0) + bad
+        for key, i, bounds, counted in schema.bounded:
+            bad = bounds.count_outside(step_columns[i][counted])
+            if bad:
+                self.out_of_bounds[key] = self.out_of_bounds.get(key, 0) + bad
         self._shard_stats.add_episode({k: step_columns[schema.index[k]] for k in schema.stat_keys},
                                       rows.num_steps)
         if (opts.commit_every_s is not None
@@ -466,6 +506,7 @@ class DatasetWriter:
             "shards": list(self.committed_shards),
             "stalls": self.stalls.to_json(),
             "nonfinite_values": dict(self.nonfinite),
+            "out_of_bounds_values": dict(self.out_of_bounds),
             "episodes_split": self.episodes_split,
             "frames_encoded": self.encoder.frames if self.encoder else 0,
             "image_encoders": self.encoder.kind if self.encoder else None,
@@ -482,6 +523,9 @@ class DatasetWriter:
                  len(self.committed_shards), s.count, s.seconds)
         if self.nonfinite:
             log.warning("%s: non-finite values logged: %s", self.dir.path, self.nonfinite)
+        if self.out_of_bounds:
+            log.warning("%s: values outside the declared spaces logged (strict_bounds=True "
+                        "refuses them): %s", self.dir.path, self.out_of_bounds)
 
 
 def _writer_files(directory: str) -> list[str]:

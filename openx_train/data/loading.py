@@ -123,15 +123,19 @@ def _parse_fn(spec: Group, step_keys: list[str]):
     episode_spec = reader.episode_leaves(spec)
     features = {f"steps/{k}": _parse_feature(step_spec[k], True) for k in step_keys}
     features.update({k: _parse_feature(leaf, False) for k, leaf in episode_spec})
+    # Nested by the keys of features.json, as tfds nests them (a key may hold '/').
+    nest = {f"steps/{k}": reader.split_path(spec, f"steps/{k}")[1:] for k in step_keys}
+    nest.update({k: reader.split_path(spec, k) for k, _ in episode_spec})
 
     def parse(index: tf.Tensor, record: tf.Tensor) -> Episode:
         raw = tf.io.parse_single_example(record, features)
         steps: dict[str, Any] = {}
         for key in step_keys:
-            reader.set_path(steps, key, _convert(raw[f"steps/{key}"], step_spec[key], True))
+            reader.set_path(steps, nest[f"steps/{key}"],
+                            _convert(raw[f"steps/{key}"], step_spec[key], True))
         episode: dict[str, Any] = {}
         for key, leaf in episode_spec:
-            reader.set_path(episode, key, _convert(raw[key], leaf, False))
+            reader.set_path(episode, nest[key], _convert(raw[key], leaf, False))
         length = tf.shape(raw[f"steps/{step_keys[0]}"], out_type=tf.int32)[0]
         steps["step_index"] = tf.range(length, dtype=tf.int32)
         episode["steps"] = steps

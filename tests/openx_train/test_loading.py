@@ -90,3 +90,19 @@ def test_not_a_dataset_or_no_such_split(tmp_path, camera_dir):
         load_dataset(str(tmp_path))
     with pytest.raises(DatasetFormatError, match="validation"):
         load_dataset(camera_dir, "validation")
+
+
+def test_keys_holding_slash_nest_as_tfds_nests_them(tmp_path):
+    from tests.tools.datasets import make_slash_keys
+
+    directory = make_slash_keys(str(tmp_path / "slash"))
+    want = read_tfds(directory)
+    got = list(load_dataset(directory, "train").as_numpy_iterator())
+    assert len(got) == len(want) == 2
+    for g, w in zip(got, want):
+        obs = g["steps"]["observation"]
+        assert sorted(obs) == ["cam", "cam/left"] and sorted(obs["cam"]) == ["right"]
+        np.testing.assert_array_equal(obs["cam/left"], w["steps"]["observation"]["cam/left"])
+        np.testing.assert_array_equal(obs["cam"]["right"],
+                                      w["steps"]["observation"]["cam"]["right"])
+        assert g["meta/operator"] == w["meta/operator"]

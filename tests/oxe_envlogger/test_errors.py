@@ -238,3 +238,260 @@ def test_gym_unwrapped_obs_error_from_env(dataset_dir):
     with pytest.raises(SpecError, match=r"observation: expected shape \(2,\) float32, given shape \(2,\) float64"):
         env.reset()
     env.close()
+
+
+SLASH_OBS = spaces.Dict({"cam/left": spaces.Box(-1, 1, (2,), np.float32),
+                         "cam": spaces.Dict({"left": spaces.Box(-1, 1, (3,), np.float32)})})
+
+
+@pytest.mark.parametrize("front", ["oxe", "auto", "rlds", "vector"])
+def test_key_with_slash_is_refused_when_the_logger_is_built(dataset_dir, front):
+    """tfds stores "cam/left" and "cam" -> "left" under one name: the dataset would be
+    unreadable, so the declared space is refused before anything is written."""
+    env = RecordingEnv(SLASH_OBS, ACT)
+    with pytest.raises(SpecError, match=r"^observation/cam/left: expected a dict key that is a "
+                                        r"non-empty str without '/', given 'cam/left'") as info:
+        if front == "oxe":
+            OXEEnvLogger(env, "slash", dataset_dir)
+        elif front == "auto":
+            AutoOXEEnvLogger(env, "slash", dataset_dir)
+        elif front == "rlds":
+            RLDSLogger(SLASH_OBS, ACT, "slash", dataset_dir)
+        else:
+            from oxe_envlogger import VectorOXEEnvLogger
+
+            VectorOXEEnvLogger(gym.vector.SyncVectorEnv([lambda: env]), "slash", dataset_dir)
+    assert info.value.path == "observation/cam/left" and "'cam_left'" in str(info.value)
+    assert not os.path.exists(dataset_dir)  # nothing was written, nothing is left
+    with pytest.raises(SpecError, match=r"^action/: expected a dict key that is a non-empty"):
+        OXEEnvLogger(RecordingEnv(OBS, spaces.Dict({"": ACT})), "empty", dataset_dir + "2")
+
+
+def test_key_with_slash_in_inferred_or_declared_values(dataset_dir):
+    """Inferred specs are checked when the first value arrives, before anything changes."""
+    logger = RLDSLogger(None, ACT, "slash", dataset_dir)
+    with pytest.raises(SpecError, match=r"^observation/a/b: expected a dict key"):
+        logger(None, {"a/b": np.zeros(2, np.float32)}, 0.0, step_type=RLDSStepType.RESTART)
+    logger(None, {"a_b": np.zeros(2, np.float32)}, 0.0, step_type=RLDSStepType.RESTART)
+    with pytest.raises(SpecError, match=r"^info/x/y: expected a dict key"):
+        logger.set_step_metadata({"info": {"x/y": 1.0}, "speed": 2.0})
+    logger(ACT.sample(), {"a_b": np.ones(2, np.float32)}, 1.0,
+           step_type=RLDSStepType.TERMINATION)
+    logger.close()
+    (episode,) = read_tfds(dataset_dir)
+    assert sorted(episode["steps"]["observation"]) == ["a_b"]
+    assert "info" not in episode["steps"] and "speed" not in episode["steps"]  # nothing changed
+    with pytest.raises(SpecError, match=r"^info/x/y: expected a dict key"):
+        OXEEnvLogger(RecordingEnv(OBS, ACT), "declared", dataset_dir + "2",
+                     episode_metadata_info={"info": {"x/y": float}})
+
+
+def _suggested(err: Exception, option: str):
+    """The declaration an error suggests (``option={...}``), evaluated as a user would paste it."""
+    import re
+
+    m = re.search(rf"{option}=(\{{.*?\}}) \(every logger takes it", str(err))
+    assert m, str(err)
+    return eval(m[1], {"gym": gym, "np": np})
+
+
+def test_keys_first_set_after_the_first_episode_say_how_to_declare_them(dataset_dir):
+    env = AutoOXEEnvLogger(RecordingEnv(OBS, ACT, episode_len=2), "late", dataset_dir)
+    run_episodes(env, 1)
+    env.reset(seed=1)
+    first = r"fixed by its first episode, which did not set it; declare it when creating"
+    with pytest.raises(UnknownKeyError, match=first) as step_err:
+        env.set_step_metadata({"grip": np.zeros(3, np.float32)})
+    assert "AutoOXEEnvLogger too" in str(step_err.value)
+    with pytest.raises(UnknownKeyError, match=r"episode_metadata_info=\{'success': bool\}") as ep_err:
+        env.set_episode_metadata({"success": True})
+    with pytest.raises(SpecError, match=r"language_instruction=True \(every logger takes it"):
+        env.set_language_instruction("pick")
+    run_episodes(env, 1, seed=1)  # the run goes on
+    env.close()
+    assert len(read_tfds(dataset_dir)) == 2
+
+    # What the errors suggest works: the keys first set in the second episode are logged.
+    grip = _suggested(step_err.value, "step_metadata_info")
+    assert isinstance(grip["grip"], spaces.Box) and grip["grip"].shape == (3,)
+    env = AutoOXEEnvLogger(RecordingEnv(OBS, ACT, episode_len=2), "late", dataset_dir + "2",
+                           step_metadata_info=grip, language_instruction=True,
+                           episode_metadata_info=_suggested(ep_err.value,
+                                                            "episode_metadata_info"))
+    run_episodes(env, 1)
+    env.reset(seed=1)
+    env.set_step_metadata({"grip": np.ones(3, np.float32)})
+    env.set_episode_metadata({"success": True})
+    env.set_language_instruction("pick")
+    env.step(ACT.sample())
+    env.close()
+    first_ep, second_ep = read_tfds(dataset_dir + "2")
+    np.testing.assert_array_equal(first_ep["steps"]["grip"], np.zeros((3, 3), np.float32))
+    np.testing.assert_array_equal(second_ep["steps"]["grip"], np.ones((2, 3), np.float32))
+    assert [bool(first_ep["success"]), bool(second_ep["success"])] == [False, True]
+    assert list(second_ep["steps"]["language_instruction"]) == [b"pick"] * 2
+
+    # Declared features and an appended dataset say so.
+    env = OXEEnvLogger(RecordingEnv(OBS, ACT), "late", dataset_dir + "3")
+    with pytest.raises(UnknownKeyError, match=r"the logger's declarations fixed the features; "
+                                              r"declare it when creating the logger: "
+                                              r"step_metadata_info=\{'x': int\}"):
+        env.set_step_metadata({"x": 1})
+    env.close()
+    env = AutoOXEEnvLogger(RecordingEnv(OBS, ACT), "late", dataset_dir)
+    with pytest.raises(UnknownKeyError, match=r"the dataset being appended to .* has no such "
+                                              r"feature; .* overwrite=True"):
+        env.set_step_metadata({"grip": np.zeros(3, np.float32)})
+    env.close()
+
+
+def test_metadata_none_and_lists_of_strings_name_a_workaround(dataset_dir):
+    env = AutoOXEEnvLogger(RecordingEnv(OBS, ACT, episode_len=1), "none", dataset_dir)
+    env.reset(seed=0)
+    with pytest.raises(UnsupportedSpaceError, match=r"^info/x: None has no feature .*"
+                                                    r"step_metadata_info=\{'info': \{'x': "
+                                                    r"float\}\}"):
+        env.set_step_metadata({"info": {"x": None}})
+    with pytest.raises(UnsupportedSpaceError, match=r"^names: .*log a tuple of str"):
+        env.set_step_metadata({"names": ["cup", "plate"]})
+    env.set_step_metadata({"names": ("cup", "plate"), "x": 0.5})
+    with pytest.raises(SpecError, match=r"^x: expected shape \(\) float64, given None "
+                                        r"\(None is not a value"):
+        env.set_step_metadata({"x": None})
+    env.step(ACT.sample())
+    env.close()
+    steps = read_tfds(dataset_dir)[0]["steps"]
+    assert list(steps["names"]["0"]) == [b"cup"] * 2 and list(steps["names"]["1"]) == [b"plate"] * 2
+
+
+class OutOfSpaceEnv(RecordingEnv):
+    """Observation "state" (Box(-1, 1, (3,))) at [2, 0, -3] at step 2 of episode 0."""
+
+    def step(self, action):
+        obs, *rest = super().step(action)
+        if self._episode == 0 and self._t == 2:
+            obs = {**obs, "state": np.array([2, 0, -3], np.float32)}
+            self.episodes[-1]["obs"][-1] = obs
+        return (obs, *rest)
+
+
+def test_out_of_bounds_counted_by_default_and_raised_when_strict(dataset_dir, caplog):
+    from oxe_envlogger import OutOfBoundsError, inspection
+
+    act = spaces.Discrete(3, start=1)  # the final step's zero action lies outside: not counted
+    env = OXEEnvLogger(OutOfSpaceEnv(OBS, act, episode_len=3), "bounds", dataset_dir)
+    env.reset(seed=0)
+    env.step(np.int64(7))
+    env.step(np.int64(2))
+    env.step(np.int64(3))
+    with caplog.at_level("WARNING", logger="oxe_envlogger.writer"):
+        env.close()
+    steps = read_tfds(dataset_dir)[0]["steps"]
+    assert steps["action"].tolist() == [7, 2, 3, 0]  # logged as given
+    np.testing.assert_array_equal(steps["observation"]["state"][2], [2, 0, -3])
+    counts = {"observation/state": 2, "action": 1}
+    meta = json.load(open(os.path.join(dataset_dir, "oxe_envlogger.json")))
+    assert meta["sessions"][0]["out_of_bounds_values"] == counts
+    assert "values outside the declared spaces logged" in caplog.text and "'action': 1" in caplog.text
+    summary = inspection.summarize(dataset_dir)
+    assert summary["provenance"]["out_of_bounds_values"] == counts
+    assert "values outside the declared spaces logged" in inspection.format_summary(summary)
+
+    # Bounds are not part of the feature: a wider space appends to the same dataset.
+    features = open(os.path.join(dataset_dir, "features.json")).read()
+    wide = spaces.Dict({"state": spaces.Box(-5, 5, (3,), np.float32), "cam": OBS["cam"]})
+    env = OXEEnvLogger(RecordingEnv(wide, spaces.Discrete(9)), "bounds", dataset_dir)
+    run_episodes(env, 1)
+    env.close()
+    assert open(os.path.join(dataset_dir, "features.json")).read() == features
+    assert len(read_tfds(dataset_dir)) == 2
+    assert inspection.summarize(dataset_dir)["provenance"]["out_of_bounds_values"] == counts
+
+    inner = OutOfSpaceEnv(OBS, act, episode_len=3)
+    strict = OXEEnvLogger(inner, "bounds", dataset_dir + "_strict", strict_bounds=True)
+    strict.reset(seed=0)
+    with pytest.raises(OutOfBoundsError, match=r"^action: expected a value in \[1, 3\], given "
+                                               r"np.int64\(7\) \(the declared space's bounds"):
+        strict.step(np.int64(7))
+    assert inner._t == 0  # the env never saw the action
+    strict.step(np.int64(2))
+    with pytest.raises(OutOfBoundsError, match=r"^observation/state: expected a value in "
+                                               r"\[-1.0, 1.0\], given np.float32\(2.0\) at "
+                                               r"index \[0\]") as info:
+        strict.step(np.int64(2))
+    assert isinstance(info.value, SpecError) and info.value.path == "observation/state"
+    strict.close()
+    assert len(read_tfds(dataset_dir + "_strict")[0]["steps"]["is_first"]) == 2
+
+
+def _dm_walk():
+    """A dm_env env whose action spec is DiscreteArray(3) (a BoundedArray: bounds [0, 2])."""
+    import dm_env
+    from dm_env import specs as dm_specs
+
+    class Walk(dm_env.Environment):
+        def reset(self):
+            self.t = 0
+            return dm_env.restart(np.zeros(2, np.float32))
+
+        def step(self, action):
+            self.t += 1
+            obs = np.full(2, self.t, np.float32)
+            return dm_env.truncation(0.0, obs) if self.t == 2 else dm_env.transition(0.0, obs)
+
+        def observation_spec(self):
+            return dm_specs.BoundedArray((2,), np.float32, -1, 1)
+
+        def action_spec(self):
+            return dm_specs.DiscreteArray(3)
+
+    return Walk()
+
+
+@pytest.mark.parametrize("front", ["oxe", "auto", "rlds", "vector", "dm", "backend"])
+@pytest.mark.parametrize("strict", [False, True])
+def test_every_front_counts_or_refuses_values_outside_the_space(dataset_dir, front, strict):
+    """Action 7 for Discrete(3) (DiscreteArray(3) on the dm_env fronts): counted, or refused
+    with strict_bounds=True before the env steps."""
+    from oxe_envlogger import DmEnvLogger, OutOfBoundsError, RLDSBackendWriter, VectorOXEEnvLogger
+
+    box = spaces.Box(-1, 1, (2,), np.float32)
+    act = spaces.Discrete(3)
+    kw = {"strict_bounds": strict}
+    if front in ("oxe", "auto", "vector"):
+        inner = RecordingEnv(box, act, episode_len=2)
+        if front == "vector":
+            logger = VectorOXEEnvLogger(gym.vector.SyncVectorEnv([lambda: inner]), "b", dataset_dir,
+                                        **kw)
+            logger.reset(seed=0)
+            log_bad = lambda: logger.step(np.array([7]))  # noqa: E731
+        else:
+            logger = (OXEEnvLogger if front == "oxe" else AutoOXEEnvLogger)(inner, "b", dataset_dir,
+                                                                            **kw)
+            logger.reset(seed=0)
+            log_bad = lambda: logger.step(7)  # noqa: E731
+    elif front == "rlds":
+        logger = RLDSLogger(box, act, "b", dataset_dir, **kw)
+        logger(None, np.zeros(2, np.float32), 0.0, step_type=RLDSStepType.RESTART)
+        log_bad = lambda: logger(7, np.zeros(2, np.float32), 0.0)  # noqa: E731
+    elif front == "dm":
+        logger = DmEnvLogger(_dm_walk(), "b", dataset_dir, **kw)
+        logger.reset()
+        log_bad = lambda: logger.step(np.int64(7))  # noqa: E731
+    else:
+        walk = _dm_walk()
+        logger = RLDSBackendWriter(dataset_dir, "b", observation_info=walk.observation_spec(),
+                                   action_info=walk.action_spec(), **kw)
+        rec = logger._recorder
+        rec.begin(np.zeros(2, np.float32))
+        log_bad = lambda: rec.step(rec.check_action(np.int64(7)), 0.0,  # noqa: E731
+                                   np.zeros(2, np.float32), terminated=False, truncated=True)
+    if strict:
+        with pytest.raises(OutOfBoundsError, match=r"^action: expected a value in \[0, 2\]"):
+            log_bad()
+        logger.close()
+        return
+    log_bad()
+    logger.close()
+    meta = json.load(open(os.path.join(dataset_dir, "oxe_envlogger.json")))
+    assert meta["sessions"][0]["out_of_bounds_values"] == {"action": 1}

@@ -165,3 +165,22 @@ def test_scripted_reacher_beats_random_actions_on_the_real_env():
     actions = np.stack(actions)
     assert actions.dtype == np.float32 and np.abs(actions).max() <= 1.0
     assert (np.abs(actions) == 1.0).mean() < 0.1
+
+
+def test_actions_outside_the_space_of_a_mujoco_env_are_counted(dataset_dir):
+    """HalfCheetah's actuators clamp what lies outside [-1, 1] without a word; the log keeps the
+    commanded actions as given and counts every element outside the action space."""
+    import json
+    import os
+
+    env = AutoOXEEnvLogger(gym.make("HalfCheetah-v5", max_episode_steps=20), "half_cheetah",
+                           dataset_dir)
+    seen = _collect(env, 2, policy=lambda obs: 2 * env.action_space.sample())
+    env.close()
+    actions = np.concatenate([np.stack(s["actions"]) for s in seen])
+    outside = int(np.count_nonzero(np.abs(actions) > 1))
+    assert 0 < outside < actions.size
+    meta = json.load(open(os.path.join(dataset_dir, "oxe_envlogger.json")))
+    assert meta["sessions"][0]["out_of_bounds_values"] == {"action": outside}
+    steps = read_tfds(dataset_dir)[0]["steps"]
+    np.testing.assert_array_equal(steps["action"][:-1], np.stack(seen[0]["actions"]))

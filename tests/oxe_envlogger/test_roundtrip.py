@@ -140,3 +140,40 @@ def test_jpeg_codec_is_close_and_png_exact(dataset_dir):
     np.testing.assert_array_equal(steps["observation"]["cam"], want)
     diff = np.abs(steps["observation"]["wrist"].astype(int) - want.astype(int))
     assert diff.mean() < 3.0 and not np.array_equal(steps["observation"]["wrist"], want)
+
+
+def _assert_trees_equal(got, want, path=""):
+    """The same nested keys and the same values (text as bytes)."""
+    if isinstance(want, dict):
+        assert isinstance(got, dict) and sorted(got) == sorted(want), (path, got, want)
+        for k in want:
+            _assert_trees_equal(got[k], want[k], f"{path}/{k}")
+        return
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.shape == want.shape, (path, got.shape, want.shape)
+    np.testing.assert_array_equal(got, want, err_msg=path)
+
+
+def test_keys_holding_slash_are_read_as_tfds_reads_them(tmp_path):
+    """A dataset written by tfds with the keys "cam/left" (beside "cam" -> "right") and
+    "meta/operator": our reader nests by features.json's keys, exactly as tfds does."""
+    from oxe_envlogger import read_episodes
+    from oxe_envlogger.reader import get_path
+    from oxe_envlogger.validate import validate
+    from tests.tools.datasets import make_slash_keys
+
+    directory = make_slash_keys(str(tmp_path / "slash"))
+    want = read_tfds(directory)
+    got = list(read_episodes(directory))
+    assert len(got) == len(want) == 2
+    for g, w in zip(got, want):
+        assert sorted(w["steps"]["observation"]) == ["cam", "cam/left"]
+        assert w["meta/operator"] in (b"op0", b"op1")
+        _assert_trees_equal(g, w)
+        np.testing.assert_array_equal(get_path(g, "steps/observation/cam/left"),
+                                      w["steps"]["observation"]["cam/left"])
+        np.testing.assert_array_equal(get_path(g, "steps/observation/cam/right"),
+                                      w["steps"]["observation"]["cam"]["right"])
+    report = validate(directory)
+    assert report.ok, report.format()
+    assert "features" in report.checks

@@ -221,3 +221,24 @@ def test_images_that_do_not_decode(w2):
 
 def test_decoding_every_image_of_a_sound_dataset(pristine):
     assert validate(pristine["w2"], decode_images=True).ok
+
+
+def test_features_stored_under_one_name_are_an_error(tmp_path):
+    """features.json with "cam/left" and "cam" -> "left" (tfds cannot read it either): validate
+    and read_episodes name the clash instead of failing on value counts."""
+    from oxe_envlogger import CorruptDatasetError, read_episodes
+    from tests.tools.datasets import make_slash_keys
+
+    directory = make_slash_keys(str(tmp_path / "clash"))
+    features_path = os.path.join(directory, layout.FEATURES)
+    features = layout.read_json(features_path)
+    obs = features["featuresDict"]["features"]["steps"]["sequence"]["feature"]["featuresDict"][
+        "features"]["observation"]["featuresDict"]["features"]
+    obs["cam"]["featuresDict"]["features"]["left"] = obs["cam/left"]
+    layout.atomic_write_json(features_path, features)
+    report = validate(directory)
+    assert not report.ok
+    errors = [str(i) for i in report.errors if i.check == "features"]
+    assert len(errors) == 1 and "two features as 'steps/observation/cam/left'" in errors[0]
+    with pytest.raises(CorruptDatasetError, match="steps/observation/cam/left"):
+        next(read_episodes(directory))

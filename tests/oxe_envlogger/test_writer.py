@@ -477,3 +477,43 @@ def test_a_forked_child_does_not_keep_the_encoders_alive(dataset_dir):
         _, status = os.waitpid(child, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert len(read_tfds(dataset_dir)) == 2
+
+
+def test_a_run_without_a_step_leaves_a_readable_dataset_or_none(tmp_path):
+    """Declared features are written when the logger is built, so tfds opens a dataset of zero
+    episodes; features still to be inferred leave no directory behind (it could not be opened),
+    and nothing a directory already held is touched."""
+    import tensorflow_datasets as tfds
+
+    from oxe_envlogger import AutoOXEEnvLogger, read_episodes
+    from oxe_envlogger.validate import validate
+
+    declared = str(tmp_path / "declared")
+    env = OXEEnvLogger(RecordingEnv(BOX, BOX), "empty", declared)
+    env.reset(seed=0)
+    env.close()
+    builder = tfds.builder_from_directory(declared)
+    assert builder.info.splits["train"].num_examples == 0
+    assert set(builder.info.features["steps"].feature) >= {"observation", "action", "is_first"}
+    assert list(read_episodes(declared)) == []
+    assert validate(declared).ok
+
+    inferred = str(tmp_path / "inferred")
+    env = AutoOXEEnvLogger(RecordingEnv(BOX, BOX), "empty", inferred)
+    env.reset(seed=0)
+    env.set_step_metadata({"speed": 1.0})
+    env.close()
+    assert not os.path.exists(inferred)
+    env = AutoOXEEnvLogger(RecordingEnv(BOX, BOX), "empty", inferred)  # features not fixed
+    env.reset(seed=0)
+    env.set_step_metadata({"speed": 2.0})
+    env.step(BOX.sample())
+    env.close()
+    assert read_tfds(inferred)[0]["steps"]["speed"].tolist() == [2.0, 2.0]
+
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    env = AutoOXEEnvLogger(RecordingEnv(BOX, BOX), "empty", str(kept))
+    env.close()
+    assert os.listdir(kept) == ["notes.txt"]

@@ -65,7 +65,6 @@ def make_foreign(directory: str, episodes: int = 3) -> str:
     import numpy as np
     import tensorflow_datasets as tfds
 
-    os.makedirs(directory, exist_ok=True)
     features = tfds.features.FeaturesDict({
         "steps": tfds.features.Dataset({
             "observation": tfds.features.FeaturesDict({
@@ -82,11 +81,6 @@ def make_foreign(directory: str, episodes: int = 3) -> str:
         }),
         "episode_metadata": tfds.features.FeaturesDict({"file_path": tfds.features.Text()}),
     })
-    info = tfds.core.DatasetInfo(
-        builder=tfds.core.DatasetIdentity(name="foreign", version="1.0.0", data_dir=directory,
-                                          module_name=""), features=features)
-    writer = tfds.core.SequentialWriter(info, max_examples_per_shard=2, overwrite=True)
-    writer.initialize_splits(["train"])
     rng = np.random.default_rng(0)
     out = []
     for e in range(episodes):
@@ -101,6 +95,54 @@ def make_foreign(directory: str, episodes: int = 3) -> str:
                   "is_first": t == 0, "is_last": t == n - 1, "is_terminal": t == n - 1,
                   "language_instruction": f"task {e % 2}"} for t in range(n)]
         out.append({"steps": steps, "episode_metadata": {"file_path": f"ep{e}"}})
-    writer.add_examples({"train": out})
+    return _write_with_tfds(directory, "foreign", features, out)
+
+
+def _write_with_tfds(directory: str, name: str, features, episodes: list) -> str:
+    """Writes ``episodes`` into ``directory`` with TFDS's own writer (2 episodes a shard)."""
+    import tensorflow_datasets as tfds
+
+    os.makedirs(directory, exist_ok=True)
+    info = tfds.core.DatasetInfo(
+        builder=tfds.core.DatasetIdentity(name=name, version="1.0.0", data_dir=directory,
+                                          module_name=""), features=features)
+    writer = tfds.core.SequentialWriter(info, max_examples_per_shard=2, overwrite=True)
+    writer.initialize_splits(["train"])
+    writer.add_examples({"train": episodes})
     writer.close_all()
     return directory
+
+
+def make_slash_keys(directory: str, episodes: int = 2) -> str:
+    """An RLDS dataset written by TFDS itself whose keys hold '/' (tfds allows it; our loggers
+    refuse them): observation ``{"cam/left": (2,), "cam": {"right": (3,)}}`` and an episode
+    field ``"meta/operator"``. Their stored names (``steps/observation/cam/left``, ...) differ,
+    so tfds reads it; a reader that nests by splitting names on '/' gets other keys."""
+    import numpy as np
+    import tensorflow_datasets as tfds
+
+    features = tfds.features.FeaturesDict({
+        "steps": tfds.features.Dataset({
+            "observation": tfds.features.FeaturesDict({
+                "cam/left": tfds.features.Tensor(shape=(2,), dtype=np.float32),
+                "cam": tfds.features.FeaturesDict({
+                    "right": tfds.features.Tensor(shape=(3,), dtype=np.float32)}),
+            }),
+            "action": tfds.features.Tensor(shape=(2,), dtype=np.float32),
+            "is_first": tfds.features.Scalar(dtype=np.bool_),
+            "is_last": tfds.features.Scalar(dtype=np.bool_),
+            "is_terminal": tfds.features.Scalar(dtype=np.bool_),
+        }),
+        "meta/operator": tfds.features.Text(),
+    })
+    rng = np.random.default_rng(0)
+    out = []
+    for e in range(episodes):
+        n = 3 + e
+        steps = [{"observation": {"cam/left": rng.normal(size=2).astype(np.float32),
+                                  "cam": {"right": rng.normal(size=3).astype(np.float32)}},
+                  "action": rng.normal(size=2).astype(np.float32),
+                  "is_first": t == 0, "is_last": t == n - 1, "is_terminal": False}
+                 for t in range(n)]
+        out.append({"steps": steps, "meta/operator": f"op{e}"})
+    return _write_with_tfds(directory, "slash_keys", features, out)
