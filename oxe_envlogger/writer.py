@@ -195,14 +195,14 @@ class DatasetWriter:
         self.nonfinite: dict[str, int] = {}
         self.session: dict[str, Any] = {"writer_id": self.writer_id, "started": layout.now_iso(),
                                         **(session or {})}
-        os.makedirs(self.dir.path, exist_ok=True)
+        layout.check_directory(self.dir.path, create=True)
         with self.dir.lock():
             if overwrite:
-                if any(layout.writer_alive(self.dir.path, f[:-5]) for f in _writer_files(self.dir.path)):
+                if layout.live_writers(self.dir.path):
                     raise WriterError(f"{self.dir.path}: cannot overwrite while another writer is live")
                 self.dir.remove_dataset()
         if layout.needs_recovery(self.dir.path):
-            layout.recover(self.dir.path)
+            layout.recover(self.dir.path, verify=False)
         self._registration = layout.WriterRegistration(self.dir.path, self.writer_id)
 
     # -- spec -------------------------------------------------------------------------------
@@ -482,8 +482,3 @@ class DatasetWriter:
                  len(self.committed_shards), s.count, s.seconds)
         if self.nonfinite:
             log.warning("%s: non-finite values logged: %s", self.dir.path, self.nonfinite)
-
-
-def _writer_files(directory: str) -> list[str]:
-    path = os.path.join(directory, layout.INTERNAL, "writers")
-    return os.listdir(path) if os.path.isdir(path) else []
