@@ -1417,20 +1417,22 @@ def commit_output(staging: str, output_dir: str, *, overwrite: bool, fsync: bool
         if fsync:
             layout.fsync_dir(parent)
         return
-    _carry_foreign(output_dir, staging)
-    os.makedirs(os.path.join(output_dir, layout.INTERNAL), exist_ok=True)
-    layout.atomic_write_json(os.path.join(output_dir, layout.INTERNAL, _PREVIOUS_MARK),
-                             {"output": output_dir})
-    if fsync:
-        for dirpath, _, _ in os.walk(staging):
-            layout.fsync_dir(dirpath)
-    if layout.exchange_paths(staging, output_dir):
-        previous = staging
-    else:
-        previous = os.path.join(parent, f"{TMP_PREFIX}old-{os.path.basename(output_dir)}-"
-                                        f"{uuid.uuid4().hex[:12]}")
-        os.rename(output_dir, previous)
-        os.rename(staging, output_dir)
+    # Under the old output's lock, so that no logger starts writing into it meanwhile.
+    with layout.dataset_lock(output_dir):
+        check_output(output_dir, overwrite=overwrite)
+        _carry_foreign(output_dir, staging)
+        layout.atomic_write_json(os.path.join(output_dir, layout.INTERNAL, _PREVIOUS_MARK),
+                                 {"output": output_dir})
+        if fsync:
+            for dirpath, _, _ in os.walk(staging):
+                layout.fsync_dir(dirpath)
+        if layout.exchange_paths(staging, output_dir):
+            previous = staging
+        else:
+            previous = os.path.join(parent, f"{TMP_PREFIX}old-{os.path.basename(output_dir)}-"
+                                            f"{uuid.uuid4().hex[:12]}")
+            os.rename(output_dir, previous)
+            os.rename(staging, output_dir)
     if fsync:
         layout.fsync_dir(parent)
     try:

@@ -238,3 +238,12 @@ def test_gym_unwrapped_obs_error_from_env(dataset_dir):
     with pytest.raises(SpecError, match=r"observation: expected shape \(2,\) float32, given shape \(2,\) float64"):
         env.reset()
     env.close()
+
+
+def test_a_dataset_path_that_is_a_file_is_one_clear_error(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("not a dataset")
+    with pytest.raises(NotADirectoryError) as err:
+        AutoOXEEnvLogger(RecordingEnv(OBS, ACT), "ds", str(path))
+    assert str(err.value) == f"{path}: a file, not a dataset directory"
+    assert path.read_text() == "not a dataset"
