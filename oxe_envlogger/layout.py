@@ -732,7 +732,12 @@ def recover(directory: PathLike, *, verify: bool = True) -> dict:
                      for r in report[key]}
         if salvage.reconcile_manifest(directory, rewritten):
             report["updated"].append(RESHARD_MANIFEST)
-        if not lost_features and (touched or verify) and salvage.refresh_statistics(directory):
+        # Statistics are caught up where they are kept (never added to a foreign dataset that
+        # recovery did not change).
+        keeps_stats = touched or os.path.exists(os.path.join(directory, STATISTICS))
+        if (not lost_features and keeps_stats
+                and (info.get("fileFormat") or FILE_FORMAT) == FILE_FORMAT
+                and salvage.refresh_statistics(directory)):
             report["updated"].append(STATISTICS)
         repairs = {k: report[k] for k in ("salvaged_shards", "missing_shards", "relisted",
                                           "rebuilt") if report[k]}

@@ -360,3 +360,31 @@ def test_a_live_writer_is_left_alone(tmp_path):
     assert len(read_tfds(d)) == result.episodes
     [recovery] = layout.read_json(os.path.join(d, layout.METADATA))["recoveries"]
     assert recovery["salvaged_shards"][0]["records"] == 2
+
+
+def test_a_dataset_written_by_tfds(tmp_path):
+    """A sound TFDS-written dataset (features our reader does not decode) is left as it is;
+    damaged, its intact episodes are salvaged and tfds reads them."""
+    from tests.tools.datasets import make_foreign
+
+    d = make_foreign(str(tmp_path / "foreign"), episodes=5)
+
+    def files():
+        return {n: sha(os.path.join(d, n)) for n in sorted(os.listdir(d))
+                if os.path.isfile(os.path.join(d, n))}
+
+    before = files()
+    logged = {bytes(e["episode_metadata"]["file_path"]): e for e in read_tfds(d)}
+    report = layout.recover(d)
+    assert not any(report[k] for k in ("salvaged_shards", "missing_shards", "relisted",
+                                       "rebuilt", "updated"))
+    assert files() == before  # (and only recovery's lock, .oxe/lock, was added)
+    assert sorted(os.listdir(d)) == sorted([*before, layout.INTERNAL])
+    path = shard_list(d)[1][0]
+    flip(path, os.path.getsize(path) // 3)
+    report = layout.recover(d)
+    assert [s["records"] for s in report["salvaged_shards"]] == [1]
+    got = read_tfds(d)
+    assert len(got) == 4
+    for e in got:
+        assert_episodes_equal(e, logged[bytes(e["episode_metadata"]["file_path"])])
