@@ -258,16 +258,17 @@ def _episode_id(data: bytes) -> str | None:
 
 def reconcile_manifest(directory: str, changed: set[str]) -> bool:
     """Brings ``reshard_manifest.json`` in line with the shards named in ``changed`` (file
-    names), which recovery rewrote: their sha256, sizes and episode rows; the rows of episodes
-    no longer there move to ``lost``. Rows are matched by episode id. Returns whether the
-    manifest changed. Caller holds the lock."""
+    names), which recovery rewrote, and with any whose size differs from the manifest's (a
+    recovery killed before it got here): their sha256, sizes and episode rows; the rows of
+    episodes no longer there move to ``lost``. Rows are matched by episode id. Returns whether
+    the manifest changed. Caller holds the lock."""
     path = os.path.join(directory, layout.RESHARD_MANIFEST)
     try:
         manifest = layout.read_json(path)
     except ValueError:
         log.warning("%s is not readable JSON; left as it is", path)
         return False
-    if not manifest or not changed:
+    if not manifest:
         return False
     cols = {c: i for i, c in enumerate(manifest["episode_columns"])}
     rows = [list(r) for r in manifest.get("episodes", [])]
@@ -276,9 +277,10 @@ def reconcile_manifest(directory: str, changed: set[str]) -> bool:
     touched = False
     for split, entry in manifest.get("splits", {}).items():
         for k, shard in enumerate(entry.get("shards", [])):
-            if shard["file"] not in changed:
-                continue
             file = os.path.join(directory, shard["file"])
+            if shard["file"] not in changed and (not os.path.isfile(file)
+                                                 or os.path.getsize(file) == shard["bytes"]):
+                continue
             digest = hashlib.sha256()
             with open(file, "rb") as f:
                 for block in iter(lambda f=f: f.read(1 << 20), b""):

@@ -249,38 +249,51 @@ def test_not_a_dataset(tmp_path):
 
 
 _PAUSED_RECOVERY = """
-import os, sys, time
+import sys, time
 from oxe_envlogger import layout, salvage
-keep_aside = salvage.keep_aside
-def paused(*args, **kwargs):
-    out = keep_aside(*args, **kwargs)
+
+def pause(*args):
     print("ready", flush=True)
     time.sleep(600)
-    return out
-salvage.keep_aside = paused
+
+if sys.argv[2] == "after_keep_aside":
+    keep_aside = salvage.keep_aside
+    salvage.keep_aside = lambda *args: (keep_aside(*args), pause())[0]
+else:  # before the manifest and the statistics are brought in line
+    salvage.reconcile_manifest = pause
 layout.recover(sys.argv[1])
 """
 
 
-def test_recovery_killed_midway_resumes(pristine, logged, tmp_path):
-    """SIGKILL after the damaged shard was kept aside, before it was replaced: the next recovery
-    finishes, and keeps the original once."""
-    d = copy_of(pristine, tmp_path, "one")
+@pytest.mark.parametrize("name, where", [("one", "after_keep_aside"),
+                                         ("merged", "before_manifest")])
+def test_recovery_killed_midway_resumes(pristine, tmp_path, name, where):
+    """SIGKILL after the damaged shard was kept aside but before it was replaced, or after the
+    new listing but before the manifest and statistics: the next recovery finishes the job, and
+    keeps the original once."""
+    d = copy_of(pristine, tmp_path, name)
     path = shard_list(d)[0][0]
+    listed = shard_list(d)[0][1]
     flip(path, os.path.getsize(path) // 2)
     damaged = sha(path)
-    kill_when_ready([sys.executable, "-c", _PAUSED_RECOVERY, d], cwd=REPO,
+    total = validate(pristine[name]).episodes
+    kill_when_ready([sys.executable, "-c", _PAUSED_RECOVERY, d, where], cwd=REPO,
                     env={**os.environ, "PYTHONPATH": REPO})
-    assert sha(path) == damaged and not validate(d).ok
+    assert not validate(d).ok
     report = layout.recover(d)
-    assert report["episodes"] == 9
+    if where == "after_keep_aside":
+        assert sha(path) != damaged and report["episodes"] == listed - 1
+    else:
+        assert layout.RESHARD_MANIFEST in report["updated"] and report["episodes"] == 0
+    kept = os.path.join(d, layout.QUARANTINE, os.path.basename(path))
     assert sorted(os.listdir(os.path.join(d, layout.QUARANTINE))) == [
-        os.path.basename(path), os.path.basename(path) + ".recovery.json"]
-    assert sha(os.path.join(d, layout.QUARANTINE, os.path.basename(path))) == damaged
+        os.path.basename(kept), os.path.basename(kept) + ".recovery.json"]
+    assert sha(kept) == damaged
     assert not [e for e in os.listdir(os.path.join(d, layout.INTERNAL)) if ".tmp-" in e]
-    ids = list(logged["one"]["train"])
-    assert len(read_tfds(d)) == 9 and set(e["episode_id"] for e in read_tfds(d)) < set(ids)
-    assert validate(d).ok
+    result = validate(d)
+    assert result.ok and result.episodes == total - 1, result.format()
+    assert stats.is_current(d)
+    assert len(read_tfds(d)) + len(read_tfds(d, "val") if name == "merged" else []) == total - 1
 
 
 _WRITER = """
