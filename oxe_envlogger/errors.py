@@ -74,3 +74,24 @@ class RecordTooLargeError(OXEEnvLoggerError, ValueError):
 
 class CorruptDatasetError(OXEEnvLoggerError):
     """A dataset directory holds data that fails validation (bad CRC, wrong lengths, ...)."""
+
+
+class DamagedShardError(CorruptDatasetError):
+    """A shard file is damaged: a record is cut short or fails its CRC. ``path`` is the file and
+    ``offset`` the byte where the damage starts; ``tools/recover_rlds.py`` salvages every intact
+    record around it."""
+
+    def __init__(self, path: str, offset: int, what: str):
+        self.path = path
+        self.offset = offset
+        self.what = what
+        super().__init__(f"{path}: {what} at byte {offset}")
+
+
+class RecoveryError(CorruptDatasetError):
+    """Recovery made every change it could but something is left that it cannot repair (e.g. a
+    lost ``features.json``); ``report`` says what was done, the message what was not."""
+
+    def __init__(self, message: str, report: dict):
+        self.report = report
+        super().__init__(message)

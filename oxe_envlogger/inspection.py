@@ -10,6 +10,7 @@ can be inspected.
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from oxe_envlogger import layout, reader, record, stats
+from oxe_envlogger.errors import CorruptDatasetError, DamagedShardError
 from oxe_envlogger.specs import Group, Leaf
 
 PathLike = str | os.PathLike
@@ -140,11 +142,14 @@ def summarize(directory: PathLike, split: str | None = None) -> dict[str, Any]:
 
     Raises:
       FileNotFoundError: when the directory holds no dataset_info.json.
+      NotADirectoryError: when ``directory`` is a file.
+      DamagedShardError: when a shard is damaged, naming the file and the damage.
     """
     directory = os.fspath(directory)
+    layout.check_directory(directory)
     info = layout.read_json(os.path.join(directory, layout.DATASET_INFO))
     if info is None:
-        raise FileNotFoundError(f"{directory}: no {layout.DATASET_INFO}; not a dataset directory")
+        raise layout.no_dataset_error(directory)
     splits = [split] if split else layout.list_splits(info)
     try:
         if (info.get("fileFormat") or layout.FILE_FORMAT) != layout.FILE_FORMAT:
@@ -152,6 +157,8 @@ def summarize(directory: PathLike, split: str | None = None) -> dict[str, Any]:
         spec = reader.read_spec(directory)
         episodes = _scan_ours(directory, splits, spec)
         backend = "oxe_envlogger"
+    except DamagedShardError:  # the records themselves: tfds could not read them either
+        raise
     except Exception as e:
         spec = None
         episodes = _scan_tfds(directory, splits)
@@ -290,18 +297,39 @@ def tfds_feature_rows(features, prefix: str = "") -> list[dict[str, Any]]:
     return [*rows, row]
 
 
+@contextlib.contextmanager
+def tfds_damage_reported(directory: str) -> Iterator[None]:
+    """Turns the ``DataLossError`` that TensorFlow raises for a damaged shard into a
+    :class:`DamagedShardError` naming the file and the damage (found by reading the records
+    without TensorFlow), or a :class:`CorruptDatasetError`."""
+    import tensorflow as tf
+
+    try:
+        yield
+    except tf.errors.DataLossError as e:
+        info = layout.read_json(os.path.join(directory, layout.DATASET_INFO)) or {}
+        if (info.get("fileFormat") or layout.FILE_FORMAT) == layout.FILE_FORMAT:
+            layout.verify_records(directory)  # raises, naming the file
+        raise CorruptDatasetError(f"{directory}: tfds found a damaged shard: {e.message}") from e
+
+
 def tfds_episodes(directory: str, split: str) -> Iterator[dict[str, Any]]:
-    """Episodes as nested numpy dicts, ``steps`` stacked over steps (tfds decodes)."""
+    """Episodes as nested numpy dicts, ``steps`` stacked over steps (tfds decodes).
+
+    Raises:
+      DamagedShardError: for a damaged shard (see :func:`tfds_damage_reported`).
+    """
     import tensorflow_datasets as tfds
 
     builder = tfds_builder(directory)
     ds = builder.as_dataset(split=split, read_config=tfds.ReadConfig(interleave_cycle_length=1),
                             shuffle_files=False)
-    for episode in tfds.as_numpy(ds):
-        episode = dict(episode)
-        steps = list(episode.pop("steps"))
-        episode["steps"] = _stack(steps) if steps else {}
-        yield episode
+    with tfds_damage_reported(directory):
+        for episode in tfds.as_numpy(ds):
+            episode = dict(episode)
+            steps = list(episode.pop("steps"))
+            episode["steps"] = _stack(steps) if steps else {}
+            yield episode
 
 
 def _stack(values: list) -> Any:

@@ -10,6 +10,7 @@ A dataset is one directory that ``tfds.builder_from_directory(dir)`` opens uncha
     .oxe/lock                      flock taken for every metadata change
     .oxe/writers/<id>.lock         flock held by each live writer for its whole life
     .oxe/staging/<id>-<n>.tfrecord shards being written (durable, not yet visible to readers)
+    quarantine/                    damaged files that recovery replaced, kept (never deleted)
 
 Shards written by the logger use the template ``{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_INDEX}``
 (TFDS's SequentialWriter uses the same), recorded in ``dataset_info.json``, so that appending a
@@ -19,13 +20,22 @@ Commit protocol (under ``.oxe/lock``): a closed staging shard is renamed to the 
 then ``dataset_info.json`` is replaced atomically (temp file, fsync, rename). A reader therefore
 always sees a consistent dataset; a writer killed at any moment leaves at most staging files and
 an unlisted last shard, which :func:`recover` (run automatically when a writer opens the
-directory) validates, truncates to the last whole record and commits.
+directory) validates, truncates to the last whole record and commits. Run by hand (``verify``),
+it also checks every committed shard: a damaged one is replaced by a shard of its intact records
+(the original is kept under ``quarantine/``), and a lost ``dataset_info.json`` is rebuilt from
+``features.json`` and the shard files (see :mod:`oxe_envlogger.salvage`).
+
+Everything else in a dataset directory (a user's notes, evaluation results) is not part of the
+dataset: :func:`dataset_entries` tells the two apart, and replacing a dataset (a logger's
+``overwrite=True``, the resharder's ``--overwrite``) leaves those files where they are.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import datetime
+import errno
 import fcntl
 import json
 import logging
@@ -35,7 +45,7 @@ import shutil
 import socket
 import sys
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from oxe_envlogger import record
@@ -44,6 +54,7 @@ from oxe_envlogger.errors import (
     DatasetExistsError,
     FeatureMismatchError,
     OXEEnvLoggerError,
+    RecoveryError,
 )
 from oxe_envlogger.specs import diff_features, strip_docs
 
@@ -53,7 +64,9 @@ DATASET_INFO = "dataset_info.json"
 FEATURES = "features.json"
 METADATA = "oxe_envlogger.json"
 STATISTICS = "statistics.json"
+RESHARD_MANIFEST = "reshard_manifest.json"
 INTERNAL = ".oxe"
+QUARANTINE = "quarantine"
 FILE_FORMAT = "tfrecord"
 APPEND_TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_INDEX}"
 DEFAULT_TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"
@@ -117,12 +130,75 @@ def atomic_write_json(path: PathLike, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode("utf-8"))
 
 
+def dump_manifest(manifest: dict) -> bytes:
+    """A reshard manifest as indented JSON with one line per episode row (diffable, and small)."""
+    rows = {k: manifest[k] for k in ("episodes", "skipped", "lost") if k in manifest}
+    head = json.dumps({k: ([] if k in rows else v) for k, v in manifest.items()}, indent=2)
+    for key, values in rows.items():
+        if values:
+            body = ",\n".join("    " + json.dumps(r) for r in values)
+            head = head.replace(f'"{key}": []', f'"{key}": [\n{body}\n  ]', 1)
+    return (head + "\n").encode("utf-8")
+
+
 def read_json(path: PathLike) -> Any | None:
+    """The JSON file at ``path``, or None when there is none.
+
+    Raises:
+      json.JSONDecodeError: naming the file, when it is not valid JSON.
+    """
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except FileNotFoundError:
         return None
+    except json.JSONDecodeError as e:
+        raise json.JSONDecodeError(f"{os.fspath(path)} is not valid JSON: {e.msg}", e.doc,
+                                   e.pos) from None
+
+
+def check_directory(directory: PathLike, *, create: bool = False) -> str:
+    """The absolute path of ``directory``, which must be a directory (made, with ``create``,
+    where nothing is there yet).
+
+    Raises:
+      FileNotFoundError: when nothing is there (and not ``create``).
+      NotADirectoryError: when it is a file (or anything else but a directory).
+    """
+    path = os.path.abspath(os.fspath(directory))
+    if not os.path.isdir(path):
+        if os.path.lexists(path):
+            raise NotADirectoryError(f"{os.fspath(directory)}: a file, not a dataset directory")
+        if not create:
+            raise FileNotFoundError(f"{os.fspath(directory)}: no such directory")
+        os.makedirs(path, exist_ok=True)
+    return path
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def exchange_paths(a: PathLike, b: PathLike) -> bool:
+    """Swaps the directory entries ``a`` and ``b`` in one step (Linux ``renameat2`` with
+    ``RENAME_EXCHANGE``), so that neither path is ever missing. Returns False where the system
+    or the file system cannot (then nothing was changed).
+
+    Raises:
+      OSError: when the swap is possible but fails (a path missing, permissions, ...).
+    """
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):  # not glibc >= 2.28, or not Linux
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                          ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), os.fspath(a), None, os.fspath(b))
 
 
 @contextlib.contextmanager
@@ -173,6 +249,13 @@ def writer_alive(directory: PathLike, writer_id: str) -> bool:
     finally:
         os.close(fd)
     return False
+
+
+def live_writers(directory: PathLike) -> list[str]:
+    """The ids of the writers that hold their registration in ``directory`` now."""
+    path = os.path.join(directory, INTERNAL, "writers")
+    names = sorted(os.listdir(path)) if os.path.isdir(path) else []
+    return [n[:-5] for n in names if n.endswith(".lock") and writer_alive(directory, n[:-5])]
 
 
 def staging_dir(directory: PathLike) -> str:
@@ -251,6 +334,61 @@ def is_dataset(directory: PathLike) -> bool:
     return os.path.isfile(os.path.join(directory, DATASET_INFO))
 
 
+def shard_pattern(name: str) -> re.Pattern:
+    """The file names of dataset ``name``'s shards, in either template, of any split."""
+    return re.compile(rf"^{re.escape(name)}-.+\.{FILE_FORMAT}-\d{{5,}}(-of-\d{{5,}})?$")
+
+
+# Files that describe a dataset besides the shards: its metadata, the resharder's manifest and
+# the trainer's statistics caches (openx_train writes dataset_statistics_<key>.json beside the
+# data); they are replaced, with the shards and INTERNAL, when the dataset is.
+_DATASET_FILES = (DATASET_INFO, FEATURES, METADATA, STATISTICS, RESHARD_MANIFEST)
+_CACHE_FILE = re.compile(r"^dataset_statistics_.*\.json$")
+
+
+def dataset_entries(directory: PathLike, *, also: Sequence[str] = ()) -> list[str]:
+    """The names of the entries of ``directory`` that make up its dataset: the shards (listed,
+    or named like its shards, or like those of the datasets named ``also``), the metadata files
+    (and the temporary files of their atomic writes) and ``.oxe/``. Any other entry (a user's
+    ``NOTES.txt``, an ``eval/`` directory, ``quarantine/``) is not the dataset's, and replacing
+    the dataset leaves it alone."""
+    directory = os.fspath(directory)
+    try:
+        info = read_json(os.path.join(directory, DATASET_INFO))
+    except ValueError:  # unreadable; the names still tell the dataset's files
+        info = None
+    info = info if isinstance(info, dict) else {}
+    listed: set[str] = set()
+    for split in list_splits(info):
+        with contextlib.suppress(Exception):  # a foreign format or template: by name only
+            listed.update(os.path.basename(p) for p, _ in shard_paths(directory, info, split))
+    names = set(also) | ({info["name"]} if isinstance(info.get("name"), str) else set())
+    meta_name = None
+    with contextlib.suppress(ValueError):
+        meta_name = (read_json(os.path.join(directory, METADATA)) or {}).get("dataset_name")
+    if isinstance(meta_name, str):
+        names.add(meta_name)
+    patterns = [shard_pattern(n) for n in names]
+
+    def ours(entry: str) -> bool:
+        base = entry.split(".tmp-", 1)[0]
+        return (entry == INTERNAL or entry in listed or base in _DATASET_FILES
+                or bool(_CACHE_FILE.match(entry)) or any(p.match(entry) for p in patterns))
+
+    return sorted(e for e in os.listdir(directory) if ours(e))
+
+
+def no_dataset_error(directory: PathLike) -> FileNotFoundError:
+    """The error for a directory without ``dataset_info.json``; where what is left of a dataset
+    is there, it says that recovery rebuilds the file."""
+    directory = os.fspath(directory)
+    if holds_dataset_remains(directory):
+        return FileNotFoundError(
+            f"{directory}: {DATASET_INFO} is missing, but {FEATURES} or shards are here; "
+            f"tools/recover_rlds.py {directory} rebuilds it")
+    return FileNotFoundError(f"{directory}: no {DATASET_INFO}; not a dataset directory")
+
+
 def find_datasets(root: PathLike) -> list[str]:
     """Every directory under ``root`` (inclusive) holding a ``dataset_info.json``, sorted."""
     root = os.fspath(root)
@@ -267,10 +405,35 @@ def iter_serialized(directory: PathLike, split: str = DEFAULT_SPLIT, *, verify: 
     """Yields ``(shard path, index in shard, serialized episode)`` over committed shards."""
     info = read_json(os.path.join(directory, DATASET_INFO))
     if info is None:
-        raise FileNotFoundError(f"{directory}: no {DATASET_INFO}; not a dataset directory")
+        raise no_dataset_error(directory)
     for path, _ in shard_paths(directory, info, split):
         for i, data in enumerate(record.read_records(path, verify=verify)):
             yield path, i, data
+
+
+def verify_records(directory: PathLike, splits: Sequence[str] | None = None) -> dict[str, int]:
+    """Reads every record of the listed shards (framing and CRCs; nothing is decoded).
+
+    Returns:
+      ``{split: number of records}``.
+
+    Raises:
+      DamagedShardError: at the first damaged record, naming the file and the byte.
+      CorruptDatasetError: when a shard holds another number of records than listed.
+    """
+    info = read_json(os.path.join(directory, DATASET_INFO))
+    if info is None:
+        raise no_dataset_error(directory)
+    out = {}
+    for split in splits if splits is not None else list_splits(info):
+        out[split] = 0
+        for path, listed in shard_paths(directory, info, split):
+            count = sum(1 for _ in record.read_records(path))
+            if count != listed:
+                raise CorruptDatasetError(f"{path}: {count} records, {DATASET_INFO} lists "
+                                          f"{listed}; tools/recover_rlds.py corrects that")
+            out[split] += count
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,18 +461,15 @@ class DatasetDir:
         return read_json(self.file(FEATURES))
 
     def remove_dataset(self) -> None:
-        """Deletes everything a dataset consists of (caller holds the lock)."""
-        info = self.read_info()
-        if info is not None:
-            for split in list_splits(info):
-                for path, _ in shard_paths(self.path, info, split):
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(path)
-        pattern = re.compile(rf"^{re.escape(self.name)}-.+\.{FILE_FORMAT}-\d{{5,}}(-of-\d{{5,}})?$")
-        for entry in os.listdir(self.path):
-            if pattern.match(entry) or entry in (DATASET_INFO, FEATURES, METADATA, STATISTICS):
-                os.unlink(self.file(entry))
-        shutil.rmtree(staging_dir(self.path), ignore_errors=True)
+        """Deletes everything a dataset consists of (:func:`dataset_entries`, and shards named
+        like this one's); other files in the directory stay. Caller holds the lock."""
+        for entry in dataset_entries(self.path, also=(self.name,)):
+            path = self.file(entry)
+            if entry == INTERNAL:  # the lock and the live writers' registrations stay
+                shutil.rmtree(staging_dir(self.path), ignore_errors=True)
+            elif not os.path.isdir(path) or os.path.islink(path):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
 
     def ensure(self, features_json: dict, *, description: str = "", version: str = DEFAULT_VERSION,
                metadata: Mapping[str, Any] | None = None) -> bool:
@@ -414,41 +574,101 @@ def _orphan_shards(directory: str, info: dict, split: str) -> list[str]:
         index += 1
 
 
-def recover(directory: PathLike) -> dict:
-    """Makes every durable episode of a crashed writer visible; idempotent.
+def _read_info_or_none(directory: str) -> dict | None:
+    """``dataset_info.json``, or None when it is missing or not readable JSON."""
+    try:
+        info = read_json(os.path.join(directory, DATASET_INFO))
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError
+        return None
+    return info if isinstance(info, dict) else None
 
-    Lists shards that were renamed but not yet listed, and commits the staging shards of dead
-    writers (truncated to their last whole, CRC-valid record). Live writers are left alone.
+
+def holds_dataset_remains(directory: PathLike) -> bool:
+    """Whether a directory without a readable ``dataset_info.json`` holds what is left of a
+    dataset (the file itself, unreadable, ``features.json`` or shard files)."""
+    from oxe_envlogger import salvage
+
+    return (os.path.lexists(os.path.join(directory, DATASET_INFO))
+            or os.path.lexists(os.path.join(directory, FEATURES))
+            or bool(salvage.shard_files(directory)))
+
+
+def features_problem(directory: PathLike) -> str | None:
+    """What is wrong with ``features.json`` (which cannot be rebuilt), or None."""
+    try:
+        features = read_json(os.path.join(directory, FEATURES))
+    except ValueError as e:
+        return f"{e}; it cannot be rebuilt from the records: restore it from a copy"
+    if features is None:
+        return (f"{FEATURES} is missing; it cannot be rebuilt from the records: restore it "
+                "from a copy")
+    return None
+
+
+def _whole_records(directory: str, path: str, report: dict) -> tuple[int, int]:
+    """``(records, bytes)`` of a crashed writer's shard once its damage is dealt with: a torn
+    last record (never completed) is cut off; damage before intact records is salvaged."""
+    from oxe_envlogger import salvage
+
+    scan = record.scan_records(path)
+    if scan.torn_tail:
+        end = scan.damaged[0][0]
+        os.truncate(path, end)
+        report["truncated_bytes"] += scan.size - end
+    elif scan.damaged:
+        report["salvaged_shards"].append(salvage.salvage_shard(directory, path, scan))
+    return len(scan.records), os.path.getsize(path)
+
+
+def recover(directory: PathLike, *, verify: bool = True) -> dict:
+    """Makes every durable episode visible and a damaged dataset readable again; idempotent.
+
+    Always: lists shards that were renamed but not yet listed, commits the staging shards of
+    dead writers (a torn last record is cut off) and rebuilds a missing or unreadable
+    ``dataset_info.json`` from ``features.json`` and the shard files. Live writers are left
+    alone. With ``verify`` (writers opening a directory pass False, so as not to read it all),
+    every listed shard is read as well: a damaged one is replaced by a shard of its intact
+    records, before and after the damage, and the original is kept under ``quarantine/``; a
+    missing one becomes an empty shard; a wrong record count is corrected. Then
+    ``statistics.json`` and a reshard manifest are brought in line with the shards.
 
     Returns:
-      A report: ``{"committed_shards": [...], "episodes": n, "truncated_bytes": n,
-      "removed_empty": n}``.
-    """
-    from oxe_envlogger import stats as stats_lib
+      A report: ``{"committed_shards": [...], "episodes": n (committed or salvaged),
+      "truncated_bytes": n, "removed_empty": n, "salvaged_shards": [...],
+      "missing_shards": [...], "relisted": [...], "rebuilt": [...], "updated": [...]}``.
 
-    directory = os.path.abspath(os.fspath(directory))
-    report = {"committed_shards": [], "episodes": 0, "truncated_bytes": 0, "removed_empty": 0}
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"{directory}: no such directory")
+    Raises:
+      FileNotFoundError: for a missing path, or a directory that holds no dataset.
+      NotADirectoryError: for a path that is a file.
+      RecoveryError: for what cannot be repaired (a lost ``features.json``, ...), after every
+        repair that could be made; ``error.report`` tells those.
+    """
+    from oxe_envlogger import salvage
+
+    directory = check_directory(directory)
+    report: dict[str, Any] = {"committed_shards": [], "episodes": 0, "truncated_bytes": 0,
+                              "removed_empty": 0, "salvaged_shards": [], "missing_shards": [],
+                              "relisted": [], "rebuilt": [], "updated": []}
+    problems: list[str] = []
+    stage = staging_dir(directory)
+    if (_read_info_or_none(directory) is None and not holds_dataset_remains(directory)
+            and not (os.path.isdir(stage) and os.listdir(stage))):
+        raise FileNotFoundError(f"{directory}: no dataset here (no {DATASET_INFO}, {FEATURES} "
+                                "or shard files)")
     with dataset_lock(directory):
-        info = read_json(os.path.join(directory, DATASET_INFO))
-        stage = staging_dir(directory)
+        for entry in os.listdir(os.path.join(directory, INTERNAL)):
+            if entry.startswith("salvage-") and ".tmp-" in entry:  # of an interrupted recovery
+                os.unlink(os.path.join(directory, INTERNAL, entry))
         staged = sorted(os.listdir(stage)) if os.path.isdir(stage) else []
+        info = _read_info_or_none(directory)
         if info is None:
-            if staged:
-                log.warning("%s: %d staging shards but no %s; nothing can be recovered without "
-                            "features", directory, len(staged), DATASET_INFO)
-            return report
+            info = salvage.rebuild_info(directory, report)
+            verify = False  # every shard was just read
         name = info["name"]
-        touched = False
+        touched = bool(report["rebuilt"])
         for split in list_splits(info):
-            ds = DatasetDir(directory, name, split=split)
             for path in _orphan_shards(directory, info, split):
-                count, end = record.valid_prefix(path)
-                size = os.path.getsize(path)
-                if end < size:
-                    os.truncate(path, end)
-                    report["truncated_bytes"] += size - end
+                count, end = _whole_records(directory, path, report)
                 entry = split_entry(info, split)
                 entry["shardLengths"].append(str(count))
                 entry["numBytes"] = str(int(entry.get("numBytes", "0")) + end)
@@ -465,11 +685,7 @@ def recover(directory: PathLike) -> dict:
             if writer_alive(directory, m["writer"]):
                 continue
             dead_writers.add(m["writer"])
-            count, end = record.valid_prefix(path)
-            size = os.path.getsize(path)
-            if end < size:
-                os.truncate(path, end)
-                report["truncated_bytes"] += size - end
+            count, end = _whole_records(directory, path, report)
             if count == 0:
                 os.unlink(path)
                 report["removed_empty"] += 1
@@ -480,6 +696,27 @@ def recover(directory: PathLike) -> dict:
             report["committed_shards"].append(final)
             report["episodes"] += count
             touched = True
+        if verify:
+            fmt = info.get("fileFormat") or FILE_FORMAT
+            if fmt != FILE_FORMAT:
+                problems.append(f"its shards are {fmt}, not checked here (tfrecord only)")
+            else:
+                relisted = False
+                for split in list_splits(info):
+                    paths = shard_paths(directory, info, split)
+                    lengths, changed = salvage.repair_shards(directory, paths, report)
+                    if changed:
+                        entry = split_entry(info, split)
+                        entry["shardLengths"] = [str(n) for n in lengths]
+                        entry["numBytes"] = str(sum(os.path.getsize(p) for p, _ in paths))
+                        relisted = True
+                if relisted:
+                    atomic_write_json(os.path.join(directory, DATASET_INFO), info)
+                    report["updated"].append(DATASET_INFO)
+                    touched = True
+        lost_features = features_problem(directory)
+        if lost_features:
+            problems.append(lost_features)
         for writer in dead_writers:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(directory, INTERNAL, "writers", f"{writer}.lock"))
@@ -491,18 +728,39 @@ def recover(directory: PathLike) -> dict:
                         s["ended"] = "crashed; recovered"
 
             DatasetDir(directory, name).update_metadata(mark)
-        if touched:
-            stats_lib.catch_up(directory)
-    if report["committed_shards"]:
+        rewritten = {r["shard"] for key in ("salvaged_shards", "missing_shards", "relisted")
+                     for r in report[key]}
+        if salvage.reconcile_manifest(directory, rewritten):
+            report["updated"].append(RESHARD_MANIFEST)
+        # Statistics are caught up where they are kept (never added to a foreign dataset that
+        # recovery did not change).
+        keeps_stats = touched or os.path.exists(os.path.join(directory, STATISTICS))
+        if (not lost_features and keeps_stats
+                and (info.get("fileFormat") or FILE_FORMAT) == FILE_FORMAT
+                and salvage.refresh_statistics(directory)):
+            report["updated"].append(STATISTICS)
+        repairs = {k: report[k] for k in ("salvaged_shards", "missing_shards", "relisted",
+                                          "rebuilt") if report[k]}
+        if repairs and os.path.exists(os.path.join(directory, METADATA)):
+            DatasetDir(directory, name).update_metadata(
+                lambda meta: meta.setdefault("recoveries", []).append({"at": now_iso(),
+                                                                       **repairs}))
+    if report["committed_shards"] or report["salvaged_shards"]:
         log.info("recovered %d episodes in %d shards of %s", report["episodes"],
-                 len(report["committed_shards"]), directory)
+                 len(report["committed_shards"]) + len(report["salvaged_shards"]), directory)
+    if problems:
+        raise RecoveryError(f"{directory}: " + "; ".join(problems), report)
     return report
 
 
 def needs_recovery(directory: PathLike) -> bool:
-    """Whether :func:`recover` would change anything (cheap; no lock, no reading of shards)."""
-    info = read_json(os.path.join(directory, DATASET_INFO))
-    if info is not None:
+    """Whether :func:`recover` would change anything without ``verify`` (cheap; no lock, no
+    reading of shards)."""
+    info = _read_info_or_none(os.fspath(directory))
+    if info is None:
+        if holds_dataset_remains(os.fspath(directory)):
+            return True
+    else:
         for split in list_splits(info):
             if _orphan_shards(os.fspath(directory), info, split):
                 return True
@@ -517,14 +775,30 @@ def needs_recovery(directory: PathLike) -> bool:
 
 
 def recover_main(argv: list[str] | None = None) -> int:
-    """``oxe-recover-rlds DIR [DIR ...]``: runs :func:`recover` and prints the report."""
+    """``oxe-recover-rlds DIR [DIR ...]``: runs :func:`recover` on each directory and prints
+    its report as one JSON line. Returns 1 when any directory could not be recovered (the
+    reason on stderr, one line each), 2 for bad usage."""
+    from oxe_envlogger import cli
+
     args = sys.argv[1:] if argv is None else argv
     if not args:
         print("usage: oxe-recover-rlds DIR [DIR ...]", file=sys.stderr)
         return 2
-    for d in args:
-        print(json.dumps({"directory": d, **recover(d)}))
-    return 0
+    status = 0
+    with cli.quiet_broken_pipe():
+        for d in args:
+            try:
+                report = recover(d)
+            except RecoveryError as e:
+                print(json.dumps({"directory": d, **e.report}))
+                print(cli.error_line(e), file=sys.stderr)
+                status = 1
+            except (OXEEnvLoggerError, OSError, ValueError) as e:
+                print(cli.error_line(e), file=sys.stderr)
+                status = 1
+            else:
+                print(json.dumps({"directory": d, **report}))
+    return status
 
 
 # Episode ids: ``<writer id>-<index>``, and ``<writer id>-<index>.<part>`` for the later parts

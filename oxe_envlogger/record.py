@@ -19,6 +19,7 @@ Float and int64 lists are written packed, as TensorFlow writes them. Arrays are 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import struct
 from collections.abc import Iterator, Mapping, Sequence
@@ -27,7 +28,7 @@ from typing import BinaryIO, Literal
 import google_crc32c
 import numpy as np
 
-from oxe_envlogger.errors import CorruptDatasetError, RecordTooLargeError
+from oxe_envlogger.errors import CorruptDatasetError, DamagedShardError, RecordTooLargeError
 
 # A tf.train.Example larger than this cannot be parsed (protobuf's 2 GiB message limit).
 MAX_RECORD_BYTES = (1 << 31) - 1
@@ -60,7 +61,7 @@ def iter_records(f: BinaryIO, *, verify: bool = True, path: str = "") -> Iterato
     """Yields ``(offset, data)`` for each record of an open TFRecord file.
 
     Raises:
-      CorruptDatasetError: at a truncated record or a CRC mismatch, naming the file and offset.
+      DamagedShardError: at a truncated record or a CRC mismatch, naming the file and offset.
     """
     offset = 0
     while True:
@@ -68,16 +69,16 @@ def iter_records(f: BinaryIO, *, verify: bool = True, path: str = "") -> Iterato
         if not header:
             return
         if len(header) < _HEADER:
-            raise CorruptDatasetError(f"{path}: truncated record header at byte {offset}")
+            raise DamagedShardError(path, offset, "truncated record header")
         (length,) = _U64.unpack_from(header)
         if verify and _U32.unpack_from(header, 8)[0] != masked_crc(header[:8]):
-            raise CorruptDatasetError(f"{path}: bad length CRC at byte {offset}")
+            raise DamagedShardError(path, offset, "bad length CRC")
         data = f.read(length)
         footer = f.read(_FOOTER)
         if len(data) < length or len(footer) < _FOOTER:
-            raise CorruptDatasetError(f"{path}: truncated record at byte {offset}")
+            raise DamagedShardError(path, offset, "truncated record")
         if verify and _U32.unpack(footer)[0] != masked_crc(data):
-            raise CorruptDatasetError(f"{path}: bad data CRC at byte {offset}")
+            raise DamagedShardError(path, offset, "bad data CRC")
         yield offset, data
         offset += framed_size(length)
 
@@ -100,6 +101,111 @@ def valid_prefix(path: str | os.PathLike) -> tuple[int, int]:
         except CorruptDatasetError:
             pass
     return count, end
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardScan:
+    """What :func:`scan_records` found in one TFRecord file.
+
+    Attributes:
+      size: the file's size in bytes.
+      records: ``(offset, data length)`` of every intact record (whole, both CRCs valid), in
+        file order.
+      damaged: ``(start, end, what)`` of each damaged byte range between intact records, e.g.
+        ``(110248, 137810, "bad data CRC")``; empty for a sound file.
+    """
+
+    size: int
+    records: tuple[tuple[int, int], ...]
+    damaged: tuple[tuple[int, int, str], ...]
+
+    @property
+    def torn_tail(self) -> bool:
+        """Whether the only damage is at the end (what a writer killed mid-record leaves)."""
+        return len(self.damaged) == 1 and self.damaged[0][1] == self.size
+
+    def describe(self) -> str:
+        """The damage in words: ``"bad data CRC at byte 110248 (27562 bytes); ..."``."""
+        return "; ".join(f"{what} at byte {start} ({end - start} bytes)"
+                         for start, end, what in self.damaged)
+
+
+# Where the framing of a damaged file is lost, the scan looks for the next record at the offsets
+# that can start one: the four high bytes of the length are zero (a record holds at most 2 GiB)
+# and the data's first byte is 0x0A, the tag of a tf.train.Example's ``features``. Both CRCs
+# must then verify, so a false start is as unlikely as a 64-bit CRC collision.
+_EXAMPLE_TAG = 0x0A
+_RESYNC_CHUNK = 8 << 20
+
+
+def _record_at(fd: int, offset: int, size: int) -> tuple[int | None, str | None]:
+    """``(data length, None)`` when a whole, CRC-valid record starts at ``offset``; else
+    ``(length or None where the header is unsound, what is wrong)``."""
+    header = os.pread(fd, _HEADER, offset)
+    if len(header) < _HEADER:
+        return None, "truncated record header"
+    (length,) = _U64.unpack_from(header)
+    if _U32.unpack_from(header, 8)[0] != masked_crc(header[:8]):
+        return None, "bad length CRC"
+    if offset + framed_size(length) > size:
+        return length, "truncated record"
+    body = os.pread(fd, length + _FOOTER, offset + _HEADER)
+    if len(body) < length + _FOOTER:
+        return length, "truncated record"
+    if _U32.unpack_from(body, length)[0] != masked_crc(body[:length]):
+        return length, "bad data CRC"
+    return length, None
+
+
+def _next_record(fd: int, start: int, size: int) -> int:
+    """The offset of the first intact record at or after ``start``; ``size`` when none is left."""
+    pos = start
+    while pos < size:
+        chunk = np.frombuffer(os.pread(fd, _RESYNC_CHUNK + _HEADER, pos), np.uint8)
+        n = len(chunk) - _HEADER  # offsets pos .. pos + n - 1 have a full header and one byte
+        if n <= 0:
+            break
+        maybe = chunk[_HEADER:_HEADER + n] == _EXAMPLE_TAG
+        for k in range(4, 8):
+            maybe &= chunk[k:k + n] == 0
+        for i in np.flatnonzero(maybe):
+            if _record_at(fd, pos + int(i), size)[1] is None:
+                return pos + int(i)
+        pos += n
+    return size
+
+
+def scan_records(path: str | os.PathLike) -> ShardScan:
+    """Finds every intact record of a TFRecord file, before and after any damage.
+
+    A record whose header is sound but whose data fails its CRC is skipped by its length; where
+    the header itself is damaged (or the file is cut short), the scan resynchronizes at the next
+    offset where a whole record verifies.
+    """
+    records: list[tuple[int, int]] = []
+    damaged: list[tuple[int, int, str]] = []
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        pos = 0
+        while pos < size:
+            length, what = _record_at(fd, pos, size)
+            if what is None:
+                records.append((pos, length))
+                pos += framed_size(length)
+                continue
+            resume = None
+            if what == "bad data CRC":  # the length is sound: the next record should follow
+                after = pos + framed_size(length)
+                if after == size or _record_at(fd, after, size)[1] is None:
+                    resume = after
+            if resume is None:
+                resume = _next_record(fd, pos + 1, size)
+            damaged.append((pos, resume, what))
+            pos = resume
+    finally:
+        os.close(fd)
+    return ShardScan(size, tuple(records), tuple(damaged))
 
 
 # ---------------------------------------------------------------------------------------------

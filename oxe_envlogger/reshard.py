@@ -30,12 +30,14 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import filecmp
 import hashlib
 import json
 import logging
 import mmap
 import os
 import shutil
+import stat
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -43,13 +45,19 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from oxe_envlogger import layout, record
-from oxe_envlogger.errors import CorruptDatasetError, DatasetExistsError, FeatureMismatchError
+from oxe_envlogger.errors import (
+    CorruptDatasetError,
+    DamagedShardError,
+    DatasetExistsError,
+    FeatureMismatchError,
+)
 from oxe_envlogger.specs import diff_features, strip_docs
 
 log = logging.getLogger(__name__)
 
 DEFAULT_SHARD_BYTES = 200 * 2**20
-MANIFEST = "reshard_manifest.json"
+MANIFEST = layout.RESHARD_MANIFEST
+dump_manifest = layout.dump_manifest  # recovery rewrites manifests too, so layout holds it
 MANIFEST_VERSION = 1
 LANGUAGE_KEY = "steps/language_instruction"
 TMP_PREFIX = ".oxe-reshard-"
@@ -206,17 +214,18 @@ def discover(rlds_dirs: Sequence[PathLike], *, output_dir: PathLike | None = Non
 
     Raises:
       FileNotFoundError: for a missing directory, or when no dataset is found.
+      NotADirectoryError: for a path that is a file.
       FeatureMismatchError: listing, per input, how its features differ from the first's.
       CorruptDatasetError: for an input that is not a tfrecord dataset.
     """
     out = os.path.abspath(os.fspath(output_dir)) if output_dir is not None else None
     explicit, found = set(), set()
     for root in rlds_dirs:
-        root = os.path.abspath(os.fspath(root))
-        if not os.path.isdir(root):
-            raise FileNotFoundError(f"{root}: no such directory")
+        root = layout.check_directory(root)
         if layout.is_dataset(root):
             explicit.add(root)
+        elif layout.holds_dataset_remains(root):
+            raise layout.no_dataset_error(root)
         found.update(d for d in layout.find_datasets(root) if not _is_tmp(d))
     if out is not None and out in found and out not in explicit:
         log.warning("%s is the output directory; not reading it as an input", out)
@@ -578,8 +587,9 @@ def scan_shard(shard: InputShard, transform: Transform) -> list[EpisodeRef]:
     """Reads the framing and a few small fields of every record of one input shard.
 
     Raises:
-      CorruptDatasetError: for a truncated record, a bad CRC, a malformed Example, an episode
-        without ``steps/is_first``, or a record count that differs from ``dataset_info.json``.
+      DamagedShardError: for a truncated record or a bad CRC (naming the file and byte).
+      CorruptDatasetError: for a malformed Example, an episode without ``steps/is_first``, or
+        a record count that differs from ``dataset_info.json``.
     """
     out = []
     path = shard.path
@@ -591,18 +601,18 @@ def scan_shard(shard: InputShard, transform: Transform) -> list[EpisodeRef]:
         while offset < size:
             header = os.pread(fd, 12, offset)
             if len(header) < 12:
-                raise CorruptDatasetError(f"{path}: truncated record header at byte {offset}")
+                raise DamagedShardError(path, offset, "truncated record header")
             length = int.from_bytes(header[:8], "little")
             if int.from_bytes(header[8:12], "little") != record.masked_crc(header[:8]):
-                raise CorruptDatasetError(f"{path}: bad length CRC at byte {offset}")
+                raise DamagedShardError(path, offset, "bad length CRC")
             start, end = offset + 12, offset + 12 + length
             if end + 4 > size:
-                raise CorruptDatasetError(f"{path}: truncated record at byte {offset}")
+                raise DamagedShardError(path, offset, "truncated record")
             win = _Window(fd, end)
             if length <= _SMALL_RECORD:  # one read; check the data CRC on the way
                 data = os.pread(fd, length + 4, start)
                 if int.from_bytes(data[length:], "little") != record.masked_crc(data[:length]):
-                    raise CorruptDatasetError(f"{path}: bad data CRC at byte {offset}")
+                    raise DamagedShardError(path, offset, "bad data CRC")
                 win.start, win.buf = start, data[:length]
             try:
                 entries = _example_entries(win, start, end)
@@ -1032,8 +1042,7 @@ def write_shard(task: ShardTask, staging: str, *, transform: Transform, features
             framed = view[start:end]
             data = framed[12: 12 + ref.length]
             if options.verify and _mask(_crc32c(data)) != int.from_bytes(framed[-4:], "little"):
-                raise CorruptDatasetError(f"{ref.path}: bad data CRC in record {ref.index} "
-                                          f"(byte {ref.offset})")
+                raise DamagedShardError(ref.path, ref.offset, f"bad data CRC in record {ref.index}")
             if ep.changes:
                 data = transform_record(data, ref, transform, ep.language)
                 framed = record.frame(data)
@@ -1143,17 +1152,6 @@ def manifest_json(plan: Plan, results: Sequence[ShardResult], runner: str) -> di
     }
 
 
-def dump_manifest(manifest: dict) -> bytes:
-    """The manifest as indented JSON with one line per episode row (diffable, and small)."""
-    rows = {k: manifest[k] for k in ("episodes", "skipped")}
-    head = json.dumps({k: ([] if k in rows else v) for k, v in manifest.items()}, indent=2)
-    for key, values in rows.items():
-        if values:
-            body = ",\n".join("    " + json.dumps(r) for r in values)
-            head = head.replace(f'"{key}": []', f'"{key}": [\n{body}\n  ]', 1)
-    return (head + "\n").encode("utf-8")
-
-
 def _dataset_info(plan: Plan, results: Sequence[ShardResult]) -> dict:
     first = plan.inputs.info
     splits = {}
@@ -1223,13 +1221,16 @@ def finalize(plan: Plan, results: Sequence[ShardResult], staging: str, runner: s
 
 
 def check_output(output_dir: PathLike, *, overwrite: bool) -> str:
-    """The absolute output path, after checking that it may be written.
+    """The absolute output path, after checking that it may be written (and finishing a
+    replacement of it that a killed resharder left half done, see :func:`finish_interrupted`).
 
     Raises:
-      DatasetExistsError: when it holds a dataset and ``overwrite`` is False, or when it is a
-        non-empty directory that is not a dataset (never replaced).
+      DatasetExistsError: when it holds a dataset and ``overwrite`` is False, when it is a
+        non-empty directory that is not a dataset (never replaced), or when a logger is
+        writing into it.
     """
     out = os.path.abspath(os.fspath(output_dir))
+    finish_interrupted(out)
     if os.path.lexists(out):
         if not os.path.isdir(out):
             raise DatasetExistsError(f"{out} exists and is not a directory")
@@ -1240,6 +1241,10 @@ def check_output(output_dir: PathLike, *, overwrite: bool) -> str:
         if layout.is_dataset(out) and not overwrite:
             raise DatasetExistsError(f"{out} holds a dataset; pass overwrite=True (--overwrite) "
                                      "to replace it")
+        live = layout.live_writers(out)
+        if live:
+            raise DatasetExistsError(f"{out}: writers {live} are logging into it; replace it "
+                                     "once they are closed")
     return out
 
 
@@ -1258,26 +1263,191 @@ def make_staging(output_dir: str) -> str:
     return staging
 
 
+# Written into the output being replaced just before the swap: a hidden sibling that holds it
+# is then known to be the previous output (to take apart), not a staging directory.
+_PREVIOUS_MARK = "reshard-previous-output"
+
+
+def _link_tree(src: str, dst: str) -> None:
+    """``dst`` as the same files as ``src``: hard links (copies where the file system has
+    none), symbolic links and directories recreated.
+
+    Raises:
+      DatasetExistsError: for a special file (a FIFO, a socket) that cannot be linked.
+    """
+    if os.path.islink(src):
+        os.symlink(os.readlink(src), dst)
+    elif os.path.isdir(src):
+        os.mkdir(dst)
+        for entry in sorted(os.listdir(src)):
+            _link_tree(os.path.join(src, entry), os.path.join(dst, entry))
+        shutil.copystat(src, dst)
+    else:
+        try:
+            os.link(src, dst, follow_symlinks=False)
+        except OSError:
+            if not stat.S_ISREG(os.lstat(src).st_mode):
+                raise DatasetExistsError(f"{src}: a special file that cannot be kept in the new "
+                                         "output; move it away first") from None
+            shutil.copy2(src, dst)
+
+
+def _carry_foreign(output_dir: str, staging: str) -> list[str]:
+    """Links every entry of ``output_dir`` that is not part of its dataset (a user's
+    ``NOTES.txt``, an ``eval/`` directory) into ``staging``. Returns their names.
+
+    Raises:
+      DatasetExistsError: when one has the name of an entry of the new output (listed; nothing
+        is changed).
+    """
+    owned = set(layout.dataset_entries(output_dir))
+    foreign = [e for e in sorted(os.listdir(output_dir)) if e not in owned]
+    clash = [e for e in foreign if os.path.lexists(os.path.join(staging, e))]
+    if clash:
+        raise DatasetExistsError(f"{output_dir}: {clash} are not part of its dataset but have the "
+                                 "names of files of the new output; move them away first")
+    for entry in foreign:
+        _link_tree(os.path.join(output_dir, entry), os.path.join(staging, entry))
+    shutil.copymode(output_dir, staging)
+    return foreign
+
+
+def _same_entry(a: str, b: str) -> bool:
+    """Whether ``b`` is what :func:`_link_tree` made of ``a`` (and neither changed since)."""
+    if os.path.islink(a) or os.path.islink(b):
+        return os.path.islink(a) and os.path.islink(b) and os.readlink(a) == os.readlink(b)
+    if not os.path.isfile(a) or not os.path.isfile(b):
+        return False
+    return os.path.samefile(a, b) or filecmp.cmp(a, b, shallow=False)
+
+
+def _move_over(src: str, dst: str) -> list[str]:
+    """Empties ``src`` into ``dst``: an entry ``dst`` lacks is moved there, one it holds the
+    same is dropped from ``src``. Returns the paths left in ``src`` (it differs in ``dst``)."""
+    left = []
+    for entry in sorted(os.listdir(src)):
+        a, b = os.path.join(src, entry), os.path.join(dst, entry)
+        if not os.path.lexists(b):
+            os.rename(a, b)
+        elif _same_entry(a, b):
+            os.unlink(a)
+        elif os.path.isdir(a) and not os.path.islink(a) and os.path.isdir(b) \
+                and not os.path.islink(b):
+            inner = _move_over(a, b)
+            if inner:
+                left += inner
+            else:
+                os.rmdir(a)
+        else:
+            left.append(a)
+    return left
+
+
+def _retire(previous: str, output_dir: str) -> None:
+    """Takes apart a replaced output: its dataset files are deleted; its other entries go over
+    to ``output_dir`` (they are there already, as links, unless made during the reshard), and
+    one that differs from its namesake there is left in ``previous``, with a warning."""
+    if not os.path.isdir(previous):  # retired already (by another resharder)
+        return
+    for entry in layout.dataset_entries(previous):
+        path = os.path.join(previous, entry)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+    left = _move_over(previous, output_dir)
+    if left:
+        log.warning("%s: %s differ from the files of the same name in %s (changed while the "
+                    "reshard ran?); they are kept here", previous, left, output_dir)
+    else:
+        os.rmdir(previous)
+
+
+def finish_interrupted(output_dir: str) -> None:
+    """Finishes what a resharder killed while replacing ``output_dir`` left: when the swap had
+    not happened (only where it takes two renames), the previous output is put back; after it,
+    the previous output, in a hidden sibling, is taken apart (see :func:`_retire`)."""
+    parent, base = os.path.split(output_dir)
+    if not os.path.isdir(parent):
+        return
+    for entry in sorted(os.listdir(parent)):
+        if not (entry.startswith(TMP_PREFIX) and f"-{base}-" in entry):
+            continue
+        previous = os.path.join(parent, entry)
+        mark = os.path.join(previous, layout.INTERNAL, _PREVIOUS_MARK)
+        try:
+            if (layout.read_json(mark) or {}).get("output") != output_dir:
+                continue
+        except (OSError, ValueError):
+            continue
+        if os.path.lexists(output_dir):
+            log.warning("%s: taking apart %s, the output a killed resharder replaced",
+                        output_dir, previous)
+            _retire(previous, output_dir)
+        else:
+            log.warning("%s: putting the previous output back from %s (a resharder was killed "
+                        "while replacing it)", output_dir, previous)
+            os.unlink(mark)
+            os.rename(previous, output_dir)
+
+
 def commit_output(staging: str, output_dir: str, *, overwrite: bool, fsync: bool = True) -> None:
     """Moves the finished ``staging`` directory to ``output_dir`` (replacing a dataset there
-    only when ``overwrite``)."""
+    only when ``overwrite``).
+
+    The entries of ``output_dir`` that are not its dataset's (:func:`layout.dataset_entries`: a
+    user's notes, an ``eval/`` directory, ``quarantine/``) stay: they are hard-linked into the
+    new output, which then takes the old one's place in one step (``renameat2`` with
+    ``RENAME_EXCHANGE``; two renames where the file system cannot), so that a reader sees the
+    old output or the new one, each whole, and those files all along. The old output is then
+    taken apart (:func:`_retire`); a resharder killed on the way leaves it in a hidden sibling,
+    which the next reshard into ``output_dir`` finishes (:func:`finish_interrupted`).
+
+    Raises:
+      DatasetExistsError: as :func:`check_output`; or when an entry of the user's has the name
+        of one of the new output's (nothing is changed then).
+    """
     check_output(output_dir, overwrite=overwrite)
-    if fsync:
-        layout.fsync_dir(staging)
     parent = os.path.dirname(output_dir)
-    old = None
-    if os.path.isdir(output_dir):
-        if os.listdir(output_dir):
-            old = os.path.join(parent, f"{TMP_PREFIX}old-{os.path.basename(output_dir)}-"
-                                       f"{uuid.uuid4().hex[:12]}")
-            os.rename(output_dir, old)
+    if not os.path.isdir(output_dir):
+        if fsync:
+            layout.fsync_dir(staging)
+        os.rename(staging, output_dir)
+        if fsync:
+            layout.fsync_dir(parent)
+        return
+    # Under the old output's lock, so that no logger starts writing into it meanwhile.
+    with layout.dataset_lock(output_dir):
+        check_output(output_dir, overwrite=overwrite)
+        _carry_foreign(output_dir, staging)
+        layout.atomic_write_json(os.path.join(output_dir, layout.INTERNAL, _PREVIOUS_MARK),
+                                 {"output": output_dir})
+        if fsync:
+            for dirpath, _, _ in os.walk(staging):
+                layout.fsync_dir(dirpath)
+        if layout.exchange_paths(staging, output_dir):
+            previous = staging
         else:
-            os.rmdir(output_dir)
-    os.rename(staging, output_dir)
+            previous = os.path.join(parent, f"{TMP_PREFIX}old-{os.path.basename(output_dir)}-"
+                                            f"{uuid.uuid4().hex[:12]}")
+            os.rename(output_dir, previous)
+            os.rename(staging, output_dir)
     if fsync:
         layout.fsync_dir(parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    try:
+        _retire(previous, output_dir)
+    except OSError as e:  # the new output is in place; what is left is finished next time
+        log.warning("%s: could not take apart the previous output %s (%s); the next reshard "
+                    "into it finishes that", output_dir, previous, e)
+
+
+def discard_staging(staging: str) -> None:
+    """Deletes a staging directory after a failure (its links to the user's files are only
+    links), unless the swap had happened: then it holds the previous output, which
+    :func:`finish_interrupted` takes apart."""
+    if not os.path.exists(os.path.join(staging, layout.INTERNAL, _PREVIOUS_MARK)):
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1363,7 +1533,7 @@ def reshard(rlds_dirs: Sequence[PathLike], output_dir: PathLike,
         manifest = finalize(plan, results, staging, "local")
         commit_output(staging, out, overwrite=options.overwrite, fsync=options.fsync)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        discard_staging(staging)
         raise
     finally:
         progress.close()

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from collections.abc import Sequence
 
 from oxe_envlogger import layout
@@ -34,6 +33,7 @@ from oxe_envlogger.reshard import (
     build_plan,
     check_output,
     commit_output,
+    discard_staging,
     discover,
     finalize,
     make_staging,
@@ -127,7 +127,7 @@ def reshard_beam(rlds_dirs: Sequence[PathLike], output_dir: PathLike,
         manifest = layout.read_json(os.path.join(staging, MANIFEST))
         commit_output(staging, out, overwrite=options.overwrite, fsync=options.fsync)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        discard_staging(staging)
         raise
     splits = manifest["splits"]
     report = ReshardReport(out, manifest, sum(v["episodes"] for v in splits.values()),

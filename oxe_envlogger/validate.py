@@ -221,14 +221,21 @@ def _leftovers(report: ValidationReport, directory: str, info: dict) -> None:
     listed = set()
     for split in layout.list_splits(info):
         listed.update(os.path.basename(p) for p, _ in layout.shard_paths(directory, info, split))
-    name = info.get("name", "")
-    pattern = re.compile(rf"^{re.escape(name)}-.+\.{layout.FILE_FORMAT}-\d{{5,}}(-of-\d{{5,}})?$")
+    pattern = layout.shard_pattern(info.get("name", ""))
     for entry in sorted(os.listdir(directory)):
         if pattern.match(entry) and entry not in listed:
             report.add("error", "leftovers", entry, "shard file not listed in dataset_info.json "
                        "(a crash between rename and commit?); run tools/recover_rlds.py")
         elif ".tmp-" in entry:
             report.add("warning", "leftovers", entry, "temporary file of an interrupted write")
+    quarantine = os.path.join(directory, layout.QUARANTINE)
+    if os.path.isdir(quarantine):
+        kept = sorted(e for e in os.listdir(quarantine) if not e.endswith(".recovery.json"))
+        if kept:
+            report.add("warning", "leftovers", f"{layout.QUARANTINE}/",
+                       f"{len(kept)} damaged files that recovery replaced are kept here "
+                       f"({', '.join(kept[:5])}{', ...' if len(kept) > 5 else ''}); the dataset "
+                       "does not read them")
     stage = layout.staging_dir(directory)
     if os.path.isdir(stage):
         for entry in sorted(os.listdir(stage)):
@@ -279,20 +286,32 @@ def validate(directory: str | os.PathLike, *, decode_images: bool = False,
     directory = os.path.abspath(os.fspath(directory))
     report = ValidationReport(directory, max_per_check=max_per_check)
     report.checks.append("metadata")
-    if not os.path.isdir(directory):
-        report.add("error", "metadata", directory, "no such directory")
+    try:
+        layout.check_directory(directory)
+    except OSError as e:
+        report.add("error", "metadata", directory, str(e).split(": ", 1)[-1])
         return report
+    lost_features = layout.features_problem(directory)
     try:
         info = layout.read_json(os.path.join(directory, layout.DATASET_INFO))
-        features = layout.read_json(os.path.join(directory, layout.FEATURES))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        report.add("error", "metadata", directory, f"metadata file is not JSON: {e}")
+        fix = ("run tools/recover_rlds.py to rebuild it from features.json and the shards"
+               if not lost_features else f"and {lost_features}")
+        report.add("error", "metadata", layout.DATASET_INFO, f"{e}; {fix}")
         return report
     if info is None:
-        report.add("error", "metadata", layout.DATASET_INFO, "missing: not a dataset directory")
+        from oxe_envlogger import salvage
+
+        shards = sum(len(v) for d in salvage.shard_files(directory).values() for v in d.values())
+        if not lost_features:
+            problem = (f"missing, but {layout.FEATURES} and {shards} shard files are here: run "
+                       "tools/recover_rlds.py to rebuild it")
+        else:
+            problem = f"missing, and {lost_features}" if shards else "missing: not a dataset directory"
+        report.add("error", "metadata", layout.DATASET_INFO, problem)
         return report
-    if features is None:
-        report.add("error", "metadata", layout.FEATURES, "missing")
+    if lost_features:
+        report.add("error", "metadata", layout.FEATURES, lost_features)
         return report
     fmt = info.get("fileFormat") or layout.FILE_FORMAT
     if fmt != layout.FILE_FORMAT:
@@ -317,7 +336,7 @@ def validate(directory: str | os.PathLike, *, decode_images: bool = False,
     if spec is not None:
         declared = {f"steps/{p}" for p, _ in reader.step_leaves(spec)}
         declared |= {p for p, _ in reader.episode_leaves(spec)}
-    manifest = layout.read_json(os.path.join(directory, "reshard_manifest.json"))
+    manifest = layout.read_json(os.path.join(directory, layout.RESHARD_MANIFEST))
     manifest_shards = {}
     if manifest:
         for split, entry in manifest.get("splits", {}).items():
@@ -357,7 +376,8 @@ def validate(directory: str | os.PathLike, *, decode_images: bool = False,
                     # Read to the end of the file: the hash covers all of it.
                     digest = hashing.digest.hexdigest()
             except CorruptDatasetError as e:
-                report.add("error", "records", name, f"{e} (after {count} whole records)")
+                report.add("error", "records", name, f"{e} (after {count} whole records); run "
+                           "tools/recover_rlds.py to keep every intact record")
             split_records += count
             if count != expected:
                 report.add("error", "records", name,

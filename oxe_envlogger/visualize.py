@@ -37,9 +37,10 @@ _TRACE_HEIGHT = 260
 
 def _ours(directory: str) -> bool:
     """Whether the TF-free reader can decode this dataset."""
+    layout.check_directory(directory)
     info = layout.read_json(os.path.join(directory, layout.DATASET_INFO))
     if info is None:
-        raise FileNotFoundError(f"{directory}: no {layout.DATASET_INFO}; not a dataset directory")
+        raise layout.no_dataset_error(directory)
     if (info.get("fileFormat") or layout.FILE_FORMAT) != layout.FILE_FORMAT:
         return False
     try:
@@ -376,7 +377,7 @@ def collect_distributions(directory: PathLike, *, split: str | None = None,
     directory = os.fspath(directory)
     info = layout.read_json(os.path.join(directory, layout.DATASET_INFO))
     if info is None:
-        raise FileNotFoundError(f"{directory}: no {layout.DATASET_INFO}; not a dataset directory")
+        raise layout.no_dataset_error(directory)
     splits = [split] if split else layout.list_splits(info)
     parts: dict[str, list[np.ndarray]] = {}
     labels: dict[str, list[str]] = {}

@@ -205,14 +205,14 @@ class DatasetWriter:
         self.session: dict[str, Any] = {"writer_id": self.writer_id, "started": layout.now_iso(),
                                         **(session or {})}
         self._created_dir = not os.path.exists(self.dir.path)
-        os.makedirs(self.dir.path, exist_ok=True)
+        layout.check_directory(self.dir.path, create=True)
         with self.dir.lock():
             if overwrite:
-                if any(layout.writer_alive(self.dir.path, f[:-5]) for f in _writer_files(self.dir.path)):
+                if layout.live_writers(self.dir.path):
                     raise WriterError(f"{self.dir.path}: cannot overwrite while another writer is live")
                 self.dir.remove_dataset()
         if layout.needs_recovery(self.dir.path):
-            layout.recover(self.dir.path)
+            layout.recover(self.dir.path, verify=False)
         self._registration = layout.WriterRegistration(self.dir.path, self.writer_id)
 
     # -- spec -------------------------------------------------------------------------------
@@ -364,7 +364,7 @@ class DatasetWriter:
         anything else a directory already held."""
         internal = os.path.join(self.dir.path, layout.INTERNAL)
         with self.dir.lock():
-            if self.dir.read_info() is not None or _writer_files(self.dir.path):
+            if self.dir.read_info() is not None or layout.live_writers(self.dir.path):
                 return  # another writer started a dataset here, or is starting one
             for sub in ("writers", "staging"):
                 with contextlib.suppress(OSError):
@@ -527,7 +527,3 @@ class DatasetWriter:
             log.warning("%s: values outside the declared spaces logged (strict_bounds=True "
                         "refuses them): %s", self.dir.path, self.out_of_bounds)
 
-
-def _writer_files(directory: str) -> list[str]:
-    path = os.path.join(directory, layout.INTERNAL, "writers")
-    return os.listdir(path) if os.path.isdir(path) else []

@@ -129,3 +129,18 @@ def tmpfs(path: str | os.PathLike, size: str) -> Iterator[str]:
         yield path
     finally:
         subprocess.run(["umount", "-l", path], check=False)
+
+
+def kill_when_ready(args: Sequence[str], **popen_kwargs) -> None:
+    """Runs ``args`` in a real subprocess, waits until it prints ``ready``, and SIGKILLs it."""
+    import signal
+
+    proc = subprocess.Popen(list(args), stdout=subprocess.PIPE, text=True, **popen_kwargs)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stdout.close()

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import numpy as np
 from absl import app, flags
+
+from oxe_envlogger import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("split", None, "Split to inspect (default: all for the summary and --plot, "
@@ -71,7 +72,7 @@ def main(argv: list[str]) -> int:
         raise app.UsageError(f"--plot: expected FILE.png, given {FLAGS.plot}")
     from oxe_envlogger import inspection, visualize
 
-    try:
+    with cli.errors_reported(IndexError):
         if FLAGS.episode is not None:
             split = FLAGS.split or "train"
             if FLAGS.out:
@@ -91,11 +92,8 @@ def main(argv: list[str]) -> int:
             summary = inspection.summarize(directory, FLAGS.split)
             print(json.dumps(summary, indent=2, default=str) if FLAGS.json
                   else inspection.format_summary(summary))
-    except (OSError, ValueError, KeyError, IndexError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
     return 0
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

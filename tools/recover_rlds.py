@@ -4,33 +4,26 @@
     python tools/recover_rlds.py logs/half_cheetah [more dirs ...]
 
 Runs oxe_envlogger.layout.recover on each directory (idempotent; live writers are left alone) and
-prints its report as one JSON line per directory.
+prints its report as one JSON line per directory. Every committed shard is checked: a damaged one
+is replaced by a shard of its intact records (the original is kept under DIR/quarantine/), and a
+lost dataset_info.json is rebuilt from features.json and the shards. Exits 1, naming what, when
+something cannot be repaired (e.g. a lost features.json).
 """
 
 from __future__ import annotations
 
-import json
-import sys
-
 from absl import app
+
+from oxe_envlogger import cli
 
 
 def main(argv: list[str]) -> int:
-    from oxe_envlogger.layout import recover
+    from oxe_envlogger.layout import recover_main
 
     if len(argv) < 2:
         raise app.UsageError("usage: recover_rlds.py DIR [DIR ...]")
-    status = 0
-    for directory in argv[1:]:
-        try:
-            report = recover(directory)
-        except (OSError, ValueError) as e:
-            print(f"error: {directory}: {e}", file=sys.stderr)
-            status = 1
-            continue
-        print(json.dumps({"directory": directory, **report}))
-    return status
+    return recover_main(argv[1:])
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

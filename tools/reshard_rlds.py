@@ -21,6 +21,8 @@ import sys
 
 from absl import app, flags, logging
 
+from oxe_envlogger import cli
+
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("rlds_dirs", None, "Input directories, searched recursively for "
                           "datasets: --rlds_dirs A B or --rlds_dirs=A --rlds_dirs=B.",
@@ -134,7 +136,6 @@ class TqdmProgress:
 
 def main(argv: list[str]) -> int:
     from oxe_envlogger import reshard
-    from oxe_envlogger.errors import OXEEnvLoggerError
 
     extra = argv[1:]
     if extra and not FLAGS.runner:
@@ -161,7 +162,7 @@ def main(argv: list[str]) -> int:
             workers=FLAGS.workers)
     except ValueError as e:
         raise app.UsageError(str(e)) from e
-    try:
+    with cli.errors_reported():
         if FLAGS.runner:
             try:
                 import apache_beam  # noqa: F401
@@ -180,13 +181,10 @@ def main(argv: list[str]) -> int:
         else:
             report = reshard.reshard(FLAGS.rlds_dirs, FLAGS.output_rlds, options,
                                      progress=TqdmProgress())
-    except (OXEEnvLoggerError, OSError, ValueError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
     print(report.format())
     return 0
 
 
 if __name__ == "__main__":
     logging.set_verbosity(logging.WARNING)
-    app.run(main, flags_parser=parse_flags)
+    cli.run(main, flags_parser=parse_flags)

@@ -13,6 +13,8 @@ import json
 
 from absl import app, flags
 
+from oxe_envlogger import cli
+
 FLAGS = flags.FLAGS
 flags.DEFINE_bool("decode_images", False, "Decode every image (slow) instead of checking its "
                   "header and size.")
@@ -36,4 +38,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

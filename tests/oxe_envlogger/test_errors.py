@@ -495,3 +495,12 @@ def test_every_front_counts_or_refuses_values_outside_the_space(dataset_dir, fro
     logger.close()
     meta = json.load(open(os.path.join(dataset_dir, "oxe_envlogger.json")))
     assert meta["sessions"][0]["out_of_bounds_values"] == {"action": 1}
+
+
+def test_a_dataset_path_that_is_a_file_is_one_clear_error(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("not a dataset")
+    with pytest.raises(NotADirectoryError) as err:
+        AutoOXEEnvLogger(RecordingEnv(OBS, ACT), "ds", str(path))
+    assert str(err.value) == f"{path}: a file, not a dataset directory"
+    assert path.read_text() == "not a dataset"

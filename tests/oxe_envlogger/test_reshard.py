@@ -8,6 +8,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -19,8 +20,15 @@ from oxe_envlogger import layout, reader, record, reshard, stats
 from oxe_envlogger.errors import CorruptDatasetError, DatasetExistsError, FeatureMismatchError
 from oxe_envlogger.reshard import ReshardOptions
 from oxe_envlogger.validate import validate
-from tests.helpers import read_tfds
-from tests.tools.datasets import REPO, make_w1, make_w2
+from tests.helpers import kill_when_ready, read_tfds
+from tests.tools.datasets import (
+    REPO,
+    USER_FILES,
+    add_user_files,
+    assert_user_files,
+    make_w1,
+    make_w2,
+)
 
 
 @pytest.fixture(scope="module")
@@ -455,3 +463,145 @@ def test_a_tfds_written_dataset_reshards_with_transformations(tmp_path):
     report = validate(out)
     assert report.ok, report.format()
     assert not os.path.exists(os.path.join(out, layout.STATISTICS))  # features we cannot decode
+
+
+# --overwrite replaces only what the resharder writes
+
+def test_overwrite_keeps_files_the_resharder_did_not_write(sources, merged, tmp_path):
+    existing = shutil.copytree(merged[0], str(tmp_path / "existing"))
+    inodes = add_user_files(existing)
+    for name in ("dataset_statistics_0123abcd.json", "dataset_info.json.tmp-1-deadbeef"):
+        (tmp_path / "existing" / name).write_text("{}")  # the trainer's cache; a torn write
+    old_shards = [n for n in os.listdir(existing) if ".tfrecord-" in n]
+    reshard.reshard([os.path.join(sources, "a")], existing,
+                    ReshardOptions(overwrite=True, dataset_name="renamed"))
+    assert_user_files(existing)
+    # the same files, not copies: hard-linked into the new output before it took the old's place
+    assert {rel: os.stat(os.path.join(existing, rel)).st_ino for rel in USER_FILES} == inodes
+    entries = set(os.listdir(existing))
+    assert not entries & set(old_shards)
+    assert entries - {"NOTES.txt", "eval", "latest.json"} == set(os.listdir(merged[0])) - set(
+        old_shards) | {"renamed-train.tfrecord-00000-of-00001"}
+    assert validate(existing).ok and len(read_tfds(existing)) == 3
+    assert no_leftovers(str(tmp_path))
+
+
+def test_overwrite_of_a_logged_dataset_keeps_user_files(sources, tmp_path):
+    logged = shutil.copytree(os.path.join(sources, "b"), str(tmp_path / "logged"))
+    add_user_files(logged)
+    reshard.reshard([os.path.join(sources, "a")], logged, ReshardOptions(overwrite=True))
+    assert_user_files(logged)
+    assert not os.path.exists(os.path.join(logged, layout.INTERNAL))
+    assert validate(logged).ok and no_leftovers(str(tmp_path))
+
+
+def test_overwrite_refuses_a_user_file_named_like_a_new_shard(sources, merged, tmp_path):
+    existing = shutil.copytree(merged[0], str(tmp_path / "existing"))
+    add_user_files(existing)
+    (tmp_path / "existing" / "renamed-train.tfrecord-00000-of-00001").write_text("mine")
+    before = dir_files(existing)
+    with pytest.raises(DatasetExistsError, match=re.escape("renamed-train.tfrecord-00000-of")):
+        reshard.reshard([os.path.join(sources, "a")], existing,
+                        ReshardOptions(overwrite=True, dataset_name="renamed"))
+    assert dir_files(existing) == before and no_leftovers(str(tmp_path))
+    assert_user_files(existing)
+
+
+def test_overwrite_refuses_while_a_logger_writes(sources, tmp_path):
+    logged = shutil.copytree(os.path.join(sources, "b"), str(tmp_path / "logged"))
+    registration = layout.WriterRegistration(logged, "0123456789ab")  # a live writer's lock
+    try:
+        with pytest.raises(DatasetExistsError, match="0123456789ab"):
+            reshard.reshard([os.path.join(sources, "a")], logged, ReshardOptions(overwrite=True))
+    finally:
+        registration.release()
+    assert validate(logged).ok and no_leftovers(str(tmp_path))
+
+
+def test_logger_overwrite_removes_the_reshard_files_and_keeps_the_user_files(merged, tmp_path):
+    """overwrite=True of a logger on a resharded directory: the manifest and the trainer's
+    caches describe the replaced data and go with it; the user's files stay."""
+    import gymnasium as gym
+
+    import oxe_envlogger.envs  # noqa: F401  (registers the env)
+    from oxe_envlogger import AutoOXEEnvLogger
+    from oxe_envlogger.envs import run_episodes
+
+    existing = shutil.copytree(merged[0], str(tmp_path / "existing"))
+    add_user_files(existing)
+    (tmp_path / "existing" / "dataset_statistics_0123abcd.json").write_text("{}")
+    env = AutoOXEEnvLogger(gym.make("oxe_envlogger/SyntheticCamera-v0", image_size=32,
+                                    wrist_size=16, max_episode_steps=5), "w2", existing,
+                           overwrite=True)
+    run_episodes(env, 2, seed=0)
+    env.close()
+    assert_user_files(existing)
+    assert not os.path.exists(os.path.join(existing, reshard.MANIFEST))
+    assert not os.path.exists(os.path.join(existing, "dataset_statistics_0123abcd.json"))
+    report = validate(existing)
+    assert report.ok and report.episodes == 2, report.format()
+
+
+def test_exchange_paths(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x").write_text("a")
+    (tmp_path / "b").mkdir()
+    if not layout.exchange_paths(tmp_path / "a", tmp_path / "b"):
+        pytest.skip("no RENAME_EXCHANGE on this file system")
+    assert os.listdir(tmp_path / "b") == ["x"] and os.listdir(tmp_path / "a") == []
+    with pytest.raises(FileNotFoundError):
+        layout.exchange_paths(tmp_path / "a", tmp_path / "missing")
+
+
+_PAUSED_RESHARD = """
+import os, sys, time
+from oxe_envlogger import layout, reshard
+
+def pause(*args):
+    print("ready", flush=True)
+    time.sleep(600)
+
+where = sys.argv[3]
+if where == "before_swap":
+    layout.exchange_paths = pause
+elif where == "after_swap":
+    reshard._retire = pause
+else:  # no RENAME_EXCHANGE: killed between the two renames
+    layout.exchange_paths = lambda a, b: False
+    rename = os.rename
+    def paused_rename(a, b):
+        rename(a, b)
+        if os.path.basename(b).startswith(reshard.TMP_PREFIX + "old-"):
+            pause()
+    os.rename = paused_rename
+reshard.reshard([sys.argv[1]], sys.argv[2],
+                reshard.ReshardOptions(overwrite=True, dataset_name="renamed"))
+"""
+
+
+@pytest.mark.parametrize("where", ["before_swap", "after_swap", "between_renames"])
+def test_overwrite_killed_midway(sources, merged, tmp_path, where):
+    """SIGKILL during the replacement: the output is the old dataset or the new one, whole, with
+    the user's files (only where the swap takes two renames is there a moment without an output
+    at all); the next reshard into it finishes the job and the user's files stay."""
+    existing = shutil.copytree(merged[0], str(tmp_path / "existing"))
+    add_user_files(existing)
+    a = os.path.join(sources, "a")
+    kill_when_ready([sys.executable, "-c", _PAUSED_RESHARD, a, existing, where], cwd=REPO,
+                    stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": REPO})
+    if where == "between_renames":
+        assert not os.path.exists(existing)
+    else:
+        assert validate(existing).ok
+        assert_user_files(existing)
+        name = layout.read_json(os.path.join(existing, layout.DATASET_INFO))["name"]
+        assert name == {"before_swap": "w2", "after_swap": "renamed"}[where]
+        assert len(read_tfds(existing)) == (9 if where == "before_swap" else 3)
+    reshard.reshard([a], existing, ReshardOptions(overwrite=True, dataset_name="renamed"))
+    assert_user_files(existing)
+    assert validate(existing).ok and len(read_tfds(existing)) == 3
+    left = [e for e in os.listdir(tmp_path) if e.startswith(reshard.TMP_PREFIX)]
+    # no previous output is left behind; a killed run's staging directory (the new dataset and
+    # links to the user's files) may be, as before: it cannot be told from a running one's
+    assert all(not os.path.exists(os.path.join(tmp_path, e, layout.INTERNAL)) for e in left)
+    assert len(left) <= (0 if where == "after_swap" else 1)

@@ -20,7 +20,14 @@ import pytest
 from oxe_envlogger import layout, reshard
 from oxe_envlogger.reshard import ReshardOptions
 from oxe_envlogger.validate import validate
-from tests.tools.datasets import REPO, make_w1, make_w2, run_tool
+from tests.tools.datasets import (
+    REPO,
+    add_user_files,
+    assert_user_files,
+    make_w1,
+    make_w2,
+    run_tool,
+)
 
 
 def beam_python() -> str | None:
@@ -114,4 +121,17 @@ def test_beam_worker_failure_leaves_nothing(sources, tmp_path):
                    python=BEAM_PYTHON)
     assert res.returncode != 0 and "CRC" in res.stderr
     assert not os.path.exists(out)
+    assert not [e for e in os.listdir(tmp_path) if e.startswith(reshard.TMP_PREFIX)]
+
+
+def test_beam_overwrite_keeps_the_users_files(sources, tmp_path):
+    out = str(tmp_path / "out")
+    reshard.reshard([os.path.join(sources, "b")], out)
+    add_user_files(out)
+    res = run_tool("reshard_rlds", f"--rlds_dirs={os.path.join(sources, 'a')}",
+                   f"--output_rlds={out}", "--overwrite", *DIRECT, python=BEAM_PYTHON)
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert_user_files(out)
+    report = validate(out)
+    assert report.ok and report.episodes == 3, report.format()
     assert not [e for e in os.listdir(tmp_path) if e.startswith(reshard.TMP_PREFIX)]

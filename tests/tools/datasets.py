@@ -146,3 +146,25 @@ def make_slash_keys(directory: str, episodes: int = 2) -> str:
                  for t in range(n)]
         out.append({"steps": steps, "meta/operator": f"op{e}"})
     return _write_with_tfds(directory, "slash_keys", features, out)
+
+
+USER_FILES = {"NOTES.txt": b"collected on robot 3, gripper recalibrated\n",
+              "eval/results.json": b'{"success_rate": 0.8}\n',
+              "eval/run1/log.txt": b"step 1\n" * 700}
+
+
+def add_user_files(directory: str) -> dict[str, int]:
+    """A user's files in a dataset directory (and a symbolic link); returns their inodes."""
+    for rel, data in USER_FILES.items():
+        os.makedirs(os.path.dirname(os.path.join(directory, rel)), exist_ok=True)
+        with open(os.path.join(directory, rel), "wb") as f:
+            f.write(data)
+    os.symlink("eval/results.json", os.path.join(directory, "latest.json"))
+    return {rel: os.stat(os.path.join(directory, rel)).st_ino for rel in USER_FILES}
+
+
+def assert_user_files(directory: str) -> None:
+    for rel, data in USER_FILES.items():
+        with open(os.path.join(directory, rel), "rb") as f:
+            assert f.read() == data, rel
+    assert os.readlink(os.path.join(directory, "latest.json")) == "eval/results.json"

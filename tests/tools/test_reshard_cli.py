@@ -9,7 +9,7 @@ import pytest
 
 from oxe_envlogger import layout, reader, reshard
 from oxe_envlogger.validate import validate
-from tests.tools.datasets import make_w1, make_w2, run_tool
+from tests.tools.datasets import add_user_files, assert_user_files, make_w1, make_w2, run_tool
 
 
 @pytest.fixture(scope="module")
@@ -101,3 +101,17 @@ def test_runner_without_beam_is_a_clear_error(inputs, tmp_path):
                    "--direct_num_workers=2")
     assert res.returncode == 2 and "pip install apache-beam" in res.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_overwrite_keeps_the_users_files(inputs, tmp_path):
+    out = str(tmp_path / "out")
+    assert run_tool("reshard_rlds", f"--rlds_dirs={inputs['a']}", f"--output_rlds={out}"
+                    ).returncode == 0
+    add_user_files(out)
+    res = run_tool("reshard_rlds", f"--rlds_dirs={inputs['b']}", f"--output_rlds={out}",
+                   "--overwrite")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert_user_files(out)
+    report = validate(out)
+    assert report.ok and report.episodes == 3, report.format()
+    assert not [e for e in os.listdir(tmp_path) if e.startswith(reshard.TMP_PREFIX)]
