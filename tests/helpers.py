@@ -66,6 +66,21 @@ def run_episodes(env: gym.Env, n: int, *, seed: int = 0, steps: int | None = Non
                 break
 
 
+def as_older_logger_wrote_statistics(directory: str) -> None:
+    """Rewrites ``statistics.json`` as the logger before the quantile sketch wrote it: the same
+    schema (format_version 1; per key the moments and a bottom-k sample of at most 512 rows,
+    whose fields the new file keeps for older readers) without ``sketch`` and ``rank_error``."""
+    from oxe_envlogger import layout
+
+    path = os.path.join(directory, layout.STATISTICS)
+    data = layout.read_json(path)
+    for body in [data, *data.get("splits", {}).values()]:
+        for entry in body["keys"].values():
+            del entry["state"]["sketch"]
+            del entry["summary"]["rank_error"]
+    layout.atomic_write_json(path, data)
+
+
 def in_subprocess(fn, *args, timeout: float = 600):
     """Runs ``fn(*args)`` in a fresh (spawned) Python process and returns its result.
 
