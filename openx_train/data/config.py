@@ -11,6 +11,7 @@ as their structures give the same output names and sizes.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import enum
 import os
 import types
@@ -84,8 +85,9 @@ class Structure:
       action: step keys concatenated into ``action``.
       language: the step key of the language instruction; ``"auto"`` takes
         ``"language_instruction"`` when the dataset has it; None leaves language out.
-      normalization: per logged key, a :class:`Normalization` (or its string value); keys not
-        listed use ``state_normalization`` or ``action_normalization``.
+      normalization: per state or action key (as listed in ``state`` and ``action``), a
+        :class:`Normalization` (or its string value); keys not listed use
+        ``state_normalization`` or ``action_normalization``. Any other key is a ConfigError.
       state_normalization: default for state keys.
       action_normalization: default for action keys.
     """
@@ -119,6 +121,15 @@ class Structure:
             images[name] = camera
         object.__setattr__(self, "images", types.MappingProxyType(images))
         norms = {k: Normalization.parse(v, key=k) for k, v in dict(self.normalization).items()}
+        known = {*self.state, *self.action}
+        unknown = sorted(set(norms) - known)
+        if unknown:
+            # A misspelt key would otherwise be ignored and its key normalized by default.
+            hints = {k: difflib.get_close_matches(k, known, n=1) for k in unknown}
+            hint = "".join(f"; {k!r}: did you mean {m[0]!r}?" for k, m in hints.items() if m)
+            raise ConfigError(f"structure normalization: keys {unknown} are not state or action "
+                              f"keys of this structure; expected keys among {sorted(known)}"
+                              f"{hint}")
         object.__setattr__(self, "normalization", types.MappingProxyType(norms))
         object.__setattr__(self, "state_normalization",
                            Normalization.parse(self.state_normalization, key="state"))
