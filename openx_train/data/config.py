@@ -22,6 +22,8 @@ from openx_train.data.errors import ConfigError
 
 #: The language key used when ``Structure.language == "auto"`` and the dataset has it.
 LANGUAGE_KEY = "language_instruction"
+#: ``LoaderConfig.remainder`` values.
+REMAINDERS = ("partial", "pad", "drop")
 #: Output names the batch format reserves inside ``observation``.
 RESERVED_OBSERVATION_KEYS = frozenset({"state", "pad_mask", "pad_mask_dict"})
 
@@ -261,7 +263,13 @@ class LoaderConfig:
       process_index: this process's index among ``process_count`` (multi-host training): each
         process reads a disjoint share of every dataset's frames.
       process_count: number of processes sharing the data.
-      drop_remainder: drop a last incomplete batch (validation; training never ends).
+      remainder: the validation pass's last batch, when the frames do not fill it (training
+        never ends): ``"partial"`` a smaller batch, so every frame comes once (with several
+        processes, their batch counts may differ by one); ``"pad"`` filled to ``batch_size``
+        with copies of a frame marked ``valid=False``, and the same number of batches on every
+        process: fixed shapes for a jitted step, also across hosts; ``"drop"`` full batches
+        only, the same number on every process, the frames left over skipped (a ConfigError
+        when that leaves no batch).
       prefetch: batches prepared ahead.
       num_parallel_calls: parallelism of image decoding; -1 lets tf.data tune it.
     """
@@ -278,7 +286,7 @@ class LoaderConfig:
     deterministic: bool = False
     process_index: int = 0
     process_count: int = 1
-    drop_remainder: bool = True
+    remainder: str = "partial"
     prefetch: int = 2
     num_parallel_calls: int = -1
 
@@ -289,6 +297,9 @@ class LoaderConfig:
         if not 0 <= self.process_index < self.process_count:
             raise ConfigError(f"loader process_index: expected in [0, {self.process_count}), "
                               f"given {self.process_index!r}")
+        if self.remainder not in REMAINDERS:
+            raise ConfigError(f"loader remainder: expected one of {list(REMAINDERS)}, given "
+                              f"{self.remainder!r}")
         if self.image_dtype not in ("uint8", "float32"):
             raise ConfigError(f"loader image_dtype: expected 'uint8' or 'float32', given "
                               f"{self.image_dtype!r}")
