@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import itertools
 import json
-import math
 
 import gymnasium as gym
 import numpy as np
@@ -16,38 +15,11 @@ import pytest
 from oxe_envlogger import AutoOXEEnvLogger, layout, read_episodes, stats
 from oxe_envlogger.envs import run_episodes
 from oxe_envlogger.validate import validate
-from tests.helpers import as_older_logger_wrote_statistics
-
-NAMES = [f"q{round(p * 100):02d}" for p in stats.QUANTILES]
-
-
-def _within_bound(column: np.ndarray, q: float, p: float, error: float) -> bool:
-    """Whether ``q`` lies between the sorted finite values at positions p (n - 1) -+ error,
-    rounded outwards (the documented guarantee)."""
-    s = np.sort(column[np.isfinite(column)])
-    t = p * (len(s) - 1)
-    lo = min(len(s) - 1, max(0, math.floor(t - error)))
-    hi = min(len(s) - 1, max(0, math.ceil(t + error)))
-    return s[lo] <= q <= s[hi]
-
-
-def _check(data: np.ndarray, summary: dict, capacity: int = stats.SKETCH_ROWS) -> float:
-    """Asserts every stored quantile of every column within its stored bound, and the bound
-    within the documented (1 + log2(n / capacity)) / capacity; returns the largest bound."""
-    worst = 0.0
-    for j in range(data.shape[1]):
-        column = data[:, j]
-        n = int(np.isfinite(column).sum())
-        assert summary["count"][j] == n
-        error = summary["rank_error"][j] * n
-        assert abs(error - round(error)) < 1e-6 * max(1, n)  # a whole number of rows
-        error = round(error)
-        assert error / n <= (1 + math.log2(max(n / capacity, 1))) / capacity
-        worst = max(worst, error / n)
-        for name, p in zip(NAMES, stats.QUANTILES):
-            q = summary[name][j]
-            assert _within_bound(column, q, p, error), (j, name, q, error)
-    return worst
+from tests.helpers import (
+    as_older_logger_wrote_statistics,
+    check_quantiles,
+    within_rank_bound,
+)
 
 
 def _columns(n: int, seed: int = 0) -> np.ndarray:
@@ -85,11 +57,11 @@ def test_quantiles_within_the_stored_bound_on_200k_rows():
         st.update(data[start:start + length])
         start += length
     summary = st.summary()
-    worst = _check(data, summary)
+    worst = check_quantiles(data, summary)
     assert 0 < worst < 0.01
     # The typical error is far below the bound: the medians are within 0.1% of the ranks.
     for j in (0, 1, 2):
-        assert _within_bound(data[:, j], summary["q50"][j], 0.5, 0.001 * len(data))
+        assert within_rank_bound(data[:, j], summary["q50"][j], 0.5, 0.001 * len(data))
 
 
 def test_merged_parts_within_the_bound_and_deterministic():
@@ -117,7 +89,7 @@ def test_merged_parts_within_the_bound_and_deterministic():
     one, two = merged(), merged()
     assert json.dumps(one.to_json()) == json.dumps(two.to_json())
     assert one.summary() == two.summary()
-    _check(data, one.summary())
+    check_quantiles(data, one.summary())
 
 
 def test_exact_up_to_the_capacity_even_across_merges():
@@ -131,8 +103,8 @@ def test_exact_up_to_the_capacity_even_across_merges():
         parts[0].merge(stats.RunningStats.from_json(part.to_json()))
     summary = parts[0].summary()
     assert summary["rank_error"] == [0.0, 0.0, 0.0]
-    for name, p in zip(NAMES, stats.QUANTILES):
-        assert summary[name] == np.nanquantile(data, p, axis=0).tolist()
+    for p in stats.QUANTILES:
+        assert summary[f"q{round(p * 100):02d}"] == np.nanquantile(data, p, axis=0).tolist()
     parts[0].update(rng.normal(size=(1, 3)))  # one row more than a level holds
     assert parts[0].summary()["rank_error"][0] > 0
 
@@ -153,7 +125,7 @@ def test_halfcheetah_5000_random_actions_median_issue_11(tmp_path):
     # Within 0.5% of the ranks, about 0.01 in value for uniform actions in [-1, 1]: 0.07 before.
     np.testing.assert_allclose(summary["q50"], exact, atol=0.01)
     assert max(summary["rank_error"]) <= 0.005
-    _check(actions, summary)
+    check_quantiles(actions, summary)
 
 
 def test_keys_too_wide_for_a_sketch_keep_moments_only():
@@ -207,8 +179,8 @@ def test_an_older_loggers_file_is_read_its_quantiles_not_used_and_recover_rebuil
     assert layout.STATISTICS in report["updated"]
     loaded, _ = stats.load(directory)
     assert loaded.legacy_keys() == [] and stats.is_current(directory)
-    _check(actions, loaded.keys["action"].summary())
-    _check(_data(directory, "observation"), loaded.keys["observation"].summary())
+    check_quantiles(actions, loaded.keys["action"].summary())
+    check_quantiles(_data(directory, "observation"), loaded.keys["observation"].summary())
 
 
 def test_older_readers_take_quantiles_from_the_sample_of_a_new_file():
@@ -236,7 +208,7 @@ def test_older_readers_take_quantiles_from_the_sample_of_a_new_file():
     for p in stats.QUANTILES:
         q = np.nanquantile(sample, p, axis=0)
         for j in range(w):
-            assert _within_bound(data[:, j], q[j], p, error[j] + spacing)
+            assert within_rank_bound(data[:, j], q[j], p, error[j] + spacing)
     # Small data: the rows themselves, so the old reader is exact too.
     small = stats.RunningStats((4,))
     small.update(data[:100])
@@ -253,4 +225,4 @@ def test_bound_holds_for_small_capacities(capacity):
     assert st.sketch.capacity == capacity
     for chunk in np.array_split(data, 37):
         st.update(chunk)
-    _check(data, st.summary(), capacity)
+    check_quantiles(data, st.summary(), capacity)
