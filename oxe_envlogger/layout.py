@@ -629,8 +629,9 @@ def recover(directory: PathLike, *, verify: bool = True) -> dict:
     alone. With ``verify`` (writers opening a directory pass False, so as not to read it all),
     every listed shard is read as well: a damaged one is replaced by a shard of its intact
     records, before and after the damage, and the original is kept under ``quarantine/``; a
-    missing one becomes an empty shard; a wrong record count is corrected. Then
-    ``statistics.json`` and a reshard manifest are brought in line with the shards.
+    missing one becomes an empty shard; a wrong record count is corrected, and statistics with
+    an older logger's sampled quantiles are rebuilt with sketches. Then ``statistics.json`` and a
+    reshard manifest are brought in line with the shards.
 
     Returns:
       A report: ``{"committed_shards": [...], "episodes": n (committed or salvaged),
@@ -737,7 +738,7 @@ def recover(directory: PathLike, *, verify: bool = True) -> dict:
         keeps_stats = touched or os.path.exists(os.path.join(directory, STATISTICS))
         if (not lost_features and keeps_stats
                 and (info.get("fileFormat") or FILE_FORMAT) == FILE_FORMAT
-                and salvage.refresh_statistics(directory)):
+                and salvage.refresh_statistics(directory, upgrade=verify)):
             report["updated"].append(STATISTICS)
         repairs = {k: report[k] for k in ("salvaged_shards", "missing_shards", "relisted",
                                           "rebuilt") if report[k]}

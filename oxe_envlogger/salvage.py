@@ -317,11 +317,12 @@ def reconcile_manifest(directory: str, changed: set[str]) -> bool:
     return True
 
 
-def refresh_statistics(directory: str) -> bool:
+def refresh_statistics(directory: str, *, upgrade: bool = False) -> bool:
     """Makes ``statistics.json`` cover exactly the listed shards: rebuilt when it covers a
     shard that is no longer listed, or with another number of episodes (statistics cannot be
-    taken back out), else caught up. Datasets whose features the TF-free reader does not know
-    have none. Returns whether it changed. Caller holds the lock."""
+    taken back out), or with ``upgrade`` when it holds an older logger's sampled quantiles
+    (``StatsSet.legacy_keys``), else caught up. Datasets whose features the TF-free reader does
+    not know have none. Returns whether it changed. Caller holds the lock."""
     from oxe_envlogger import reader, stats
 
     info = layout.read_json(os.path.join(directory, layout.DATASET_INFO))
@@ -333,9 +334,10 @@ def refresh_statistics(directory: str) -> bool:
     else:
         listed = {s: {os.path.basename(p): n for p, n in layout.shard_paths(directory, info, s)}
                   for s in layout.list_splits(info)}
-        stale = loaded is not None and any(
+        stale = loaded is not None and (any(
             listed.get(split, {}).get(name) != n
             for split, names in loaded[1].items() for name, n in names.items())
+            or (upgrade and bool(loaded[0].legacy_keys())))
     if stale:
         os.unlink(path)
     elif loaded is not None and stats.is_current(directory):

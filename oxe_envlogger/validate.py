@@ -402,13 +402,19 @@ def validate(directory: str | os.PathLike, *, decode_images: bool = False,
                    "checked")
     report.checks.append("statistics")
     if os.path.exists(os.path.join(directory, layout.STATISTICS)):
+        loaded = stats.load(directory)
         if not stats.is_current(directory):
-            loaded = stats.load(directory)
             covers = loaded[1] if loaded else {}
             report.add("error", "statistics", layout.STATISTICS,
                        f"not current: covers {sum(len(v) for v in covers.values())} shards of "
                        f"{report.shards}; run tools/recover_rlds.py (it catches up) or "
                        "oxe_envlogger.stats.catch_up")
+        legacy = loaded[0].legacy_keys() if loaded else []
+        if legacy:
+            report.add("warning", "statistics", layout.STATISTICS,
+                       f"the quantiles of {legacy} come from an older logger's sample of at "
+                       "most 512 rows and are not used; run tools/recover_rlds.py to rebuild "
+                       "them")
     else:
         report.add("warning", "statistics", layout.STATISTICS, "missing")
     report.checks.append("leftovers")

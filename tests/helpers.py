@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import os
 import subprocess
 from collections.abc import Iterator, Sequence
@@ -64,6 +65,57 @@ def run_episodes(env: gym.Env, n: int, *, seed: int = 0, steps: int | None = Non
             t += 1
             if term or trunc or (steps is not None and t >= steps):
                 break
+
+
+def as_older_logger_wrote_statistics(directory: str) -> None:
+    """Rewrites ``statistics.json`` as the logger before the quantile sketch wrote it: the same
+    schema (format_version 1; per key the moments and a bottom-k sample of at most 512 rows,
+    whose fields the new file keeps for older readers) without ``sketch`` and ``rank_error``."""
+    from oxe_envlogger import layout
+
+    path = os.path.join(directory, layout.STATISTICS)
+    data = layout.read_json(path)
+    for body in [data, *data.get("splits", {}).values()]:
+        for entry in body["keys"].values():
+            del entry["state"]["sketch"]
+            del entry["summary"]["rank_error"]
+    layout.atomic_write_json(path, data)
+
+
+def within_rank_bound(column: np.ndarray, q: float, p: float, error: float) -> bool:
+    """Whether ``q`` lies between the sorted finite values of ``column`` at positions
+    p (n - 1) -+ error, rounded outwards (the guarantee of ``oxe_envlogger.stats``)."""
+    s = np.sort(column[np.isfinite(column)])
+    t = p * (len(s) - 1)
+    lo = min(len(s) - 1, max(0, math.floor(t - error)))
+    hi = min(len(s) - 1, max(0, math.ceil(t + error)))
+    return bool(s[lo] <= q <= s[hi])
+
+
+def check_quantiles(data: np.ndarray, summary: dict, capacity: int | None = None) -> float:
+    """Asserts that every stored quantile of every column of ``data`` ``[n, width]`` (a
+    ``RunningStats.summary()``) is within its stored ``rank_error`` of its exact rank, and that
+    bound within the documented (1 + log2(n / capacity)) / capacity (twice that for a column with
+    non-finite values); returns the largest bound."""
+    from oxe_envlogger import stats
+
+    capacity = capacity or stats.SKETCH_ROWS
+    summary = {k: np.asarray(v).reshape(-1) for k, v in summary.items()}
+    worst = 0.0
+    for j in range(data.shape[1]):
+        column = data[:, j]
+        n = int(np.isfinite(column).sum())
+        assert summary["count"][j] == n
+        error = summary["rank_error"][j] * n
+        assert abs(error - round(error)) < 1e-6 * max(1, n)  # a whole number of rows
+        error = round(error)
+        factor = 1 if n == len(column) else 2
+        assert error / n <= factor * (1 + math.log2(max(n / capacity, 1))) / capacity
+        worst = max(worst, error / n)
+        for p in stats.QUANTILES:
+            q = summary[f"q{round(p * 100):02d}"][j]
+            assert within_rank_bound(column, q, p, error), (j, p, q, error)
+    return worst
 
 
 def in_subprocess(fn, *args, timeout: float = 600):

@@ -11,6 +11,7 @@ as their structures give the same output names and sizes.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import enum
 import os
 import types
@@ -21,6 +22,8 @@ from openx_train.data.errors import ConfigError
 
 #: The language key used when ``Structure.language == "auto"`` and the dataset has it.
 LANGUAGE_KEY = "language_instruction"
+#: ``LoaderConfig.remainder`` values.
+REMAINDERS = ("partial", "pad", "drop")
 #: Output names the batch format reserves inside ``observation``.
 RESERVED_OBSERVATION_KEYS = frozenset({"state", "pad_mask", "pad_mask_dict"})
 
@@ -84,8 +87,9 @@ class Structure:
       action: step keys concatenated into ``action``.
       language: the step key of the language instruction; ``"auto"`` takes
         ``"language_instruction"`` when the dataset has it; None leaves language out.
-      normalization: per logged key, a :class:`Normalization` (or its string value); keys not
-        listed use ``state_normalization`` or ``action_normalization``.
+      normalization: per state or action key (as listed in ``state`` and ``action``), a
+        :class:`Normalization` (or its string value); keys not listed use
+        ``state_normalization`` or ``action_normalization``. Any other key is a ConfigError.
       state_normalization: default for state keys.
       action_normalization: default for action keys.
     """
@@ -119,6 +123,15 @@ class Structure:
             images[name] = camera
         object.__setattr__(self, "images", types.MappingProxyType(images))
         norms = {k: Normalization.parse(v, key=k) for k, v in dict(self.normalization).items()}
+        known = {*self.state, *self.action}
+        unknown = sorted(set(norms) - known)
+        if unknown:
+            # A misspelt key would otherwise be ignored and its key normalized by default.
+            hints = {k: difflib.get_close_matches(k, known, n=1) for k in unknown}
+            hint = "".join(f"; {k!r}: did you mean {m[0]!r}?" for k, m in hints.items() if m)
+            raise ConfigError(f"structure normalization: keys {unknown} are not state or action "
+                              f"keys of this structure; expected keys among {sorted(known)}"
+                              f"{hint}")
         object.__setattr__(self, "normalization", types.MappingProxyType(norms))
         object.__setattr__(self, "state_normalization",
                            Normalization.parse(self.state_normalization, key="state"))
@@ -250,7 +263,13 @@ class LoaderConfig:
       process_index: this process's index among ``process_count`` (multi-host training): each
         process reads a disjoint share of every dataset's frames.
       process_count: number of processes sharing the data.
-      drop_remainder: drop a last incomplete batch (validation; training never ends).
+      remainder: the validation pass's last batch, when the frames do not fill it (training
+        never ends): ``"partial"`` a smaller batch, so every frame comes once (with several
+        processes, their batch counts may differ by one); ``"pad"`` filled to ``batch_size``
+        with copies of a frame marked ``valid=False``, and the same number of batches on every
+        process: fixed shapes for a jitted step, also across hosts; ``"drop"`` full batches
+        only, the same number on every process, the frames left over skipped (a ConfigError
+        when that leaves no batch).
       prefetch: batches prepared ahead.
       num_parallel_calls: parallelism of image decoding; -1 lets tf.data tune it.
     """
@@ -267,7 +286,7 @@ class LoaderConfig:
     deterministic: bool = False
     process_index: int = 0
     process_count: int = 1
-    drop_remainder: bool = True
+    remainder: str = "partial"
     prefetch: int = 2
     num_parallel_calls: int = -1
 
@@ -278,6 +297,9 @@ class LoaderConfig:
         if not 0 <= self.process_index < self.process_count:
             raise ConfigError(f"loader process_index: expected in [0, {self.process_count}), "
                               f"given {self.process_index!r}")
+        if self.remainder not in REMAINDERS:
+            raise ConfigError(f"loader remainder: expected one of {list(REMAINDERS)}, given "
+                              f"{self.remainder!r}")
         if self.image_dtype not in ("uint8", "float32"):
             raise ConfigError(f"loader image_dtype: expected 'uint8' or 'float32', given "
                               f"{self.image_dtype!r}")

@@ -393,21 +393,56 @@ def _train_indices(config: LoaderConfig, weights: np.ndarray, frames: np.ndarray
         epoch, r = q // n, q % n
         perm = ops.permute_indices(r, n, seed=config.seed, stream=ids, epoch=epoch)
         rows = tf.gather(frames_t, tf.gather(base_t, ids) + perm)
-        return counters + tf.reduce_sum(onehot, axis=0), (b, ids, rows)
+        return counters + tf.reduce_sum(onehot, axis=0), (b, ids, rows, tf.ones([b_size], bool))
 
     return tf.data.Dataset.counter().scan(tf.zeros([k], tf.int64), draw)
 
 
-def _validation_indices(config: LoaderConfig, frames: np.ndarray, frame_base: np.ndarray,
-                        counts: np.ndarray) -> tuple[tf.data.Dataset, int]:
+def _validation_indices(config: LoaderConfig, frames: np.ndarray, counts: np.ndarray,
+                        names: Sequence[str]) -> tuple[tf.data.Dataset, int]:
+    """One pass: ``(batch number, dataset ids [B], rows [B], valid [B])``, every dataset's
+    frames in order, this process taking every ``process_count``-th one (so the processes'
+    shares are disjoint and cover every frame), batched as ``config.remainder`` says.
+
+    Raises:
+      ConfigError: with ``remainder="drop"``, when not one full batch would come.
+    """
+    size, count = config.batch_size, config.process_count
     ids = np.repeat(np.arange(len(counts), dtype=np.int32), counts)
-    mine = slice(config.process_index, None, config.process_count)
+    first = (ids[:1], frames[:1])  # a real frame to pad with
+    mine = slice(config.process_index, None, count)
     ids, rows = ids[mine], frames[mine]
-    n = len(rows)
-    num_batches = n // config.batch_size if config.drop_remainder else -(-n // config.batch_size)
-    ds = tf.data.Dataset.from_tensor_slices((ids, rows)).batch(
-        config.batch_size, drop_remainder=config.drop_remainder).enumerate()
-    return ds.map(lambda b, x: (b, x[0], x[1])), num_batches
+    valid = np.ones(len(rows), bool)
+    total = len(frames)
+    if config.remainder == "partial":
+        num_batches = -(-len(rows) // size)
+    else:
+        # Every process gets the same number of batches (a multi-host step runs in lockstep):
+        # as many as the largest share fills (padding the others), or the smallest fills.
+        if config.remainder == "pad":
+            largest_share = -(-total // count)
+            num_batches = -(-largest_share // size)
+        else:
+            num_batches = (total // count) // size
+            if num_batches == 0:
+                frames_of = ", ".join(f"{n!r}: {c}" for n, c in zip(names, counts))
+                per_process = f" ({total // count} per process of {count})" if count > 1 else ""
+                raise ConfigError(
+                    f"validation: remainder='drop' keeps full batches only, and the validation "
+                    f"frames ({frames_of}; {total} in all{per_process}) do not fill one batch of "
+                    f"batch_size={size}; use LoaderConfig(remainder='partial') (a last smaller "
+                    "batch) or 'pad' (a full batch with valid=False rows), or a smaller "
+                    "batch_size")
+        fill = num_batches * size - len(rows)
+        if fill < 0:
+            log.info("validation: remainder='drop' skips the last %d of this process's %d "
+                     "frames", -fill, len(rows))
+        ids = np.concatenate([ids, np.repeat(first[0], max(fill, 0))])[: num_batches * size]
+        rows = np.concatenate([rows, np.repeat(first[1], max(fill, 0))])[: num_batches * size]
+        valid = np.concatenate([valid, np.zeros(max(fill, 0), bool)])[: num_batches * size]
+    ds = tf.data.Dataset.from_tensor_slices((ids, rows, valid)).batch(
+        size, drop_remainder=config.remainder != "partial").enumerate()
+    return ds.map(lambda b, x: (b, *x)), num_batches
 
 
 def make_dataloader(
@@ -431,7 +466,14 @@ def make_dataloader(
          "goal": {"state": [B, D], <camera>: [B, h, w, 3]},     # with goal_relabeling
          "goal_step_index": int32 [B],                          # with goal_relabeling
          "dataset_id": int32 [B],                               # index into DataLoader.names
-         "episode_index": int64 [B], "step_index": int32 [B]}
+         "episode_index": int64 [B], "step_index": int32 [B],
+         "valid": bool [B]}                                     # False: padding (see below)
+
+    A validation pass yields every validation frame once, in order. Its last batch is smaller
+    by default; with ``LoaderConfig(remainder="pad")`` it is filled to ``batch_size`` with rows
+    whose ``valid`` is False (weight the loss by it), so every batch has the same shape and
+    every process the same number of batches; with ``"drop"`` only full batches come. Training
+    batches are always full and valid.
 
     Windows repeat the first observation and chunks the last action where they are padded.
     State and action are normalized with each dataset's statistics (``DataLoader.statistics``).
@@ -474,13 +516,13 @@ def make_dataloader(
         indices = _train_indices(config, weights, frames, frame_base, counts)
         num_batches = None
     else:
-        indices, num_batches = _validation_indices(config, frames, frame_base, counts)
+        indices, num_batches = _validation_indices(config, frames, counts, names)
     dataset = _batches(indices, table, files, tables, config, train=split == "train")
     log.info("data loader (%s): %s", split, ", ".join(
         f"{t.name}: {len(t.frames)} frames, weight {w:.3f}" for t, w in zip(tables, weights)))
     # State-only batches are small: fetch 8 at a time (see DataLoader.__iter__), when they all
     # have the same size.
-    same_size = split == "train" or config.drop_remainder
+    same_size = split == "train" or config.remainder != "partial"
     per_fetch = 8 if same_size and not tables[0].resolved.cameras else 1
     return DataLoader(dataset, split=split, tables=tables, weights=weights, config=config,
                       num_batches=num_batches, batches_per_fetch=per_fetch)
@@ -504,7 +546,7 @@ def _batches(indices: tf.data.Dataset, table: dict[str, Any], files: list[str],
                 for t in tables for c in t.resolved.cameras if c.key is not None)
     source_hw = tf.constant(hw, tf.int32) if cameras and known else None
 
-    def gather(b, ids, rows):
+    def gather(b, ids, rows, valid):
         s_goal, s_aug = tf.unstack(tf.random.experimental.stateless_split(
             tf.random.experimental.stateless_fold_in(seed, b), 2))
         n = tf.shape(rows)[0]
@@ -523,6 +565,7 @@ def _batches(indices: tf.data.Dataset, table: dict[str, Any], files: list[str],
         obs["pad_mask_dict"] = mask_dict
         out["dataset_id"] = ids
         out["episode_index"] = tf.gather(table["episode_index"], rows)
+        out["valid"] = valid
         if cameras and augment is not None:
             # Drawn for the whole batch at once: [B, cameras, ...].
             seeds = tf.reshape(tf.random.experimental.stateless_split(
@@ -545,7 +588,7 @@ def _batches(indices: tf.data.Dataset, table: dict[str, Any], files: list[str],
         ds = ds.unbatch().map(
             lambda x: _decode_sample(x, cameras, sources, augment, config),
             num_parallel_calls=par, deterministic=deterministic)
-        ds = ds.batch(config.batch_size, drop_remainder=train or config.drop_remainder)
+        ds = ds.batch(config.batch_size, drop_remainder=train or config.remainder != "partial")
     options = tf.data.Options()
     options.deterministic = deterministic
     options.experimental_optimization.map_parallelization = True

@@ -4,12 +4,15 @@ Sources, in order:
 
 1. the split's own statistics in ``statistics.json`` (written by the logger and the resharder),
    when they cover exactly the split's committed shards (``oxe_envlogger.stats.is_current``) and
-   have every requested key;
+   have every requested key with its quantile sketch (a file of an older logger, whose quantiles
+   come from a sample of at most 512 rows, is passed over: its keys are computed here);
 2. a cache file ``dataset_statistics_<key>.json`` beside the data (or in the user cache directory,
    see :mod:`openx_train.data.cache`), whose key hashes the data files, the split and the keys, so
    a cache of other data is never read;
 3. one streaming pass over the split's records (numpy, no TensorFlow, images never decoded),
-   whose result is written to that cache.
+   whose result is written to that cache. Its quantile sketches hold up to 65,536 rows per
+   level (fewer for keys of more than 16 elements), so the quantiles are exact up to that many
+   rows and within ``rank_error`` above.
 
 Like the logger's, the statistics cover every step but the final one of each episode (whose
 action is padding), and only the training split.
@@ -38,14 +41,20 @@ log = logging.getLogger(__name__)
 PathLike = str | os.PathLike
 QUANTILE_NAMES = tuple(f"q{round(p * 100):02d}" for p in oxe_stats.QUANTILES)
 STATISTICS_PREFIX = "dataset_statistics"
-FORMAT_VERSION = 1
-# Rows kept for the quantiles when we compute (the logger keeps fewer to stay cheap online).
-_SAMPLE_VALUES = 1 << 22
+FORMAT_VERSION = 2  # 2: quantiles from a sketch, with rank_error
+# Sketch capacity when we compute (the logger keeps less to stay cheap online and small on disk).
+_SKETCH_ROWS = 1 << 16
+_SKETCH_VALUES = 1 << 20
 
 
 @dataclasses.dataclass(frozen=True)
 class KeyStatistics:
-    """Statistics of one key; every array is shaped like one step's value (float64)."""
+    """Statistics of one key; every array is shaped like one step's value (float64).
+
+    ``rank_error`` bounds the quantiles' error as a fraction of ``count``: the stored ``q_p`` of
+    n values lies between the sorted values at positions ``p (n - 1) -+ rank_error * n``
+    (rounded outwards); 0 where they are exact. None where unknown.
+    """
 
     count: np.ndarray
     mean: np.ndarray
@@ -53,6 +62,7 @@ class KeyStatistics:
     min: np.ndarray
     max: np.ndarray
     quantiles: Mapping[str, np.ndarray]
+    rank_error: np.ndarray | None = None
 
     @classmethod
     def from_summary(cls, summary: Mapping[str, Any], *, key: str = "") -> KeyStatistics:
@@ -66,7 +76,13 @@ class KeyStatistics:
         quantiles = {q: np.asarray(summary[q], np.float64) for q in QUANTILE_NAMES if q in summary}
         if quantiles and any(v.shape != shape for v in quantiles.values()):
             raise DatasetFormatError(f"statistics of {key!r}: quantiles do not have shape {shape}")
-        return cls(quantiles=types.MappingProxyType(quantiles), **arrays)
+        rank_error = summary.get("rank_error")
+        if rank_error is not None:
+            rank_error = np.asarray(rank_error, np.float64)
+            if rank_error.shape != shape:
+                raise DatasetFormatError(f"statistics of {key!r}: rank_error does not have shape "
+                                         f"{shape}")
+        return cls(quantiles=types.MappingProxyType(quantiles), rank_error=rank_error, **arrays)
 
     def quantile(self, name: str) -> np.ndarray:
         """``"q01"`` ... ``"q99"``.
@@ -82,6 +98,8 @@ class KeyStatistics:
     def to_json(self) -> dict[str, Any]:
         out = {k: getattr(self, k).tolist() for k in ("count", "mean", "std", "min", "max")}
         out.update({k: v.tolist() for k, v in self.quantiles.items()})
+        if self.rank_error is not None:
+            out["rank_error"] = self.rank_error.tolist()
         return out
 
 
@@ -150,7 +168,11 @@ def _from_stored(path: str, split: str, keys: Iterable[str]) -> DatasetStatistic
     stored = oxe_stats.load_split(path, split, current=True)
     if stored is None:
         return None
-    if any(k not in stored.keys for k in keys):
+    if any(k not in stored.keys or stored.keys[k].sketch is None for k in keys):
+        legacy = [k for k in keys if k in stored.legacy_keys()]
+        if legacy:
+            log.info("%s: statistics.json has an older logger's sampled quantiles of %s; "
+                     "computing them (tools/recover_rlds.py rebuilds the file)", path, legacy)
         return None
     summaries = {k: KeyStatistics.from_summary(stored.keys[k].summary(), key=k) for k in keys}
     return DatasetStatistics(types.MappingProxyType(summaries), stored.num_episodes,
@@ -161,9 +183,7 @@ def _compute(path: str, split: str, keys: list[str], fingerprint: str) -> Datase
     spec = read_spec(path)
     leaves = dict(reader.step_leaves(spec))
     shapes = {k: leaves[k].shape for k in keys}
-    total = oxe_stats.StatsSet(shapes)
-    for st in total.keys.values():
-        st.k = max(st.k, min(1 << 16, _SAMPLE_VALUES // max(st.width, 1)))
+    total = oxe_stats.StatsSet(shapes, sketch_rows=_SKETCH_ROWS, sketch_values=_SKETCH_VALUES)
     for shard, _ in cache.shard_files(path, split):
         for data in record.read_records(shard):
             episode = reader.decode_episode(data, spec, keys=set(keys), decode_images=False)
@@ -206,7 +226,9 @@ def compute_dataset_statistics(
         if stored is not None:
             log.info("%s: using the logger's statistics.json", path)
             return stored
-    fingerprint = cache.dataset_fingerprint(path, split, extra=keys)
+    # The format is part of the key: a cache of another format is never found.
+    fingerprint = cache.dataset_fingerprint(path, split,
+                                            extra=[*keys, f"statistics:v{FORMAT_VERSION}"])
     filename = f"{STATISTICS_PREFIX}_{fingerprint}.json"
     cached = None if recompute else cache.find_cached(path, filename)
     if cached is not None:

@@ -124,7 +124,7 @@ def test_process_shards_are_disjoint(cheetah_dir):
 
 def test_validation_holds_out_episodes_and_reads_them_once(cheetah_dir):
     cfg = DatasetConfig(cheetah_dir, STATE, val_fraction=0.3)
-    config = LoaderConfig(batch_size=10, seed=4, drop_remainder=False)
+    config = LoaderConfig(batch_size=10, seed=4)
     val = make_dataloader(cfg, config, split="validation")
     train = make_dataloader(cfg, config)
     val_batches = list(val)
@@ -140,6 +140,81 @@ def test_validation_holds_out_episodes_and_reads_them_once(cheetah_dir):
     assert train.num_frames[0] + val.num_frames[0] == FRAMES
     with pytest.raises(ConfigError, match="no validation data"):
         make_dataloader(DatasetConfig(cheetah_dir, STATE), config, split="validation")
+
+
+def _keys(batches, *, valid_only=True):
+    return [(int(e), int(t)) for b in batches
+            for e, t, v in zip(b["episode_index"], b["step_index"], b["valid"])
+            if v or not valid_only]
+
+
+def test_a_validation_split_smaller_than_one_batch(cheetah_dir):
+    """Issue 11: the README's validation loader (batch_size=256, val_fraction=0.05) yielded no
+    batch at all on a small dataset."""
+    cfg = DatasetConfig(cheetah_dir, STATE, val_fraction=0.05)
+    val = make_dataloader(cfg, LoaderConfig(batch_size=256, n_obs=2, n_action=4),
+                          split="validation")
+    (n,) = val.num_frames
+    assert 0 < n < 256
+    (batch,) = list(val)
+    assert len(val) == 1 and batch["action"].shape == (n, 4, 6) and batch["valid"].all()
+    assert len(set(_keys([batch]))) == n
+    with pytest.raises(ConfigError, match=rf"remainder='drop'.*'half_cheetah': {n}; {n} in all"
+                                          r".*batch_size=256"):
+        make_dataloader(cfg, LoaderConfig(batch_size=256, remainder="drop"), split="validation")
+    padded = make_dataloader(cfg, LoaderConfig(batch_size=256, n_obs=2, n_action=4,
+                                               remainder="pad"), split="validation")
+    assert padded.element_spec["valid"].shape == (256,)
+    assert padded.element_spec["observation"]["state"].shape == (256, 2, 17)
+    (full,) = list(padded)
+    assert full["action"].shape == (256, 4, 6) and full["valid"].sum() == n
+    assert _keys([full]) == _keys([batch])  # the valid rows: every frame once, in order
+    assert np.isfinite(full["action"]).all()  # the filler rows are real frames
+    with pytest.raises(ConfigError, match="remainder: expected one of"):
+        LoaderConfig(remainder="keep")
+
+
+@pytest.mark.parametrize("remainder", ["partial", "pad", "drop"])
+def test_validation_processes_are_disjoint_and_complete(cheetah_dir, remainder):
+    cfg = DatasetConfig(cheetah_dir, STATE, val_fraction=0.5)
+    everything = _keys(list(make_dataloader(cfg, LoaderConfig(batch_size=1000),
+                                            split="validation")))
+    shares, counts = [], []
+    for index in range(3):
+        config = LoaderConfig(batch_size=7, remainder=remainder, process_index=index,
+                              process_count=3)
+        loader = make_dataloader(cfg, config, split="validation")
+        batches = list(loader)
+        assert len(batches) == len(loader)
+        if remainder != "partial":
+            assert all(len(b["valid"]) == 7 for b in batches)
+        shares.append(_keys(batches))
+        counts.append(len(batches))
+    mine = [k for share in shares for k in share]
+    assert len(mine) == len(set(mine))  # disjoint
+    if remainder == "drop":
+        assert set(mine) < set(everything)
+        assert len(mine) == 3 * counts[0] * 7 and len(set(counts)) == 1
+    else:
+        assert sorted(mine) == sorted(everything)  # complete
+    if remainder == "pad":
+        assert len(set(counts)) == 1  # the same number of batches on every process
+
+
+def test_padded_validation_with_cameras(camera_dir):
+    structure = Structure(state=("observation/state",),
+                          images={"image_primary": Camera("observation/image", 16)})
+    cfg = DatasetConfig(camera_dir, structure, val_fraction=0.4)
+    loader = make_dataloader(cfg, LoaderConfig(batch_size=4, n_obs=2, remainder="pad"),
+                             split="validation")
+    (n,) = loader.num_frames
+    assert n % 4  # a last batch to pad
+    batches = list(loader)
+    assert len(batches) == len(loader) == -(-n // 4)
+    for b in batches:
+        assert b["observation"]["image_primary"].shape == (4, 2, 16, 16, 3)
+    assert sum(int(b["valid"].sum()) for b in batches) == n
+    assert len(set(_keys(batches))) == n
 
 
 def test_mixture_proportions_follow_the_weights(cheetah_dir, tmp_path):

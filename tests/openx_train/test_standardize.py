@@ -135,6 +135,20 @@ def test_structure_errors_name_the_key():
             action_normalization="none"))
 
 
+def test_unknown_normalization_keys_are_refused_with_the_valid_ones():
+    """Issue 11: a misspelt key was accepted and ignored (the action was normalized by the
+    default instead)."""
+    with pytest.raises(ConfigError, match=r"\['actoin'\] are not state or action keys.*"
+                       r"\['action', 'observation/state'\].*did you mean 'action'"):
+        Structure(state=("observation/state",), normalization={"actoin": "bounds"})
+    with pytest.raises(ConfigError, match=r"\['observation/image'\]"):
+        Structure(images={"image": Camera("observation/image")},
+                  normalization={"observation/image": "none", "action": "bounds"})
+    ok = Structure(state=("observation/state",), normalization={"action": "bounds",
+                                                                "observation/state": "none"})
+    assert ok.normalization_of("action").value == "bounds"
+
+
 def test_flatten_gives_one_frame_per_element():
     ds = standardize_dataset(_episodes(), structure=STRUCTURE, n_obs=2, n_action=2)
     frames = list(flatten_dataset(ds).as_numpy_iterator())

@@ -12,7 +12,8 @@ import pytest
 
 from openx_train.data import ConfigError, MissingKeyError, compute_dataset_statistics
 from openx_train.data import cache as cache_mod
-from oxe_envlogger import read_episodes
+from oxe_envlogger import layout, read_episodes
+from tests.helpers import as_older_logger_wrote_statistics
 from tests.openx_train.conftest import log_camera, log_cheetah
 
 
@@ -99,6 +100,26 @@ def test_stale_or_foreign_stored_statistics_are_not_used(tmp_path):
     with open(path, "w") as f:
         json.dump(data, f)
     assert compute_dataset_statistics(directory).source == "cache"  # stale: not current
+
+
+def test_an_older_loggers_sampled_quantiles_are_computed_anew(tmp_path):
+    """statistics.json of a logger before the sketch (quantiles from at most 512 sampled rows):
+    its keys are computed in one pass (exact here), until recover rebuilds the file."""
+    directory = log_cheetah(str(tmp_path / "d"), episodes=2)
+    as_older_logger_wrote_statistics(directory)
+    stats = compute_dataset_statistics(directory)
+    assert stats.source == "computed"
+    rows = np.concatenate([np.asarray(ep["steps"]["action"], np.float64)[:-1]
+                           for ep in read_episodes(directory, keys={"action"})])
+    for name in ("q01", "q50", "q99"):
+        np.testing.assert_array_equal(stats["action"].quantile(name),
+                                      np.quantile(rows, int(name[1:]) / 100, axis=0))
+    np.testing.assert_array_equal(stats["action"].rank_error, np.zeros(6))
+    layout.recover(directory)
+    stored = compute_dataset_statistics(directory)
+    assert stored.source == "stored"
+    np.testing.assert_array_equal(stored["action"].quantile("q50"), stats["action"].quantile("q50"))
+    np.testing.assert_array_equal(stored["action"].rank_error, np.zeros(6))
 
 
 def test_the_train_splits_own_statistics_are_used_in_a_multi_split_dataset(tmp_path):
