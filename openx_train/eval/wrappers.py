@@ -140,6 +140,8 @@ def conform(value: Any, space: gym.Space, *, lead: tuple[int, ...] = (),
       ValueError: naming the key path of a missing or extra key, a leaf of another shape, or a
         non-integral value for an integer space (never rounded silently).
     """
+    if isinstance(space, gym.spaces.Box) and not isinstance(value, Mapping | tuple):
+        return _conform_leaf(value, space, lead, what)  # the common case, once per step
     expected = dict(_space_leaves(space))
     given = tree.leaves(value)
     missing = sorted(set(expected) - {p for p, _ in given})
@@ -147,24 +149,24 @@ def conform(value: Any, space: gym.Space, *, lead: tuple[int, ...] = (),
     if missing or extra:
         raise ValueError(f"{what}: expected the keys {sorted(expected)}, given "
                          f"{sorted(p for p, _ in given)}")
-    out = {}
-    for path, leaf in given:
-        s = expected[path]
-        name = f"{what}/{path}" if path else what
-        if s.shape is None or s.dtype is None:  # Text and other non-array spaces pass as given
-            out[path] = leaf
-            continue
-        a = np.asarray(leaf)
-        want = (*lead, *s.shape)
-        if a.shape != want:
-            raise ValueError(f"{name}: expected shape {want}, given {a.shape}")
-        if (np.issubdtype(s.dtype, np.integer) and not np.issubdtype(a.dtype, np.integer)
-                and not np.array_equal(a, np.round(a))):
-            raise ValueError(f"{name}: expected integers ({s.dtype}), given non-integral "
-                             f"values of dtype {a.dtype}")
-        out[path] = a.astype(s.dtype, copy=False)
+    out = {path: _conform_leaf(leaf, expected[path], lead, f"{what}/{path}" if path else what)
+           for path, leaf in given}
     paths = iter(p for p, _ in given)
     return tree.map_structure(lambda _: out[next(paths)], value)
+
+
+def _conform_leaf(leaf: Any, space: gym.Space, lead: tuple[int, ...], name: str) -> Any:
+    if space.shape is None or space.dtype is None:  # Text and other non-array spaces
+        return leaf
+    a = np.asarray(leaf)
+    want = (*lead, *space.shape)
+    if a.shape != want:
+        raise ValueError(f"{name}: expected shape {want}, given {a.shape}")
+    if (space.dtype.kind in "iu" and a.dtype.kind not in "iub"
+            and not np.array_equal(a, np.round(a))):
+        raise ValueError(f"{name}: expected integers ({space.dtype}), given non-integral "
+                         f"values of dtype {a.dtype}")
+    return a.astype(space.dtype, copy=False)
 
 
 def with_pad_mask(stacked: Any, pad_mask: np.ndarray, *, what: str = "observation") -> dict:
