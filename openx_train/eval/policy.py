@@ -125,8 +125,8 @@ class StepwisePolicy:
 
     def __call__(self, observation: Any, **task: Any) -> Any:
         n = tree.batch_size(observation, "observation")
-        if self._fresh is None:
-            self._fresh = np.ones(n, bool)
+        if self._fresh is None or len(self._fresh) != n:  # a first call, or another batch
+            self._fresh, self._queue = np.ones(n, bool), None
         first, self._fresh = self._fresh, np.zeros(n, bool)
         x = observation
         if self._history is not None:

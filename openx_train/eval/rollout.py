@@ -228,7 +228,8 @@ class _Tasks:
                 self.values[name][i] = value
         for name, values in self.values.items():
             if name == "instruction":
-                self.batched[name] = np.array([str(v) for v in values], dtype=object)
+                self.batched[name] = np.array(
+                    [v.decode() if isinstance(v, bytes) else str(v) for v in values], dtype=object)
             else:
                 self.batched[name] = tree.stack(values)
 
@@ -279,9 +280,11 @@ def evaluate(policy: Policy, env: EnvSource, *, num_episodes: int, num_envs: int
       video_episodes: how many episodes the video shows.
       video_fps: frames per second (default: the env's ``render_fps``, else 30).
       log_dir: log the rollouts as RLDS there through
-        :class:`oxe_envlogger.VectorOXEEnvLogger` (appends to a dataset with the same
-        features, e.g. one collected by ``run_gym.py`` from the same env): one RLDS episode per
-        reported episode, the env's own observations and the actions executed.
+        :class:`oxe_envlogger.VectorOXEEnvLogger`: one RLDS episode per reported episode,
+        with the observations and actions the vector env sees. Those are the env's own steps
+        (so the dataset has the features of one collected from the env by ``run_gym.py``, and
+        can append to it) unless ``wrappers`` change them: ask for history and chunking
+        through ``n_obs`` and ``chunking`` (policy side) to log the executed actions.
       log_name: the dataset's name (default: the env id in snake case).
       log_options: other keyword options of the logger (``image_codec``, ``overwrite``, ...).
       on_episode: called with each episode's record as it ends (in the order they end).

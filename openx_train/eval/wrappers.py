@@ -218,7 +218,7 @@ class ObservationHistory:
         """
         first = np.asarray(is_first, dtype=bool)
         n = self.n_obs
-        if self._buffers is None:
+        if self._buffers is None or first.all():  # (a batch of another size must restart)
             if not first.all():
                 raise ValueError("history: the first observation of every row must start an "
                                  f"episode, given is_first={first.tolist()}")
@@ -266,7 +266,7 @@ class TemporalEnsembler:
         chunks = np.asarray(chunks, np.float64)
         first = np.asarray(is_first, dtype=bool)
         n = self.options.n_action
-        if self._preds is None:
+        if self._preds is None or first.all():  # (a batch of another size must restart)
             self._preds = np.zeros((chunks.shape[0], n, *chunks.shape[1:]))
             self._count = np.zeros(chunks.shape[0], np.int64)
         self._preds[:, 1:] = self._preds[:, :-1]

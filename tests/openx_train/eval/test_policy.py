@@ -137,3 +137,15 @@ def test_batch_policy_calls_the_one_env_policy_per_row():
     assert seen == [([1.0], "a"), ([2.0], "b")]
     with pytest.raises(ValueError, match="observation/state: expected a batch"):
         policy({"state": np.float32(1.0)}, instruction=np.array([]))
+
+
+def test_a_stepwise_policy_can_be_reused_with_another_batch_size():
+    made: list[SeededEnv] = []
+    policy = StepwisePolicy(window_policy(3), n_obs=N_OBS, chunking=TemporalEnsemble(3))
+    for num_envs in (3, 2):
+        made.clear()
+        evaluate(policy, sync_made(made), num_episodes=NUM_EPISODES, num_envs=num_envs,
+                 seed=SEED, vectorization="sync")
+        got, want = executed(made), env_side_actions(TemporalEnsemble(3))
+        for seed in want:
+            np.testing.assert_array_equal(got[seed], want[seed], err_msg=f"seed {seed}")

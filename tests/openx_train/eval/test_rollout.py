@@ -201,6 +201,7 @@ def test_video_of_the_first_episodes(tmp_path, ext):
         np.testing.assert_allclose(frames[:, 8, 8, 0], levels, atol=4)
 
 
+@pytest.mark.filterwarnings("ignore:.*render method without specifying any render mode")
 def test_video_needs_rgb_array_rendering(tmp_path):
     with pytest.raises(RuntimeError, match="render_mode='rgb_array'"):
         evaluate(echo_policy, lambda: gym.make("CartPole-v1"), num_episodes=1, num_envs=1,
