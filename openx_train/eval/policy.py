@@ -18,6 +18,11 @@ The policy is always called with every sub-env's observation, including sub-envs
 output is not used at that step (a sub-env resetting under ``NEXT_STEP`` autoreset, one that has
 finished its share of episodes, one still executing an earlier chunk), so ``__call__`` should
 not advance per-env state that matters beyond what ``reset`` clears.
+
+An episode's result depends only on its seed when a sub-env's action depends only on that
+sub-env's inputs (a deterministic policy, or one that seeds its sampling per env in ``reset``);
+a policy that samples the whole batch from one random stream gives results that also depend on
+``num_envs``.
 """
 
 from __future__ import annotations

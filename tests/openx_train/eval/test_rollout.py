@@ -285,3 +285,25 @@ def test_autoreset_mode_by_name():
         res = evaluate(echo_policy, env_fn(), num_episodes=3, num_envs=2, seed=SEED,
                        vectorization="sync", autoreset_mode=name)
         assert res["episodes"] == expected_episodes(n=3)
+
+
+def test_evaluation_episodes_join_a_dataset_collected_from_the_same_env(tmp_path):
+    """run_gym's logger (AutoOXEEnvLogger) collects; evaluate logs into the same directory: one
+    dataset (same features: cameras, state, language), collected then evaluated episodes."""
+    from oxe_envlogger import AutoOXEEnvLogger
+    from oxe_envlogger.envs import ENV_ID, make_policy, run_episodes
+
+    kwargs = {"image_size": 32, "wrist_size": 16, "max_episode_steps": 10}
+    directory = str(tmp_path / "camera")
+    with AutoOXEEnvLogger(gym.make(ENV_ID, **kwargs), "camera", directory) as env:
+        run_episodes(env, 2, policy=make_policy("scripted", env), seed=0)
+    scripted = make_policy("scripted", gym.make(ENV_ID, **kwargs))
+    res = evaluate(lambda obs, instruction: np.stack([
+        scripted({k: v[i] for k, v in obs.items()}) for i in range(len(instruction))]),
+        ENV_ID, env_kwargs=kwargs, num_episodes=3, num_envs=2, seed=100, log_dir=directory,
+        log_name="camera", instruction=TaskInput(info_key="language_instruction"))
+    logged = read_tfds(directory)
+    assert len(logged) == 2 + 3
+    evaluated = sorted(sum(ep["steps"]["reward"].tolist()) for ep in logged[2:])
+    assert evaluated == sorted(e["return"] for e in res["episodes"])
+    assert all(ep["steps"]["language_instruction"][0].startswith(b"put the") for ep in logged)
