@@ -143,10 +143,11 @@ def _success(info: Mapping[str, Any]) -> bool | None:
     return None
 
 
-def _make_sub_env(env: EnvSource, env_kwargs: Mapping[str, Any], max_episode_steps: int | None,
+def _make_sub_env(env: gym.envs.registration.EnvSpec | Callable[[], gym.Env],
+                  env_kwargs: Mapping[str, Any], max_episode_steps: int | None,
                   wrappers: Sequence[Callable[[gym.Env], gym.Env]], monitor: dict[str, Any]
                   ) -> gym.Env:
-    if isinstance(env, str):
+    if isinstance(env, gym.envs.registration.EnvSpec):
         made = gym.make(env, **env_kwargs)
     else:
         made = env()
@@ -339,7 +340,10 @@ def evaluate(policy: Policy, env: EnvSource, *, num_episodes: int, num_envs: int
     inputs = {name: src for name, src in (("instruction", instruction), ("goal", goal))
               if src is not None}
 
-    fns = [functools.partial(_make_sub_env, env, env_kwargs, max_episode_steps, tuple(wrappers),
+    # An id travels as its spec: a sub-env started by forkserver or spawn has not imported the
+    # module that registered it (oxe_envlogger.envs registers SyntheticCamera-v0 on import).
+    source = gym.spec(env) if isinstance(env, str) else env
+    fns = [functools.partial(_make_sub_env, source, env_kwargs, max_episode_steps, tuple(wrappers),
                              {"index": i, "num_envs": num_envs, "num_episodes": num_episodes,
                               "seed": seed, "video_episodes": video_episodes,
                               "success_at": success_at})

@@ -307,3 +307,19 @@ def test_evaluation_episodes_join_a_dataset_collected_from_the_same_env(tmp_path
     evaluated = sorted(sum(ep["steps"]["reward"].tolist()) for ep in logged[2:])
     assert evaluated == sorted(e["return"] for e in res["episodes"])
     assert all(ep["steps"]["language_instruction"][0].startswith(b"put the") for ep in logged)
+
+
+def test_an_id_registered_on_import_reaches_fresh_sub_env_processes():
+    """A forkserver child has not imported oxe_envlogger.envs, which registers the id: the id
+    travels as its spec (before: NamespaceNotFound in the sub-env)."""
+    from oxe_envlogger.envs import ENV_ID
+
+    res = evaluate(lambda obs: np.zeros((2, 7), np.float32), ENV_ID, num_episodes=2, num_envs=2,
+                   context="forkserver",
+                   env_kwargs={"image_size": 32, "wrist_size": 16, "max_episode_steps": 3})
+    assert [e["length"] for e in res["episodes"]] == [3, 3]
+
+
+def test_an_unknown_id_fails_here():
+    with pytest.raises(gym.error.NameNotFound):
+        evaluate(echo_policy, "NoSuchEnv-v0", num_episodes=1)
