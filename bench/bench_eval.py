@@ -10,7 +10,9 @@ The expert costs about as much as a Reacher step (tens of microseconds each), so
 show what the vector env itself costs. The ``mlp_*`` figures repeat the runs with a policy that
 also runs a jitted JAX MLP (3 x 512, ReLU) on the observations before acting as the expert (so
 the episodes stay the same): a trained policy's cost per call, paid once per step by the plain
-loop and once per vector step (for every sub-env together) by ``evaluate``.
+loop and once per vector step (for every sub-env together) by ``evaluate``. With JAX loaded,
+``evaluate`` starts its sub-envs from a forkserver process, whose start-up (each sub-env imports
+gymnasium and MuJoCo afresh) the ``mlp_*_wall_*`` figures include.
 
 Each repetition runs every configuration once, in turn, on the same seeds (so the same
 episodes); a ratio is taken within a repetition (drift between repetitions cancels) and the
@@ -43,13 +45,13 @@ CONFIGS = {"async1": ("async", 1), "async2": ("async", 2), "async4": ("async", 4
            "sync1": ("sync", 1)}
 
 
-def plain(episodes: int, wrap=None) -> tuple[float, float, int]:
+def plain(episodes: int, forward=None) -> tuple[float, float, int]:
     """(loop seconds, seconds with the env's construction, steps) of the plain loop."""
     start = time.perf_counter()
     env = gym.make(ENV)
     policy = make_policy("scripted", env)
-    if wrap is not None:
-        policy = wrap(policy)
+    if forward is not None:
+        policy = behind(forward, policy)
     loop_start = time.perf_counter()
     results = run_episodes(env, episodes, policy=policy, seed=0)
     end = time.perf_counter()
@@ -57,8 +59,8 @@ def plain(episodes: int, wrap=None) -> tuple[float, float, int]:
     return end - loop_start, end - start, sum(r["steps"] for r in results)
 
 
-def with_mlp(policy):
-    """``policy`` behind the forward pass of a jitted MLP over the same observations."""
+def mlp_forward():
+    """A jitted MLP (3 x 512, ReLU) over Reacher's observations, compiled for batches 1, 2, 4."""
     import jax
     import jax.numpy as jnp
 
@@ -73,13 +75,18 @@ def with_mlp(policy):
             x = jax.nn.relu(x @ w)
         return x @ weights[-1]
 
-    def act(obs, **task):
-        batch = np.asarray(obs, np.float32).reshape(-1, 10)
-        forward(batch).block_until_ready()
-        return policy(obs, **task)
-
     for n in (1, 2, 4):  # compile every batch size before any clock starts
         forward(np.zeros((n, 10), np.float32)).block_until_ready()
+    return forward
+
+
+def behind(forward, policy):
+    """``policy`` called after ``forward`` has run on the same observations."""
+
+    def act(obs, **task):
+        forward(np.asarray(obs, np.float32).reshape(-1, 10)).block_until_ready()
+        return policy(obs, **task)
+
     return act
 
 
@@ -93,13 +100,16 @@ def main() -> None:
     evaluate(expert, ENV, num_episodes=2, num_envs=2)  # warm: imports, page cache
     out: dict = {}
     returns = set()
-    for prefix, wrap in (("", None), ("mlp_", with_mlp)):
-        policy = wrap(expert) if wrap else expert
+    # JAX is imported only for the second pass: once it is, evaluate starts its sub-envs from
+    # a forkserver process (see its `context`), which the *_wall_* figures then include.
+    for prefix, make_forward in (("", lambda: None), ("mlp_", mlp_forward)):
+        forward = make_forward()
+        policy = behind(forward, expert) if forward is not None else expert
         ratios: dict[str, list[float]] = {f"{prefix}{k}{s}": [] for k in CONFIGS
                                           for s in ("_over_plain", "_wall_over_plain")}
         plain_rates = []
         for _ in range(args.reps):
-            loop_s, wall_s, steps = plain(args.episodes, wrap)
+            loop_s, wall_s, steps = plain(args.episodes, forward)
             plain_rates.append(steps / loop_s)
             for name, (vectorization, num_envs) in CONFIGS.items():
                 start = time.perf_counter()
