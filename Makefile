@@ -40,6 +40,7 @@ bench: venv
 	$(BIN)/python bench/bench_reshard.py
 	$(BIN)/python bench/bench_loader.py
 	$(BIN)/python bench/bench_stats.py
+	$(BIN)/python bench/bench_eval.py
 
 clean:
 	rm -rf demo_out bench_out logs .pytest_cache
