@@ -550,21 +550,16 @@ def diff_features(a: Mapping, b: Mapping, path: str = "") -> list[str]:
             continue
         fa = f"{la.describe()} encoding={la.encoding}"
         fb = f"{lb.describe()} encoding={lb.encoding}"
-        if _float64_storage(la) and _float64_storage(lb) and da == dataclasses.replace(
-                db, encoding=la.encoding):
-            fa = f"{fa}, {_float64_storage(la)}"
-            fb = (f"{fb}, {_float64_storage(lb)}; the loggers' float64='float32'|'exact' "
-                  "chooses, tools/reshard_rlds.py --float64 converts a dataset")
+        sa, sb = float64_storage_of(la), float64_storage_of(lb)
+        if sa and sb and da == dataclasses.replace(db, encoding=la.encoding):
+            fa = f"{fa}, {_STORED[sa]}"
+            fb = (f"{fb}, {_STORED[sb]}; the loggers' float64='float32'|'exact' chooses, "
+                  "tools/reshard_rlds.py --float64 converts a dataset")
         out.append(f"{k}: {fa} vs {fb}")
     return sorted(out)
 
 
-def _float64_storage(leaf: Leaf) -> str | None:
-    """How a float64 tensor is stored, in words (None for other leaves)."""
-    if leaf.kind != "tensor" or leaf.dtype != _FLOAT64:
-        return None
-    return {"none": "float64 stored as float32", "bytes": "float64 stored exactly"}.get(
-        leaf.encoding)
+_STORED = {"float32": "float64 stored as float32", "exact": "float64 stored exactly"}
 
 
 def float64_storage_of(leaf: Leaf) -> str | None:
@@ -767,7 +762,7 @@ def _too_large_for_float32(path: str, given: str) -> SpecError:
 
 def round_to_float32(arr: np.ndarray, path: str) -> np.ndarray:
     """A new float64 array of ``arr``'s values rounded to float32, as a float list stores them
-    (round to nearest; magnitudes below float32's smallest subnormal become zero; NaN and
+    (round to nearest; magnitudes up to half float32's smallest subnormal become zero; NaN and
     infinities stay, to be counted or refused as non-finite).
 
     Raises:
