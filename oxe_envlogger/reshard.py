@@ -59,10 +59,7 @@ from oxe_envlogger.specs import (
     check_float64_storage,
     diff_features,
     float64_features,
-    float64_storage_of,
-    iter_leaves,
     round_to_float32,
-    spec_from_features_json,
     strip_docs,
 )
 
@@ -113,8 +110,10 @@ class ReshardOptions:
       float64: convert every float64 feature to this storage: ``"float32"`` (a float list,
         rounded to float32, which loaders that skip tfds' decoding read as numbers) or
         ``"exact"`` (raw float64 bytes; exact only where the input was, float32-stored values
-        are widened). Inputs that differ only in this storage can then be merged. None: keep
-        each feature as it is stored (the inputs must agree).
+        are widened). Inputs that differ only in this storage can then be merged. Tensors a
+        foreign dataset compresses with zlib or gives no fixed shape are left as they are
+        (see :func:`oxe_envlogger.specs.float64_features`). None: keep each feature as it is
+        stored (the inputs must agree).
       input_splits: splits read from every input (default: all of each input's splits). All
         of them go into ``train`` (and ``validation_split``).
       overwrite: replace an existing dataset at the output path.
@@ -268,7 +267,7 @@ def discover(rlds_dirs: Sequence[PathLike], *, output_dir: PathLike | None = Non
                 f"{directory}: file format {info.get('fileFormat')!r}; only tfrecord datasets "
                 "can be resharded without TensorFlow")
         if float64 is not None:
-            features = float64_features(features, float64)
+            features = float64_features(features, float64)[0]
         if first_features is None:
             first_features, first_info = features, info
         elif strip_docs(features) != strip_docs(first_features):
@@ -487,11 +486,8 @@ def make_transform(features: dict, options: ReshardOptions) -> tuple[Transform, 
     _prune_empty_groups(out)
     float64_keys: tuple[tuple[str, int], ...] = ()
     if options.float64 is not None:
-        out = float64_features(out, options.float64)
-        float64_keys = tuple(
-            (path, int(np.prod(leaf.shape, dtype=np.int64)))
-            for path, leaf in iter_leaves(spec_from_features_json(features))
-            if float64_storage_of(leaf) is not None)
+        out = float64_features(out, options.float64)[0]
+        float64_keys = float64_features(features, options.float64)[1]  # the input keys
     language_key, added = None, False
     if options.relabel_language is not None or options.language_map:
         language_key = options.language_key

@@ -587,20 +587,38 @@ def adopt_float64(spec: Spec, existing: Spec | None) -> Spec:
                                              for k, v in spec.fields.items()})
 
 
-def float64_features(features: Any, float64: str) -> Any:
-    """A ``features.json`` (proto-JSON) with every float64 ``Tensor`` stored as ``float64``
-    says (:data:`FLOAT64_STORAGE`); zlib-compressed ones are left as they are."""
+def float64_features(features: Mapping[str, Any], float64: str
+                     ) -> tuple[dict, tuple[tuple[str, int], ...]]:
+    """A ``features.json`` (proto-JSON) with every float64 tensor of a fixed shape stored as
+    ``float64`` says (:data:`FLOAT64_STORAGE`), and the ``(key path, elements per value)`` of
+    those tensors. zlib-compressed tensors, tensors of unknown shape and those inside a tfds
+    ``Sequence`` (several values per step) are left as they are."""
     encoding = {"float32": "none", "exact": "bytes"}[check_float64_storage(float64)]
-    if isinstance(features, Mapping):
-        out = {k: float64_features(v, float64) for k, v in features.items()}
-        tensor_json = out.get("tensor")
-        if (isinstance(tensor_json, Mapping) and tensor_json.get("dtype") == "float64"
-                and tensor_json.get("encoding", "none") in ("none", "bytes")):
-            out["tensor"] = {**tensor_json, "encoding": encoding}
+    found: list[tuple[str, int]] = []
+
+    def walk(node: Mapping[str, Any], path: str) -> dict:
+        out = dict(node)
+        short = str(node.get("pythonClassName", "")).rsplit(".", 1)[-1]
+        if "featuresDict" in node:
+            inner = dict(node["featuresDict"])
+            inner["features"] = {k: walk(v, join(path, k))
+                                 for k, v in inner.get("features", {}).items()}
+            out["featuresDict"] = inner
+        elif "sequence" in node and short == "Dataset":  # one value per step
+            out["sequence"] = {**node["sequence"], "feature": walk(node["sequence"]["feature"],
+                                                                    path)}
+        elif isinstance(node.get("tensor"), Mapping):
+            t = node["tensor"]
+            dims = [int(d) for d in t.get("shape", {}).get("dimensions", [])]
+            if (t.get("dtype") == "float64" and t.get("encoding", "none") in ("none", "bytes")
+                    and all(d >= 0 for d in dims)):
+                out["tensor"] = {**t, "encoding": encoding}
+                if short == "Scalar" and encoding != "none":  # tfds' Scalar takes no encoding
+                    out["pythonClassName"] = _CLS_TENSOR
+                found.append((path, int(np.prod(dims, dtype=np.int64))))
         return out
-    if isinstance(features, list):
-        return [float64_features(v, float64) for v in features]
-    return features
+
+    return walk(features, ""), tuple(found)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -720,3 +720,67 @@ def test_float64_values_beyond_float32_are_refused(tmp_path):
                                         + re.escape(episode_id.decode())):
         reshard.reshard([src], out, ReshardOptions(float64="float32"))
     assert not os.path.exists(out) and no_leftovers(str(tmp_path))
+
+
+def test_float64_conversion_of_a_tfds_written_dataset(tmp_path):
+    """A dataset tfds wrote itself: its fixed-shape float64 tensors stored as bytes (a step's
+    and an episode field) become float lists (a Scalar float64 already is one), a zlib tensor
+    of unknown shape is left as it is, and tfds reads every value back."""
+    import tensorflow_datasets as tfds
+
+    from tests.tools.datasets import _write_with_tfds
+
+    f = tfds.features
+    features = f.FeaturesDict({
+        "steps": f.Dataset({
+            "observation": f.FeaturesDict({
+                "state": f.Tensor(shape=(3,), dtype=np.float64, encoding="bytes"),
+                "history": f.Tensor(shape=(None,), dtype=np.float64, encoding="zlib")}),
+            "action": f.Tensor(shape=(2,), dtype=np.float32),
+            "reward": f.Scalar(dtype=np.float64),
+            "is_first": f.Scalar(dtype=np.bool_), "is_last": f.Scalar(dtype=np.bool_),
+            "is_terminal": f.Scalar(dtype=np.bool_)}),
+        "score": f.Tensor(shape=(), dtype=np.float64, encoding="bytes"),
+    })
+    rng = np.random.default_rng(0)
+    episodes = [{"steps": [{"observation": {"state": rng.normal(size=3),
+                                            "history": rng.normal(size=e + 2)},
+                            "action": rng.normal(size=2).astype(np.float32),
+                            "reward": 0.1 * t, "is_first": t == 0, "is_last": t == 3,
+                            "is_terminal": False} for t in range(4)],
+                 "score": np.float64(e + 0.1)} for e in range(3)]
+    src = _write_with_tfds(str(tmp_path / "tfds"), "tfds_f64", features, episodes)
+    down, up = str(tmp_path / "down"), str(tmp_path / "up")
+    reshard.reshard([src], down, ReshardOptions(float64="float32"))
+    reshard.reshard([down], up, ReshardOptions(float64="exact"))
+    def encodings(directory):  # (our spec reader does not take the tensor of unknown shape)
+        features = layout.read_json(os.path.join(directory, layout.FEATURES))
+        out = {}
+        for path in reshard.feature_paths(features):
+            node = features
+            for key in path.split("/"):
+                node = reshard._node_children(node)[key]
+            if "tensor" in node:
+                out[path] = node["tensor"]["encoding"]
+        return out
+
+    assert encodings(src)["steps/reward"] == "none"
+    assert encodings(down)["steps/observation/state"] == encodings(down)["score"] == "none"
+    assert encodings(up)["steps/observation/state"] == encodings(up)["steps/reward"] == "bytes"
+    assert encodings(down)["steps/observation/history"] == "zlib"
+    assert encodings(up)["steps/observation/history"] == "zlib"
+    raw = read_tfds_skip_decoding(down)[0]["step_dtypes"]
+    assert raw["observation/state"].name == "float64"
+    assert raw["observation/history"].name == "string"
+    for directory in (down, up):
+        for got, want in zip(read_tfds(directory), episodes, strict=True):
+            steps = got["steps"]
+            np.testing.assert_array_equal(
+                steps["observation"]["state"],
+                float32_rounded([s["observation"]["state"] for s in want["steps"]]))
+            np.testing.assert_array_equal(steps["reward"],
+                                          float32_rounded([s["reward"] for s in want["steps"]]))
+            assert got["score"] == float32_rounded(want["score"])
+            for t, s in enumerate(want["steps"]):
+                np.testing.assert_array_equal(steps["observation"]["history"][t],
+                                              s["observation"]["history"])
