@@ -38,6 +38,10 @@ flags.DEFINE_integer("shadow_size", None,
                      "at least 1024, at most the model's own, 4096). On a CPU renderer the "
                      "model's 4096 costs about 55 ms a frame; 1024 looks the same at 128 px.")
 flags.DEFINE_string("image_codec", "png", "png, jpeg, jpeg:<quality> or raw.")
+flags.DEFINE_enum("float64", None, ["float32", "exact"], "How float64 values (MuJoCo "
+                  "observations, rewards) are stored: float32 (a float list, what every RLDS "
+                  "loader reads as numbers) or exact (raw bytes). Default: float32 for a new "
+                  "dataset, what an existing one has when appending.")
 flags.DEFINE_string("language_instruction", None,
                     "Instruction stored with every episode (else info['language_instruction'] from "
                     "reset, where the env gives one).")
@@ -100,7 +104,7 @@ def main(argv):
         existed = not FLAGS.overwrite and os.path.exists(os.path.join(directory, DATASET_INFO))
         try:
             env = AutoOXEEnvLogger(env, name, directory, image_codec=FLAGS.image_codec,
-                                   overwrite=FLAGS.overwrite)
+                                   float64=FLAGS.float64, overwrite=FLAGS.overwrite)
         except (DatasetExistsError, FeatureMismatchError) as e:
             env.close()
             print(f"error: {_clash(directory, name, e)}", file=sys.stderr)

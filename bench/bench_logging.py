@@ -11,7 +11,8 @@ W2: oxe_envlogger/SyntheticCamera-v0 (two cameras + state, language), 10 episode
     fastest encoder available for it.
 Figures: overhead = logged wall time (including close()) / raw wall time, steps/s, bytes on disk,
 the longest single step()/reset() call, peak resident memory above the raw loop (each measured
-in a fresh process). ``--workloads=long``: one long W2 episode, with and without the episode
+in a fresh process); W1 also with float64 stored exactly (``float64="exact"``, the
+``float64_exact_*`` figures, each run against a raw run of its own). ``--workloads=long``: one long W2 episode, with and without the episode
 byte budget (WriterOptions.max_episode_bytes).
 """
 
@@ -272,8 +273,8 @@ def bench_w1(reps: int, episodes: int, steps: int, with_peer: bool) -> dict:
     def make_raw():
         return gym.make("HalfCheetah-v5", max_episode_steps=steps)
 
-    raw, ours, peer, turns = [], [], [], []
-    ours_bytes = peer_bytes = 0
+    raw, ours, peer, turns, exact, exact_raw = [], [], [], [], [], []
+    ours_bytes = peer_bytes = exact_bytes = 0
     for _ in range(reps):
         tmp = tempfile.mkdtemp(prefix="w1_")
         try:
@@ -282,6 +283,11 @@ def bench_w1(reps: int, episodes: int, steps: int, with_peer: bool) -> dict:
                       episodes, 0)
             ours.append(r)
             ours_bytes = dir_bytes(os.path.join(tmp, "ours"))
+            # float64 stored exactly (raw bytes) instead of as float32, against its own raw run
+            exact_raw.append(timed(make_raw, episodes, 0))
+            exact.append(timed(lambda tmp=tmp: AutoOXEEnvLogger(
+                make_raw(), "w1", os.path.join(tmp, "exact"), float64="exact"), episodes, 0))
+            exact_bytes = dir_bytes(os.path.join(tmp, "exact"))
             turns.append(interleaved(make_raw, lambda tmp=tmp: AutoOXEEnvLogger(
                 make_raw(), "w1", os.path.join(tmp, "turns")), episodes, 0))
             if with_peer:
@@ -311,6 +317,9 @@ def bench_w1(reps: int, episodes: int, steps: int, with_peer: bool) -> dict:
         # logger costs in work, which the host's steal does not inflate the way it does wall time
         "cpu_overhead": _median_ratio(ours, raw, key="cpu_s"),
         **_noise(raw, ours),
+        "float64_exact_overhead": _median_ratio(exact, exact_raw),
+        "float64_exact_cpu_overhead": _median_ratio(exact, exact_raw, key="cpu_s"),
+        "float64_exact_bytes_on_disk": exact_bytes,
     }
     if with_peer:
         peer_s = statistics.median(x["wall_s"] for x in peer)

@@ -33,18 +33,20 @@ except ImportError:  # envlogger is optional outside Linux
 
 
 def dm_spec_to_spec(spec: Any, *, path: str = "", image_codec: str | ImageCodec = "png",
-                    image_codecs: Mapping[str, str | ImageCodec] | None = None) -> Spec:
+                    image_codecs: Mapping[str, str | ImageCodec] | None = None,
+                    float64: str = "float32") -> Spec:
     """Maps a (nested) dm_env spec to a spec: Array/BoundedArray (uint8 HxWxC as images),
-    DiscreteArray, StringArray (scalar), dicts, lists and tuples."""
+    DiscreteArray, StringArray (scalar), dicts, lists and tuples. ``float64``: see
+    :func:`oxe_envlogger.specs.tensor`."""
     image_codecs = image_codecs or {}
     if isinstance(spec, Mapping):
         return specs.Group({k: dm_spec_to_spec(v, path=specs.join(path, k), image_codec=image_codec,
-                                               image_codecs=image_codecs)
+                                               image_codecs=image_codecs, float64=float64)
                             for k, v in spec.items()})
     if isinstance(spec, (list, tuple)):
         return specs.Group({str(i): dm_spec_to_spec(v, path=specs.join(path, str(i)),
                                                     image_codec=image_codec,
-                                                    image_codecs=image_codecs)
+                                                    image_codecs=image_codecs, float64=float64)
                             for i, v in enumerate(spec)}, "tuple")
     if isinstance(spec, dm_specs.StringArray):
         if spec.shape != ():
@@ -55,7 +57,7 @@ def dm_spec_to_spec(spec: Any, *, path: str = "", image_codec: str | ImageCodec 
         codec = image_codecs.get(path)
         if codec is not None or specs.is_image_shape(shape, dtype):
             return specs.image(shape, codec or image_codec)
-        leaf = specs.tensor(shape, dtype)
+        leaf = specs.tensor(shape, dtype, float64=float64)
         if isinstance(spec, dm_specs.BoundedArray):  # (DiscreteArray too)
             return specs.with_bounds(leaf, spec.minimum, spec.maximum)
         return leaf
@@ -96,6 +98,7 @@ class DmEnvLogger(dm_env.Environment, LoggerMixin):
                  version: str = layout.DEFAULT_VERSION, max_episodes_per_file: int | None = None,
                  shard_bytes: int | None = None, image_codec: str | ImageCodec = "png",
                  image_codecs: Mapping[str, str | ImageCodec] | None = None,
+                 float64: str | None = None,
                  strict_finite: bool = False, strict_bounds: bool = False,
                  incomplete: str = "keep", overwrite: bool = False,
                  fsync: bool | None = None, writer_options: WriterOptions | None = None,
@@ -103,17 +106,19 @@ class DmEnvLogger(dm_env.Environment, LoggerMixin):
         self._env = env
         codecs = {EpisodeRecorder._step_path(k): v for k, v in (image_codecs or {}).items()}
         reward_spec = env.reward_spec()
+        made = specs.check_float64_storage(float64 or "float32")
         self._recorder = EpisodeRecorder(
             directory, dataset_name,
             observation=dm_spec_to_spec(env.observation_spec(), path="observation",
-                                        image_codec=image_codec, image_codecs=codecs),
+                                        image_codec=image_codec, image_codecs=codecs,
+                                        float64=made),
             action=dm_spec_to_spec(env.action_spec(), path="action", image_codec=image_codec,
-                                   image_codecs=codecs),
+                                   image_codecs=codecs, float64=made),
             reward_dtype=np.dtype(getattr(reward_spec, "dtype", np.float64)),
             discount_dtype=_discount_dtype(env),
             step_metadata=step_metadata_info, episode_metadata=episode_metadata_info,
             language=language_instruction, image_codec=image_codec, image_codecs=codecs,
-            docs=doc_field, strict_finite=strict_finite, strict_bounds=strict_bounds,
+            float64=float64, docs=doc_field, strict_finite=strict_finite, strict_bounds=strict_bounds,
             incomplete=incomplete,
             options=_writer_options(writer_options, shard_bytes, max_episodes_per_file, fsync),
             overwrite=overwrite, session=provenance.session_info(env, {"front": "DmEnvLogger"}),
@@ -188,7 +193,8 @@ class RLDSBackendWriter(_BackendBase, LoggerMixin):
                  step_metadata_info: MetadataInfo | None = None,
                  episode_metadata_info: MetadataInfo | None = None,
                  max_episodes_per_file: int | None = None, shard_bytes: int | None = None,
-                 image_codec: str | ImageCodec = "png", strict_finite: bool = False,
+                 image_codec: str | ImageCodec = "png", float64: str | None = None,
+                 strict_finite: bool = False,
                  strict_bounds: bool = False, incomplete: str = "keep",
                  overwrite: bool = False, writer_options: WriterOptions | None = None,
                  scheduler: Any = None, metadata: dict[str, Any] | None = None,
@@ -196,16 +202,18 @@ class RLDSBackendWriter(_BackendBase, LoggerMixin):
         if _BackendBase is not object:
             super().__init__(metadata=metadata, scheduler=scheduler)
 
+        made = specs.check_float64_storage(float64 or "float32")
+
         def declared(info, path):
             if _has_dm_spec(info):
-                return dm_spec_to_spec(info, path=path, image_codec=image_codec)
+                return dm_spec_to_spec(info, path=path, image_codec=image_codec, float64=made)
             return info
 
         self._recorder = EpisodeRecorder(
             data_directory, dataset_name, observation=declared(observation_info, "observation"),
             action=declared(action_info, "action"), reward_dtype=reward_dtype,
             discount_dtype=discount_dtype, step_metadata=step_metadata_info,
-            episode_metadata=episode_metadata_info, image_codec=image_codec,
+            episode_metadata=episode_metadata_info, image_codec=image_codec, float64=float64,
             strict_finite=strict_finite, strict_bounds=strict_bounds, incomplete=incomplete,
             options=_writer_options(writer_options, shard_bytes, max_episodes_per_file, None),
             overwrite=overwrite,

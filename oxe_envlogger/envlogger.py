@@ -110,7 +110,7 @@ class _GymLogger(gym.Wrapper, LoggerMixin):
                  language: bool | None, doc_field: DocField | None, version: str,
                  max_episodes_per_file: int | None, shard_bytes: int | None,
                  image_codec: str | ImageCodec, image_codecs: Mapping[str, str | ImageCodec] | None,
-                 reward_dtype: Any, strict_finite: bool, strict_bounds: bool, incomplete: str,
+                 float64: str | None, reward_dtype: Any, strict_finite: bool, strict_bounds: bool, incomplete: str,
                  overwrite: bool,
                  fsync: bool | None, writer_options: WriterOptions | None, description: str,
                  handle_signals: bool):
@@ -121,7 +121,7 @@ class _GymLogger(gym.Wrapper, LoggerMixin):
             observation=env.observation_space, action=env.action_space,
             reward_dtype=reward_dtype, step_metadata=step_metadata,
             episode_metadata=episode_metadata, language=language,
-            image_codec=image_codec, image_codecs=image_codecs, docs=doc_field,
+            image_codec=image_codec, image_codecs=image_codecs, float64=float64, docs=doc_field,
             strict_finite=strict_finite, strict_bounds=strict_bounds, incomplete=incomplete,
             options=_writer_options(writer_options, shard_bytes, max_episodes_per_file, fsync),
             overwrite=overwrite, session=provenance.session_info(env, {"reset_seeds": self._seeds}),
@@ -170,7 +170,15 @@ class OXEEnvLogger(_GymLogger):
       image_codec: codec of uint8 HxWx{1,3,4} observations: ``"png"`` (lossless, default),
         ``"jpeg"`` / ``"jpeg:90"`` or ``"raw"``.
       image_codecs: per key path codecs, e.g. ``{"observation/wrist": "jpeg"}``.
-      reward_dtype: dtype of ``reward`` (float64 keeps Python floats exact).
+      float64: how float64 values (observations, actions, ``reward``, metadata) are stored:
+        ``"float32"`` as tfds stores a float64 ``Tensor``, a float list rounded to float32, which
+        every RLDS loader reads as numbers, also one that skips tfds' decoding (the Open
+        X-Embodiment and Octo pipelines); ``"exact"`` as raw float64 bytes, read back bit for
+        bit by tfds and our readers but as ``tf.string`` by a loader that skips decoding. None
+        (default): ``"float32"`` for a new dataset, and what a dataset being appended to has.
+        Under ``"float32"`` a finite value beyond float32's range is a :class:`SpecError`;
+        NaN and infinities stay (counted, or refused with ``strict_finite``).
+      reward_dtype: dtype of ``reward`` (stored as ``float64`` says when float64).
       strict_finite: raise on NaN/Inf in float values instead of counting them.
       strict_bounds: raise :class:`OutOfBoundsError` on an observation or action outside its
         space (a Box's bounds, a Discrete's range) instead of counting it (counts are reported
@@ -192,6 +200,7 @@ class OXEEnvLogger(_GymLogger):
                  max_episodes_per_file: int | None = None, shard_bytes: int | None = None,
                  image_codec: str | ImageCodec = "png",
                  image_codecs: Mapping[str, str | ImageCodec] | None = None,
+                 float64: str | None = None,
                  reward_dtype: Any = np.float64, strict_finite: bool = False,
                  strict_bounds: bool = False,
                  incomplete: str = "keep", overwrite: bool = False, fsync: bool | None = None,
@@ -202,7 +211,7 @@ class OXEEnvLogger(_GymLogger):
             episode_metadata=episode_metadata_info or {}, language=language_instruction,
             doc_field=doc_field, version=version, max_episodes_per_file=max_episodes_per_file,
             shard_bytes=shard_bytes, image_codec=image_codec, image_codecs=image_codecs,
-            reward_dtype=reward_dtype, strict_finite=strict_finite,
+            float64=float64, reward_dtype=reward_dtype, strict_finite=strict_finite,
             strict_bounds=strict_bounds, incomplete=incomplete,
             overwrite=overwrite, fsync=fsync, writer_options=writer_options,
             description=description, handle_signals=handle_signals)
@@ -242,6 +251,7 @@ class AutoOXEEnvLogger(_GymLogger):
                  max_episodes_per_file: int | None = None, shard_bytes: int | None = None,
                  image_codec: str | ImageCodec = "png",
                  image_codecs: Mapping[str, str | ImageCodec] | None = None,
+                 float64: str | None = None,
                  reward_dtype: Any = np.float64, strict_finite: bool = False,
                  strict_bounds: bool = False,
                  incomplete: str = "keep", overwrite: bool = False, fsync: bool | None = None,
@@ -256,7 +266,7 @@ class AutoOXEEnvLogger(_GymLogger):
             episode_metadata=episode_metadata_info, language=language_instruction,
             doc_field=doc_field, version=version, max_episodes_per_file=max_episodes_per_file,
             shard_bytes=shard_bytes, image_codec=image_codec, image_codecs=image_codecs,
-            reward_dtype=reward_dtype, strict_finite=strict_finite,
+            float64=float64, reward_dtype=reward_dtype, strict_finite=strict_finite,
             strict_bounds=strict_bounds, incomplete=incomplete,
             overwrite=overwrite, fsync=fsync, writer_options=writer_options,
             description=description, handle_signals=handle_signals)

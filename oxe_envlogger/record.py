@@ -466,6 +466,26 @@ def decode_example(data: bytes | memoryview) -> dict[str, tuple[Kind, list[bytes
     return {k: decode_feature(v) for k, v in split_example(data).items()}
 
 
+# The first byte of a Feature payload: which of its lists it holds (the field tag).
+FEATURE_TAGS: dict[int, Kind] = {0x0A: "bytes", 0x12: "float", 0x1A: "int64"}
+
+
+def _list_size(tag_body: int) -> int:
+    """Bytes of a Feature whose one list field holds ``tag_body`` bytes."""
+    return 1 + len(varint(tag_body)) + tag_body
+
+
+def float64_payload_size(*, exact: bool, rows: int, per_row: int) -> int:
+    """Bytes of the Feature payload of ``rows`` float64 values of ``per_row`` elements each,
+    stored exactly (:func:`fixed_bytes_list_payload`) or as a float list
+    (:func:`float_list_payload`)."""
+    if exact:
+        row = 8 * per_row
+        return _list_size(rows * (1 + len(varint(row)) + row))
+    data = 4 * rows * per_row
+    return _list_size(_list_size(data) if data else 0)
+
+
 def encode_raw_features(features: Mapping[str, bytes | memoryview]) -> bytes:
     """Re-assembles an Example from raw payloads (as :func:`split_example` returns them)."""
     return encode_example({k: bytes(v) for k, v in features.items()})

@@ -107,10 +107,10 @@ class _Part:
         return flat
 
 
-def _infer_spec(value: Any, path: str, image_codec, image_codecs) -> Spec:
+def _infer_spec(value: Any, path: str, image_codec, image_codecs, float64: str) -> Spec:
     space = specs.get_gym_space(value, _path=path)
     spec = specs.space_to_spec(space, path=path, image_codec=image_codec,
-                               image_codecs=image_codecs)
+                               image_codecs=image_codecs, float64=float64)
     specs.check_keys(spec, path)
     return spec
 
@@ -155,6 +155,10 @@ class EpisodeRecorder:
       episode_metadata: declared episode metadata; None to infer.
       language: whether steps carry ``language_instruction``; None to infer.
       image_codec, image_codecs: see :func:`oxe_envlogger.specs.space_to_spec`.
+      float64: how float64 values (of spaces, dtypes and inferred values) are stored:
+        ``"float32"`` (a float list, rounded to float32) or ``"exact"`` (raw bytes); None:
+        ``"float32"`` for a new dataset, and each float64 feature as the dataset being appended
+        to stores it.
       docs: ``{key path or leaf name: description}`` kept in ``features.json``.
       strict_finite: raise :class:`NonFiniteError` on NaN/Inf instead of counting them.
       strict_bounds: raise :class:`OutOfBoundsError` on an observation or action outside its
@@ -175,6 +179,7 @@ class EpisodeRecorder:
                  language: bool | None = None,
                  image_codec: str | specs.ImageCodec = "png",
                  image_codecs: Mapping[str, str | specs.ImageCodec] | None = None,
+                 float64: str | None = None,
                  docs: Mapping[str, str] | None = None,
                  strict_finite: bool = False, strict_bounds: bool = False,
                  incomplete: str = "keep",
@@ -185,6 +190,8 @@ class EpisodeRecorder:
             raise ValueError(f"incomplete: expected 'keep' or 'drop', given {incomplete!r}")
         self._codec = image_codec
         self._codecs = {self._step_path(k): v for k, v in (image_codecs or {}).items()}
+        self._float64 = None if float64 is None else specs.check_float64_storage(float64)
+        self._float64_new = float64 or "float32"  # for features made here
         self._docs = dict(docs or {})
         self._strict = strict_finite
         self._strict_bounds = strict_bounds
@@ -221,25 +228,34 @@ class EpisodeRecorder:
             if decl is None:
                 return None
             spec = specs.declaration_to_spec(decl, path=path, image_codec=self._codec,
-                                             image_codecs=self._codecs)
+                                             image_codecs=self._codecs,
+                                             float64=self._float64_new)
             if existing is None:  # (a dataset being appended to keeps the keys it has)
                 specs.check_keys(spec, path)
             return spec
 
-        obs_spec = declared(observation, "observation")
-        act_spec = declared(action, "action")
+        def stored_as_existing(spec, key):
+            # float64 not given: append with the storage the dataset has (either works).
+            if self._float64 is not None or spec is None:
+                return spec
+            return specs.adopt_float64(spec, existing_steps.get(key))
+
+        obs_spec = stored_as_existing(declared(observation, "observation"), "observation")
+        act_spec = stored_as_existing(declared(action, "action"), "action")
         if obs_spec is None and "observation" in existing_steps:
             obs_spec = existing_steps["observation"]
         if act_spec is None and "action" in existing_steps:
             act_spec = existing_steps["action"]
         self._obs = self._part(obs_spec, "observation") if obs_spec is not None else None
         self._act = self._part(act_spec, "action") if act_spec is not None else None
-        self._reward = specs.leaf_checker(specs.tensor((), reward_dtype), "reward",
-                                          strict_finite=self._strict)
-        self._reward_leaf = specs.tensor((), reward_dtype)
-        # Python floats are stored exactly as float64: no check needed on the hot path.
-        self._reward_fast = float if self._reward_leaf.dtype == np.float64 and not self._strict else None
-        self._discount_leaf = specs.tensor((), discount_dtype)
+        self._reward_leaf = stored_as_existing(
+            specs.tensor((), reward_dtype, float64=self._float64_new), "reward")
+        self._reward = specs.leaf_checker(self._reward_leaf, "reward", strict_finite=self._strict)
+        # Python floats stored exactly as float64 need no check on the hot path.
+        self._reward_fast = float if (self._reward_leaf.dtype == np.float64 and not self._strict
+                                      and not self._reward_leaf.rounds_to_float32) else None
+        self._discount_leaf = stored_as_existing(
+            specs.tensor((), discount_dtype, float64=self._float64_new), "discount")
         self._discount = specs.leaf_checker(self._discount_leaf, "discount")
 
         # Metadata: {top-level key: _Part}; None while still being inferred.
@@ -362,7 +378,8 @@ class EpisodeRecorder:
 
     def check_observation(self, obs: Any) -> list:
         if self._obs is None:
-            self._obs = self._part(_infer_spec(obs, "observation", self._codec, self._codecs),
+            self._obs = self._part(_infer_spec(obs, "observation", self._codec, self._codecs,
+                                               self._float64_new),
                                    "observation")
         return self._obs.check(obs)
 
@@ -377,7 +394,8 @@ class EpisodeRecorder:
         self._ensure_open()
         self._check_can_step(s)
         if self._act is None:
-            self._act = self._part(_infer_spec(action, "action", self._codec, self._codecs),
+            self._act = self._part(_infer_spec(action, "action", self._codec, self._codecs,
+                                               self._float64_new),
                                    "action")
         return self._act.check(action)
 
@@ -417,7 +435,8 @@ class EpisodeRecorder:
                         self._too_late_hint(what, f"{what}_metadata_info={{"
                                             f"{key!r}: {_declaration_example(value)}}}"))
                 self._check_meta_key(key, reserved, what)
-                part = self._part(_infer_spec(value, key, self._codec, self._codecs), key)
+                part = self._part(_infer_spec(value, key, self._codec, self._codecs,
+                                              self._float64_new), key)
             checked[key] = (part, part.check(value))
         for key, (part, _) in checked.items():
             parts[key] = part

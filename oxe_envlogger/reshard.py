@@ -3,9 +3,10 @@
 The resharder never decodes an episode it does not change: it reads the framing and a few small
 fields of every record (``episode_id``, ``invalid``, the step count, the language payload), plans
 the output, then copies the framed records byte for byte (CRC-checked) into the output shards.
-Episodes it changes (language relabelled, features renamed or dropped) are re-assembled from their
-raw feature payloads (:func:`oxe_envlogger.record.split_example`), so even then no image is decoded.
-Nothing here imports TensorFlow.
+Episodes it changes (language relabelled, features renamed or dropped, float64 features converted
+between their two storages) are re-assembled from their raw feature payloads
+(:func:`oxe_envlogger.record.split_example`), so even then no image is decoded; only the float64
+features being converted are. Nothing here imports TensorFlow.
 
 The work has four stages, each a pure function of its inputs, so that the same stages run in one
 process (:func:`reshard`, with a thread per output shard) or as an Apache Beam pipeline
@@ -44,14 +45,23 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import numpy as np
+
 from oxe_envlogger import layout, record
 from oxe_envlogger.errors import (
     CorruptDatasetError,
     DamagedShardError,
     DatasetExistsError,
     FeatureMismatchError,
+    SpecError,
 )
-from oxe_envlogger.specs import diff_features, strip_docs
+from oxe_envlogger.specs import (
+    check_float64_storage,
+    diff_features,
+    float64_features,
+    round_to_float32,
+    strip_docs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +107,13 @@ class ReshardOptions:
       rename_features: ``{old path: new path}`` of features (and feature groups), e.g.
         ``{"steps/observation/image": "steps/observation/image_0"}``.
       drop_features: paths of features (or groups) to remove.
+      float64: convert every float64 feature to this storage: ``"float32"`` (a float list,
+        rounded to float32, which loaders that skip tfds' decoding read as numbers) or
+        ``"exact"`` (raw float64 bytes; exact only where the input was, float32-stored values
+        are widened). Inputs that differ only in this storage can then be merged. Tensors a
+        foreign dataset compresses with zlib or gives no fixed shape are left as they are
+        (see :func:`oxe_envlogger.specs.float64_features`). None: keep each feature as it is
+        stored (the inputs must agree).
       input_splits: splits read from every input (default: all of each input's splits). All
         of them go into ``train`` (and ``validation_split``).
       overwrite: replace an existing dataset at the output path.
@@ -118,6 +135,7 @@ class ReshardOptions:
     split_seed: int = 0
     rename_features: Mapping[str, str] | None = None
     drop_features: tuple[str, ...] = ()
+    float64: str | None = None
     input_splits: tuple[str, ...] | None = None
     overwrite: bool = False
     verify: bool = True
@@ -140,6 +158,8 @@ class ReshardOptions:
             layout.check_dataset_name(self.dataset_name)
         if self.workers is not None and self.workers < 1:
             raise ValueError(f"workers: expected >= 1, given {self.workers}")
+        if self.float64 is not None:
+            check_float64_storage(self.float64)
 
     def to_json(self) -> dict[str, Any]:
         """The options that shape the output (for the manifest; deterministic)."""
@@ -161,6 +181,7 @@ class ReshardOptions:
             "split_seed": self.split_seed,
             "rename_features": dict(self.rename_features or {}),
             "drop_features": list(self.drop_features),
+            "float64": self.float64,
             "input_splits": list(self.input_splits) if self.input_splits is not None else None,
         }
 
@@ -206,11 +227,13 @@ def _is_tmp(path: str) -> bool:
 
 
 def discover(rlds_dirs: Sequence[PathLike], *, output_dir: PathLike | None = None,
-             input_splits: Sequence[str] | None = None) -> Inputs:
+             input_splits: Sequence[str] | None = None, float64: str | None = None) -> Inputs:
     """Finds the datasets under ``rlds_dirs`` (recursively; sorted) and checks their features.
 
     A dataset found under a root that is the output directory is left out (it would be a
-    previous output); naming it directly in ``rlds_dirs`` reshards it in place.
+    previous output); naming it directly in ``rlds_dirs`` reshards it in place. With
+    ``float64`` (the storage the output converts to), features that differ only in how float64
+    is stored agree.
 
     Raises:
       FileNotFoundError: for a missing directory, or when no dataset is found.
@@ -243,6 +266,8 @@ def discover(rlds_dirs: Sequence[PathLike], *, output_dir: PathLike | None = Non
             raise CorruptDatasetError(
                 f"{directory}: file format {info.get('fileFormat')!r}; only tfrecord datasets "
                 "can be resharded without TensorFlow")
+        if float64 is not None:
+            features = float64_features(features, float64)[0]
         if first_features is None:
             first_features, first_info = features, info
         elif strip_docs(features) != strip_docs(first_features):
@@ -301,12 +326,43 @@ def _under(key: str, path: str) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class Transform:
-    """Renames and drops of feature paths, and the language feature to rewrite."""
+    """Renames and drops of feature paths, the language feature to rewrite, and the float64
+    features to convert (``float64_keys``: input key and elements per value, of every float64
+    feature when ``float64`` names the storage to convert to)."""
 
     drop: tuple[str, ...] = ()
     rename: tuple[tuple[str, str], ...] = ()
     language_key: str | None = None
     language_added: bool = False  # the inputs have no language feature: every episode gets one
+    float64: str | None = None
+    float64_keys: tuple[tuple[str, int], ...] = ()
+
+    def float64_payload(self, payload: bytes | memoryview, key: str, rows: int) -> bytes:
+        """The payload of float64 feature ``key`` (``rows`` values) stored the other way: raw
+        float64 bytes as a float list (rounded to float32) or a float list as raw bytes
+        (widened exactly).
+
+        Raises:
+          SpecError: converting to float32, for a finite value beyond its range.
+          CorruptDatasetError: for a payload that holds no float64 values of ``rows`` rows.
+        """
+        kind, values = record.decode_feature(payload)
+        exact = self.float64 == "exact"
+        per_row = dict(self.float64_keys)[key]
+        if kind == "bytes" and not exact:
+            if len(values) != rows or any(len(v) != 8 * per_row for v in values):
+                raise CorruptDatasetError(
+                    f"{key}: expected {rows} float64 byte strings of {8 * per_row} bytes, found "
+                    f"{len(values)} of {sorted({len(v) for v in values})} bytes")
+            flat = np.frombuffer(b"".join(values), "<f8")
+            return record.float_list_payload(round_to_float32(flat, key))
+        if kind == "float" and exact:
+            if values.size != rows * per_row:
+                raise CorruptDatasetError(f"{key}: expected {rows} x {per_row} floats, found "
+                                          f"{values.size}")
+            return record.fixed_bytes_list_payload(values.astype("<f8").reshape(rows, per_row))
+        raise CorruptDatasetError(f"{key}: expected float64 values stored "
+                                  f"{'as floats' if exact else 'as bytes'}, found a {kind} list")
 
     @property
     def changes_features(self) -> bool:
@@ -428,6 +484,10 @@ def make_transform(features: dict, options: ReshardOptions) -> tuple[Transform, 
         _put_feature(out, b, feature)
         remaining = set(feature_paths(out))
     _prune_empty_groups(out)
+    float64_keys: tuple[tuple[str, int], ...] = ()
+    if options.float64 is not None:
+        out = float64_features(out, options.float64)[0]
+        float64_keys = float64_features(features, options.float64)[1]  # the input keys
     language_key, added = None, False
     if options.relabel_language is not None or options.language_map:
         language_key = options.language_key
@@ -443,7 +503,7 @@ def make_transform(features: dict, options: ReshardOptions) -> tuple[Transform, 
             if not (cls.endswith("text_feature.Text") or dtype == "string"):
                 raise ValueError(f"language_key {language_key!r} is a {cls.rsplit('.', 1)[-1]}, "
                                  "not a Text feature")
-    return Transform(drops, renames, language_key, added), out
+    return Transform(drops, renames, language_key, added, options.float64, float64_keys), out
 
 
 def _node_at(features: dict, path: str) -> dict:
@@ -466,6 +526,8 @@ class EpisodeRef:
       base_size: the canonical size of the Example entries no transformation touches.
       touched: ``(key, payload length)`` of the entries a transformation may change.
       language: the current payload of the language feature (when relabelling; else None).
+      float64: ``(key, output payload length)`` of the float64 features whose storage the
+        transform converts (those not stored as the output stores them already).
     """
 
     source: int
@@ -481,6 +543,7 @@ class EpisodeRef:
     base_size: int
     touched: tuple[tuple[str, int], ...]
     language: bytes | None
+    float64: tuple[tuple[str, int], ...] = ()
 
 
 def _varint_len(n: int) -> int:
@@ -594,6 +657,7 @@ def scan_shard(shard: InputShard, transform: Transform) -> list[EpisodeRef]:
     out = []
     path = shard.path
     lang_key = transform.language_key
+    float64_rows = {k: n for k, n in transform.float64_keys if transform.output_key(k) is not None}
     fd = os.open(path, os.O_RDONLY)
     try:
         size = os.fstat(fd).st_size
@@ -636,9 +700,15 @@ def scan_shard(shard: InputShard, transform: Transform) -> list[EpisodeRef]:
                 kind_id, ids = record.decode_feature(ep_id)
                 ep_id = ids[0].decode("utf-8", "replace") if kind_id == "bytes" and ids else None
             invalid = value("invalid", 64)
-            base, touched = 0, []
-            for key, (_, n) in entries.items():
-                if transform.touches(key):
+            base, touched, converted = 0, [], []
+            for key, (pos, n) in entries.items():
+                out_n = None
+                if key in float64_rows:  # its payload's first byte says how it is stored
+                    out_n = _converted_size(transform, key, float64_rows[key],
+                                            n and win.get(pos, 1)[0], len(flags))
+                if out_n is not None:
+                    converted.append((key, out_n))
+                elif transform.touches(key):
                     touched.append((key, n))
                 else:
                     base += entry_size(key, n)
@@ -650,7 +720,8 @@ def scan_shard(shard: InputShard, transform: Transform) -> list[EpisodeRef]:
                 source=shard.source, split=shard.split, shard=shard.shard, path=path, index=index,
                 offset=offset, length=length, episode_id=ep_id,
                 invalid=bool(_int_value(invalid)) if invalid is not None else False,
-                num_steps=len(flags), base_size=base, touched=tuple(touched), language=language))
+                num_steps=len(flags), base_size=base, touched=tuple(touched), language=language,
+                float64=tuple(converted)))
             offset = end + 4
             index += 1
     finally:
@@ -659,6 +730,18 @@ def scan_shard(shard: InputShard, transform: Transform) -> list[EpisodeRef]:
         raise CorruptDatasetError(f"{path}: {index} records, but dataset_info.json lists "
                                   f"{shard.num_episodes}")
     return out
+
+
+def _converted_size(transform: Transform, key: str, per_row: int, tag: int, num_steps: int
+                    ) -> int | None:
+    """The output payload length of float64 entry ``key`` (``per_row`` elements a value, its
+    payload starting with ``tag``) when the transform converts its storage; None when it is
+    stored so already."""
+    exact = transform.float64 == "exact"
+    if record.FEATURE_TAGS.get(tag) != ("float" if exact else "bytes"):
+        return None  # stored as the output stores it already (or not float64 at all: as is)
+    rows = num_steps if key.startswith("steps/") else 1
+    return record.float64_payload_size(exact=exact, rows=rows, per_row=per_row)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -672,7 +755,7 @@ class PlannedEpisode:
     ref: EpisodeRef
     global_index: int
     language: str | None
-    changes: str  # "", "language", "features" or "features+language"
+    changes: str  # "", or what changes joined by "+": "features", "float64", "language"
     size: int  # framed output size
 
 
@@ -721,7 +804,7 @@ def _language_payload(text: str, ref: EpisodeRef, language_key: str) -> bytes:
 def _output_size(ref: EpisodeRef, transform: Transform, language: bytes | None) -> int:
     """The framed size of the episode after :func:`transform_record`; mirrors it exactly."""
     entries: dict[str, int] = {}
-    for key, n in ref.touched:
+    for key, n in (*ref.touched, *ref.float64):
         new = transform.output_key(key)
         if new is not None:
             entries[new] = n
@@ -799,7 +882,9 @@ def build_plan(inputs: Inputs, refs: Iterable[EpisodeRef], options: ReshardOptio
             payload = _language_payload(text, ref, transform.language_key)
             if payload == ref.language and not transform.changes_features:
                 text, payload = None, None  # already says so: copy the record unchanged
-        parts = (["features"] if transform.changes_features else []) + (["language"] if text is not None else [])
+        parts = ((["features"] if transform.changes_features else [])
+                 + (["float64"] if ref.float64 else [])
+                 + (["language"] if text is not None else []))
         size = (_output_size(ref, transform, payload) if parts
                 else record.framed_size(ref.length))
         kept.append(PlannedEpisode(ref, gi, text, "+".join(parts), size))
@@ -860,12 +945,22 @@ class ShardResult:
 
 def transform_record(data: bytes, ref: EpisodeRef, transform: Transform,
                      language: str | None) -> bytes:
-    """The Example ``data`` with features renamed/dropped and the language replaced; every other
-    payload is kept byte for byte (images are not decoded)."""
+    """The Example ``data`` with features renamed/dropped, float64 features converted and the
+    language replaced; every other payload is kept byte for byte (images are not decoded)."""
     out = {}
+    converted = {key for key, _ in ref.float64}
     for key, payload in record.split_example(data).items():
         new = transform.output_key(key)
         if new is not None:
+            if key in converted:
+                rows = ref.num_steps if key.startswith("steps/") else 1
+                try:
+                    payload = transform.float64_payload(payload, key, rows)
+                except SpecError as e:
+                    raise SpecError(e.path, e.expected, e.given,
+                                    f"in episode {ref.episode_id} ({ref.path}, record "
+                                    f"{ref.index}): float32 cannot store it; keep float64 "
+                                    "exact (--float64=exact)") from None
             out[new] = payload
     if language is not None:
         out[transform.language_key] = _language_payload(language, ref, transform.language_key)
@@ -1488,7 +1583,8 @@ class Progress:
 def plan_reshard(rlds_dirs: Sequence[PathLike], output_dir: PathLike,
                  options: ReshardOptions) -> Plan:
     """Stages 1-3 in this process: the plan of :func:`reshard` without writing anything."""
-    inputs = discover(rlds_dirs, output_dir=output_dir, input_splits=options.input_splits)
+    inputs = discover(rlds_dirs, output_dir=output_dir, input_splits=options.input_splits,
+                      float64=options.float64)
     transform, features = make_transform(inputs.features, options)
     refs: list[EpisodeRef] = []
     for shard in inputs.shards:

@@ -102,7 +102,8 @@ def reshard_beam(rlds_dirs: Sequence[PathLike], output_dir: PathLike,
     out = check_output(output_dir, overwrite=options.overwrite)
     # Discovery and the feature check only read JSON files: done here, so that a mismatch is
     # reported before any worker starts.
-    inputs = discover(rlds_dirs, output_dir=out, input_splits=options.input_splits)
+    inputs = discover(rlds_dirs, output_dir=out, input_splits=options.input_splits,
+                      float64=options.float64)
     transform, features = make_transform(inputs.features, options)
     staging = make_staging(out)
     try:

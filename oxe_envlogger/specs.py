@@ -14,12 +14,19 @@ the ``features.json`` that ``tfds.builder_from_directory`` reads (:func:`spec_to
 Values are checked against their leaf by :func:`compile_checker`; a value is accepted only when it
 converts to the leaf's dtype without changing any element, otherwise :class:`SpecError` names the
 key path, the expected and the given shape and dtype. Nothing here imports TensorFlow.
+
+float64 is the one deliberate exception, chosen per logger (:data:`FLOAT64_STORAGE`): by
+default a float64 leaf is stored as tfds stores a float64 ``Tensor`` (a float list, so rounded to
+float32), which every RLDS loader reads as numbers, also one that skips decoding
+(``tfds.decode.SkipDecoding()``, as the Open X-Embodiment and Octo pipelines do); ``"exact"``
+stores raw float64 bytes, which such a loader receives as ``tf.string``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import string
+import struct
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Literal
 
@@ -47,6 +54,12 @@ _CLS_CLASS_LABEL = _TFDS + "class_label_feature.ClassLabel"
 
 TEXT_DTYPE = np.dtype(object)
 _FLOAT32 = np.dtype(np.float32)
+_FLOAT64 = np.dtype(np.float64)
+# How float64 values are stored: "float32", a float list (tfds' own storage of a float64 Tensor:
+# read as numbers by every loader, rounded to float32), or "exact", raw float64 bytes (tfds
+# encoding "bytes": exact, but a string to a loader that skips tfds' decoding).
+FLOAT64_STORAGE = ("float32", "exact")
+_F32 = struct.Struct("<f")
 TEXT_MAX_LENGTH = 1 << 16
 _TEXT_CHARSET = string.printable
 
@@ -108,8 +121,9 @@ class Leaf:
       kind: ``"tensor"``, ``"image"`` or ``"text"``.
       shape: the shape of one value (one step's value inside ``steps``).
       dtype: numpy dtype of the value; ``object`` for text.
-      encoding: tfds tensor encoding: ``"none"`` (float/int64 lists) or ``"bytes"`` (raw bytes,
-        used for float64, which a float list would round to float32, and for raw images).
+      encoding: tfds tensor encoding: ``"none"`` (float/int64 lists; a float64 leaf's values
+        are then rounded to float32) or ``"bytes"`` (raw bytes: float64 stored exactly, raw
+        images).
       codec: for images, how they are compressed.
       doc: a description kept in ``features.json``.
       bounds: what the declared space allows (:class:`Bounds`), for tensors; not part of the
@@ -127,6 +141,11 @@ class Leaf:
     @property
     def is_float(self) -> bool:
         return self.kind == "tensor" and self.dtype.kind == "f"
+
+    @property
+    def rounds_to_float32(self) -> bool:
+        """A float64 tensor stored as a float list: its values are rounded to float32."""
+        return self.kind == "tensor" and self.dtype == _FLOAT64 and self.encoding == "none"
 
     def describe(self) -> str:
         if self.kind == "text":
@@ -147,12 +166,33 @@ class Group:
 Spec = Leaf | Group
 
 
-def tensor(shape: tuple[int, ...] = (), dtype: Any = np.float32, doc: str = "") -> Leaf:
-    """A numeric tensor leaf; float64 is stored as raw bytes so that no precision is lost."""
+def check_float64_storage(float64: str) -> str:
+    """Returns ``float64`` if it is one of :data:`FLOAT64_STORAGE`.
+
+    Raises:
+      ValueError: naming the valid choices.
+    """
+    if float64 not in FLOAT64_STORAGE:
+        raise ValueError(f"float64: expected one of {list(FLOAT64_STORAGE)}, given {float64!r}")
+    return float64
+
+
+def tensor(shape: tuple[int, ...] = (), dtype: Any = np.float32, doc: str = "", *,
+           float64: str = "float32") -> Leaf:
+    """A numeric tensor leaf.
+
+    Args:
+      shape, dtype, doc: the leaf's.
+      float64: how a float64 leaf is stored (:data:`FLOAT64_STORAGE`): ``"float32"`` as a float
+        list (rounded to float32), ``"exact"`` as raw bytes. Wider floats are always bytes.
+    """
     dtype = np.dtype(dtype)
     if dtype.kind not in "biuf":
         raise UnsupportedSpaceError(f"tensor dtype must be bool, int, uint or float; given {dtype}")
-    encoding = "bytes" if dtype.itemsize > 4 and dtype.kind == "f" else "none"
+    encoding = "none"
+    if dtype.kind == "f" and dtype.itemsize > 4:  # (wider than float64: no float list form)
+        exact = dtype != _FLOAT64 or check_float64_storage(float64) == "exact"
+        encoding = "bytes" if exact else "none"
     return Leaf("tensor", tuple(int(d) for d in shape), dtype, encoding, None, doc)
 
 
@@ -239,6 +279,7 @@ def space_to_spec(
     path: str = "",
     image_codec: str | ImageCodec = "png",
     image_codecs: Mapping[str, str | ImageCodec] | None = None,
+    float64: str = "float32",
 ) -> Spec:
     """Maps a gymnasium space to a spec.
 
@@ -247,6 +288,7 @@ def space_to_spec(
       path: key path of ``space`` in the step, used for codec lookup and error messages.
       image_codec: codec of every uint8 HxWx{1,3,4} Box not named in ``image_codecs``.
       image_codecs: per key path codecs, e.g. ``{"observation/wrist_image": "jpeg:90"}``.
+      float64: how float64 Boxes are stored (see :func:`tensor`).
 
     Returns:
       The spec.
@@ -254,16 +296,18 @@ def space_to_spec(
     Raises:
       UnsupportedSpaceError: for a space with no RLDS feature, naming its key path.
     """
-    return _space_to_spec(space, path, image_codec, dict(image_codecs or {}))
+    return _space_to_spec(space, path, image_codec, dict(image_codecs or {}),
+                          check_float64_storage(float64))
 
 
-def _space_to_spec(space, path, image_codec, image_codecs) -> Spec:
+def _space_to_spec(space, path, image_codec, image_codecs, float64) -> Spec:
     spaces = gym.spaces
     if isinstance(space, spaces.Dict):
-        return Group({k: _space_to_spec(s, join(path, k), image_codec, image_codecs)
+        return Group({k: _space_to_spec(s, join(path, k), image_codec, image_codecs, float64)
                       for k, s in space.spaces.items()}, "dict")
     if isinstance(space, spaces.Tuple):
-        return Group({str(i): _space_to_spec(s, join(path, str(i)), image_codec, image_codecs)
+        return Group({str(i): _space_to_spec(s, join(path, str(i)), image_codec, image_codecs,
+                                             float64)
                       for i, s in enumerate(space.spaces)}, "tuple")
     if isinstance(space, spaces.Box):
         shape, dtype = tuple(space.shape), np.dtype(space.dtype)
@@ -273,7 +317,7 @@ def _space_to_spec(space, path, image_codec, image_codecs) -> Spec:
                 raise UnsupportedSpaceError(
                     f"{path}: a codec was given but the space is {space}, not a uint8 (H, W, C) image")
             return image(shape, codec if codec is not None else image_codec)
-        return with_bounds(tensor(shape, dtype), space.low, space.high)
+        return with_bounds(tensor(shape, dtype, float64=float64), space.low, space.high)
     if isinstance(space, spaces.Discrete):
         return with_bounds(tensor((), space.dtype), space.start, space.start + space.n - 1)
     if isinstance(space, spaces.MultiDiscrete):
@@ -366,17 +410,20 @@ def _box_for(arr: np.ndarray) -> gym.spaces.Box:
 
 def declaration_to_spec(decl: Any, *, path: str,
                         image_codec: str | ImageCodec = "png",
-                        image_codecs: Mapping[str, str | ImageCodec] | None = None) -> Spec:
+                        image_codecs: Mapping[str, str | ImageCodec] | None = None,
+                        float64: str = "float32") -> Spec:
     """Reads one declared feature: a spec, a gymnasium space, a tfds FeatureConnector, a numpy
     dtype or type (a scalar tensor), ``str`` (text), ``bool``, ``int`` or ``float``, or a dict
-    of those."""
+    of those. ``float64`` (see :func:`tensor`) applies to spaces, dtypes and ``float``; a spec
+    or FeatureConnector keeps the encoding it declares."""
     if isinstance(decl, (Leaf, Group)):
         return decl
     if isinstance(decl, gym.Space):
-        return space_to_spec(decl, path=path, image_codec=image_codec, image_codecs=image_codecs)
+        return space_to_spec(decl, path=path, image_codec=image_codec, image_codecs=image_codecs,
+                             float64=float64)
     if isinstance(decl, Mapping):
         return Group({k: declaration_to_spec(v, path=join(path, k), image_codec=image_codec,
-                                             image_codecs=image_codecs)
+                                             image_codecs=image_codecs, float64=float64)
                       for k, v in decl.items()})
     if decl in (str, bytes):
         return text()
@@ -385,13 +432,13 @@ def declaration_to_spec(decl: Any, *, path: str,
     if decl is int:
         return tensor((), np.int64)
     if decl is float:
-        return tensor((), np.float64)
+        return tensor((), np.float64, float64=float64)
     if hasattr(decl, "to_proto") and type(decl).__module__.startswith("tensorflow_datasets"):
         from google.protobuf import json_format
 
         return spec_from_features_json(json_format.MessageToDict(decl.to_proto()), path=path)
     try:
-        return tensor((), np.dtype(decl))
+        return tensor((), np.dtype(decl), float64=float64)
     except (TypeError, UnsupportedSpaceError) as e:
         raise UnsupportedSpaceError(
             f"{path}: cannot read the declaration {decl!r}; give a gymnasium space, a tfds "
@@ -499,11 +546,79 @@ def diff_features(a: Mapping, b: Mapping, path: str = "") -> list[str]:
     for k in sorted(a_leaves.keys() & b_leaves.keys()):
         la, lb = a_leaves[k], b_leaves[k]
         da, db = dataclasses.replace(la, doc=""), dataclasses.replace(lb, doc="")
-        if da != db:
-            fa = f"{la.describe()} encoding={la.encoding}"
-            fb = f"{lb.describe()} encoding={lb.encoding}"
-            out.append(f"{k}: {fa} vs {fb}")
+        if da == db:
+            continue
+        fa = f"{la.describe()} encoding={la.encoding}"
+        fb = f"{lb.describe()} encoding={lb.encoding}"
+        sa, sb = float64_storage_of(la), float64_storage_of(lb)
+        if sa and sb and da == dataclasses.replace(db, encoding=la.encoding):
+            fa = f"{fa}, {_STORED[sa]}"
+            fb = (f"{fb}, {_STORED[sb]}; the loggers' float64='float32'|'exact' chooses, "
+                  "tools/reshard_rlds.py --float64 converts a dataset")
+        out.append(f"{k}: {fa} vs {fb}")
     return sorted(out)
+
+
+_STORED = {"float32": "float64 stored as float32", "exact": "float64 stored exactly"}
+
+
+def float64_storage_of(leaf: Leaf) -> str | None:
+    """The :data:`FLOAT64_STORAGE` of a float64 tensor leaf; None for other leaves (and for a
+    float64 tensor compressed with zlib, which no conversion here touches)."""
+    if leaf.kind != "tensor" or leaf.dtype != _FLOAT64:
+        return None
+    return {"none": "float32", "bytes": "exact"}.get(leaf.encoding)
+
+
+def adopt_float64(spec: Spec, existing: Spec | None) -> Spec:
+    """``spec`` with each float64 tensor stored as ``existing`` (the same key path of a dataset
+    being appended to) stores it, so that a logger whose float64 storage is not given appends
+    to a dataset written with either storage."""
+    if existing is None:
+        return spec
+    if isinstance(spec, Leaf):
+        if (isinstance(existing, Leaf) and spec.shape == existing.shape
+                and float64_storage_of(spec) and float64_storage_of(existing)):
+            return dataclasses.replace(spec, encoding=existing.encoding)
+        return spec
+    if not isinstance(existing, Group):
+        return spec
+    return dataclasses.replace(spec, fields={k: adopt_float64(v, existing.fields.get(k))
+                                             for k, v in spec.fields.items()})
+
+
+def float64_features(features: Mapping[str, Any], float64: str
+                     ) -> tuple[dict, tuple[tuple[str, int], ...]]:
+    """A ``features.json`` (proto-JSON) with every float64 tensor of a fixed shape stored as
+    ``float64`` says (:data:`FLOAT64_STORAGE`), and the ``(key path, elements per value)`` of
+    those tensors. zlib-compressed tensors, tensors of unknown shape and those inside a tfds
+    ``Sequence`` (several values per step) are left as they are."""
+    encoding = {"float32": "none", "exact": "bytes"}[check_float64_storage(float64)]
+    found: list[tuple[str, int]] = []
+
+    def walk(node: Mapping[str, Any], path: str) -> dict:
+        out = dict(node)
+        short = str(node.get("pythonClassName", "")).rsplit(".", 1)[-1]
+        if "featuresDict" in node:
+            inner = dict(node["featuresDict"])
+            inner["features"] = {k: walk(v, join(path, k))
+                                 for k, v in inner.get("features", {}).items()}
+            out["featuresDict"] = inner
+        elif "sequence" in node and short == "Dataset":  # one value per step
+            out["sequence"] = {**node["sequence"], "feature": walk(node["sequence"]["feature"],
+                                                                    path)}
+        elif isinstance(node.get("tensor"), Mapping):
+            t = node["tensor"]
+            dims = [int(d) for d in t.get("shape", {}).get("dimensions", [])]
+            if (t.get("dtype") == "float64" and t.get("encoding", "none") in ("none", "bytes")
+                    and all(d >= 0 for d in dims)):
+                out["tensor"] = {**t, "encoding": encoding}
+                if short == "Scalar" and encoding != "none":  # tfds' Scalar takes no encoding
+                    out["pythonClassName"] = _CLS_TENSOR
+                found.append((path, int(np.prod(dims, dtype=np.int64))))
+        return out
+
+    return walk(features, ""), tuple(found)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -616,6 +731,9 @@ def leaf_checker(leaf: Leaf, path: str, *, strict_finite: bool = False,
 
     check_finite = strict_finite and dtype.kind == "f"
     in_bounds = leaf.bounds if strict_bounds else None
+    # A float64 stored as a float list: the value kept is the one stored (rounded to float32),
+    # so that statistics and counts agree with what every reader reads back.
+    round32 = leaf.rounds_to_float32
     # Python scalars that convert exactly, without numpy, on the hot path.
     py_fast: tuple[type, ...] = ()
     if shape == ():
@@ -627,8 +745,10 @@ def leaf_checker(leaf: Leaf, path: str, *, strict_finite: bool = False,
 
     def check_array(value):
         if value.__class__ is ndarray and value.dtype is dtype and value.shape == shape:
-            arr = value.copy()
+            arr = round_to_float32(value, path) if round32 else value.copy()
         elif py_fast and value.__class__ in py_fast:
+            if round32:
+                value = _round_scalar_to_float32(value, path)
             if check_finite and not np.isfinite(value):
                 raise NonFiniteError(path, "a finite value", repr(value))
             if in_bounds is not None:
@@ -636,6 +756,8 @@ def leaf_checker(leaf: Leaf, path: str, *, strict_finite: bool = False,
             return value
         else:
             arr = convert_exact(value, leaf, path)
+            if round32:
+                arr = round_to_float32(arr, path)
         if check_finite and not np.isfinite(arr).all():
             bad = np.argwhere(~np.isfinite(arr))[0].tolist()
             raise NonFiniteError(path, "finite values", f"{arr[tuple(bad)]} at index {bad}")
@@ -644,6 +766,42 @@ def leaf_checker(leaf: Leaf, path: str, *, strict_finite: bool = False,
         return arr
 
     return check_array
+
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _too_large_for_float32(path: str, given: str) -> SpecError:
+    return SpecError(path, f"a value float32 can hold (|x| <= {_FLOAT32_MAX:.8g})", given,
+                     "float64 values are stored as float32 (the loggers' float64='float32', the "
+                     "default) and this one would become infinity; float64='exact' stores "
+                     "float64 values exactly")
+
+
+def round_to_float32(arr: np.ndarray, path: str) -> np.ndarray:
+    """A new float64 array of ``arr``'s values rounded to float32, as a float list stores them
+    (round to nearest; magnitudes up to half float32's smallest subnormal become zero; NaN and
+    infinities stay, to be counted or refused as non-finite).
+
+    Raises:
+      SpecError: for a finite value beyond float32's range (it would become infinite).
+    """
+    try:
+        with np.errstate(over="raise"):  # a cast that overflows sets the overflow flag
+            return arr.astype(_FLOAT32).astype(_FLOAT64)
+    except FloatingPointError:
+        with np.errstate(over="ignore"):
+            bad = np.isfinite(arr) & np.isinf(arr.astype(_FLOAT32))
+        index = tuple(np.argwhere(bad)[0].tolist())
+        where = f" at index {list(index)}" if index else ""
+        raise _too_large_for_float32(path, f"{arr[index].item()!r}{where}") from None
+
+
+def _round_scalar_to_float32(value: float, path: str) -> float:
+    try:
+        return _F32.unpack(_F32.pack(value))[0]
+    except OverflowError:  # struct refuses what would round to infinity, as the cast does
+        raise _too_large_for_float32(path, repr(value)) from None
 
 
 def convert_exact(value: Any, leaf: Leaf, path: str) -> np.ndarray:

@@ -151,6 +151,35 @@ def read_tfds(directory: str, split: str = "train") -> list[dict[str, Any]]:
     return out
 
 
+def read_tfds_skip_decoding(directory: str, split: str = "train") -> list[dict[str, Any]]:
+    """Every episode as the Open X-Embodiment / Octo data pipelines read it (dlimp's
+    ``from_rlds``): ``as_dataset(decoders={"steps": tfds.decode.SkipDecoding()})``, so ``steps``
+    is a nest of tensors stacked over steps that tfds only parsed, never decoded. Returns numpy
+    values, with the TensorFlow dtype of each step leaf under ``"step_dtypes"`` (by key path)."""
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder_from_directory(directory)
+    ds = builder.as_dataset(split=split, decoders={"steps": tfds.decode.SkipDecoding()},
+                            read_config=tfds.ReadConfig(interleave_cycle_length=1))
+    def dtypes(tree: Any, prefix: str = "") -> dict[str, Any]:
+        if isinstance(tree, dict):
+            return {p: d for k, v in tree.items() for p, d in dtypes(v, f"{prefix}{k}/").items()}
+        return {prefix[:-1]: tree.dtype}
+
+    out = []
+    for episode in ds:
+        steps = episode["steps"]
+        out.append({"steps": tf.nest.map_structure(lambda t: t.numpy(), steps),
+                    "step_dtypes": dtypes(steps)})
+    return out
+
+
+def float32_rounded(values: Any) -> np.ndarray:
+    """float64 values as the default storage keeps them: rounded to float32, read as float64."""
+    return np.asarray(values, np.float64).astype(np.float32).astype(np.float64)
+
+
 def tree_get(tree: Any, path: str) -> Any:
     for k in path.split("/"):
         tree = tree[k]

@@ -8,6 +8,9 @@
     # The same as an Apache Beam pipeline; any other --flag goes to Beam:
     python tools/reshard_rlds.py --rlds_dirs logs --output_rlds merged --runner=DirectRunner \\
         --direct_num_workers=2 --direct_running_mode=multi_processing
+    # float64 features stored exactly (raw bytes) as float lists, which loaders that skip tfds'
+    # decoding (Open X-Embodiment, Octo) read as numbers; --float64=exact converts back:
+    python tools/reshard_rlds.py --rlds_dirs logs/old --output_rlds logs/old_f32 --float64=float32
 
 Episodes that pass unchanged are copied as serialized records (no decoding, no TensorFlow).
 The output appears only when complete; ``reshard_manifest.json`` in it maps every output episode
@@ -45,6 +48,10 @@ flags.DEFINE_integer("split_seed", 0, "Seed of the validation choice.")
 flags.DEFINE_multi_string("rename_features", [], "OLD=NEW feature path, e.g. "
                           "steps/observation/image=steps/observation/image_0 (repeatable).")
 flags.DEFINE_multi_string("drop_features", [], "Feature path to remove (repeatable).")
+flags.DEFINE_enum("float64", None, ["float32", "exact"], "Convert every float64 feature: "
+                  "'float32' stores it as a float list (rounded to float32; what loaders that "
+                  "skip tfds' decoding read as numbers), 'exact' as raw float64 bytes (exact "
+                  "where the input was; float32-stored values are widened). Default: as stored.")
 flags.DEFINE_list("input_splits", None, "Splits read from the inputs (default: all).")
 flags.DEFINE_string("dataset_name", None, "Output TFDS name (default: the first input's).")
 flags.DEFINE_integer("workers", None, "Threads writing shards (single-process mode).")
@@ -157,6 +164,7 @@ def main(argv: list[str]) -> int:
             validation_split=FLAGS.validation_split, split_seed=FLAGS.split_seed,
             rename_features=parse_renames(FLAGS.rename_features),
             drop_features=tuple(p.strip("/") for p in FLAGS.drop_features),
+            float64=FLAGS.float64,
             input_splits=tuple(FLAGS.input_splits) if FLAGS.input_splits else None,
             overwrite=FLAGS.overwrite, verify=FLAGS.verify, fsync=FLAGS.fsync,
             workers=FLAGS.workers)

@@ -18,7 +18,13 @@ from gymnasium import spaces
 
 import oxe_envlogger
 from oxe_envlogger import layout
-from tests.helpers import RecordingEnv, assert_observations_equal, read_tfds, tmpfs
+from tests.helpers import (
+    RecordingEnv,
+    assert_observations_equal,
+    float32_rounded,
+    read_tfds,
+    tmpfs,
+)
 from tests.oxe_envlogger.crash_child import EPISODE_LEN, action, expected_obs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -54,7 +60,8 @@ def _check_episodes(directory: str) -> list[dict]:
         n = len(steps["is_first"])
         for t in range(n):
             want = expected_obs(ep, t)
-            np.testing.assert_array_equal(steps["observation"]["state"][t], want["state"])
+            np.testing.assert_array_equal(steps["observation"]["state"][t],
+                                          float32_rounded(want["state"]))
             np.testing.assert_array_equal(steps["observation"]["image"][t], want["image"])
             if t < n - 1:
                 np.testing.assert_array_equal(steps["action"][t], action(ep, t))

@@ -10,7 +10,14 @@ import pytest
 
 import oxe_envlogger.envs
 from oxe_envlogger import AutoOXEEnvLogger, OXEEnvLogger
-from tests.helpers import in_subprocess, read_tfds
+from oxe_envlogger.reader import read_episodes
+from tests.helpers import float32_rounded, in_subprocess, read_tfds, read_tfds_skip_decoding
+
+
+def tf_dtype(name: str):
+    import tensorflow as tf
+
+    return tf.as_dtype(name)
 
 
 def _collect(env, episodes, seed=0, policy=None):
@@ -40,16 +47,77 @@ def test_half_cheetah(dataset_dir):
     seen = _collect(env, 3)
     env.close()
     episodes = read_tfds(dataset_dir)
-    assert len(episodes) == 3
-    for got, want in zip(episodes, seen):
+    ours = list(read_episodes(dataset_dir))
+    assert len(episodes) == len(ours) == 3
+    for got, mine, want in zip(episodes, ours, seen):
         steps = got["steps"]
         assert len(steps["is_first"]) == 61
-        np.testing.assert_array_equal(steps["observation"], np.stack(want["obs"]))
+        # float64 observations and rewards are stored as float32 by default, read as float64.
+        np.testing.assert_array_equal(steps["observation"], float32_rounded(want["obs"]))
         assert steps["observation"].dtype == np.float64
         np.testing.assert_array_equal(steps["action"][:-1], np.stack(want["actions"]))
-        np.testing.assert_array_equal(steps["reward"][:-1], np.array(want["rewards"]))
+        np.testing.assert_array_equal(steps["reward"][:-1], float32_rounded(want["rewards"]))
+        assert steps["reward"].dtype == np.float64
         assert not steps["is_terminal"].any()  # a time limit is a truncation
         assert steps["is_last"][-1] and steps["discount"][-1] == 1.0
+        for key in ("observation", "action", "reward", "discount"):
+            np.testing.assert_array_equal(mine["steps"][key], steps[key], err_msg=key)
+            assert mine["steps"][key].dtype == steps[key].dtype, key
+
+
+_NUMERIC_STEP_KEYS = ("observation", "action", "reward", "discount", "is_first", "is_last",
+                      "is_terminal")
+
+
+@pytest.mark.slow
+def test_half_cheetah_read_by_oxe_loaders_that_skip_decoding(dataset_dir):
+    """The Open X-Embodiment / Octo pipelines read ``steps`` with
+    ``tfds.decode.SkipDecoding()``: by default every numeric step feature reaches them as
+    numbers (float64 stored as a float list, as tfds itself stores a float64 Tensor), the same
+    numbers tfds' decoding, our reader and the trainer's loader give."""
+    from openx_train.data import load_dataset
+
+    env = AutoOXEEnvLogger(gym.make("HalfCheetah-v5", max_episode_steps=40), "half_cheetah",
+                           dataset_dir)
+    seen = _collect(env, 2)
+    env.close()
+    skipped = read_tfds_skip_decoding(dataset_dir)
+    decoded = read_tfds(dataset_dir)
+    ours = list(read_episodes(dataset_dir))
+    trainer = list(load_dataset(dataset_dir, "train").as_numpy_iterator())
+    assert len(skipped) == len(decoded) == len(ours) == len(trainer) == 2
+    for raw, got, mine, train, want in zip(skipped, decoded, ours, trainer, seen):
+        assert raw["step_dtypes"] == {
+            "observation": tf_dtype("float64"), "action": tf_dtype("float32"),
+            "reward": tf_dtype("float64"), "discount": tf_dtype("float32"),
+            "is_first": tf_dtype("bool"), "is_last": tf_dtype("bool"),
+            "is_terminal": tf_dtype("bool")}
+        np.testing.assert_array_equal(raw["steps"]["observation"], float32_rounded(want["obs"]))
+        np.testing.assert_array_equal(raw["steps"]["reward"][:-1],
+                                      float32_rounded(want["rewards"]))
+        np.testing.assert_array_equal(raw["steps"]["action"][:-1], np.stack(want["actions"]))
+        for key in _NUMERIC_STEP_KEYS:
+            for other in (got["steps"], mine["steps"], train["steps"]):
+                np.testing.assert_array_equal(other[key], raw["steps"][key], err_msg=key)
+                assert other[key].dtype == raw["steps"][key].dtype, key
+
+
+@pytest.mark.slow
+def test_half_cheetah_float64_exact(dataset_dir):
+    """``float64="exact"`` keeps every float64 bit (tfds' decoding and our reader give them
+    back); the trade-off: a loader that skips decoding gets those features as strings."""
+    env = AutoOXEEnvLogger(gym.make("HalfCheetah-v5", max_episode_steps=30), "half_cheetah",
+                           dataset_dir, float64="exact")
+    seen = _collect(env, 2)
+    env.close()
+    for got, mine, raw, want in zip(read_tfds(dataset_dir), read_episodes(dataset_dir),
+                                    read_tfds_skip_decoding(dataset_dir), seen):
+        for steps in (got["steps"], mine["steps"]):
+            np.testing.assert_array_equal(steps["observation"], np.stack(want["obs"]))
+            np.testing.assert_array_equal(steps["reward"][:-1], np.array(want["rewards"]))
+        assert raw["step_dtypes"]["observation"] == tf_dtype("string")
+        assert raw["step_dtypes"]["reward"] == tf_dtype("string")
+        assert raw["step_dtypes"]["action"] == tf_dtype("float32")
 
 
 def test_cartpole_terminations(dataset_dir):
@@ -93,7 +161,7 @@ def test_mujoco_rendered_camera_images(dataset_dir):
         np.testing.assert_array_equal(images, np.stack([o["image"] for o in want["obs"]]))
         assert images.std() > 0  # a real rendering, not a blank frame
         np.testing.assert_array_equal(got["steps"]["observation"]["state"],
-                                      np.stack([o["state"] for o in want["obs"]]))
+                                      float32_rounded([o["state"] for o in want["obs"]]))
 
 
 def test_synthetic_camera_env_with_language(dataset_dir):

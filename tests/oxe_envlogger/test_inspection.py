@@ -39,7 +39,8 @@ def test_summary_of_a_w2_dataset(data):
     assert rows["steps/observation/image"]["codec"] == "png"
     assert rows["steps/observation/image"]["shape"] == [48, 48, 3]
     assert rows["steps/action"]["dtype"] == "float32" and rows["steps/action"]["shape"] == [7]
-    assert rows["steps/reward"]["encoding"] == "bytes"
+    assert rows["steps/reward"]["dtype"] == "float64"
+    assert rows["steps/reward"]["encoding"] == "none"  # float64 stored as float32 by default
     # bytes per feature: the serialized payloads, every episode
     sizes = collections.Counter()
     for _, _, blob in layout.iter_serialized(data["w2"]):

@@ -13,14 +13,20 @@ import shutil
 import subprocess
 import sys
 
+import gymnasium as gym
 import numpy as np
 import pytest
 
-from oxe_envlogger import layout, reader, record, reshard, stats
-from oxe_envlogger.errors import CorruptDatasetError, DatasetExistsError, FeatureMismatchError
+from oxe_envlogger import RLDSLogger, RLDSStepType, layout, reader, record, reshard, stats
+from oxe_envlogger.errors import (
+    CorruptDatasetError,
+    DatasetExistsError,
+    FeatureMismatchError,
+    SpecError,
+)
 from oxe_envlogger.reshard import ReshardOptions
 from oxe_envlogger.validate import validate
-from tests.helpers import kill_when_ready, read_tfds
+from tests.helpers import float32_rounded, kill_when_ready, read_tfds, read_tfds_skip_decoding
 from tests.tools.datasets import (
     REPO,
     USER_FILES,
@@ -605,3 +611,176 @@ def test_overwrite_killed_midway(sources, merged, tmp_path, where):
     # links to the user's files) may be, as before: it cannot be told from a running one's
     assert all(not os.path.exists(os.path.join(tmp_path, e, layout.INTERNAL)) for e in left)
     assert len(left) <= (0 if where == "after_swap" else 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# float64 storage conversion
+
+
+@pytest.fixture(scope="module")
+def w1_storages(tmp_path_factory):
+    """The same HalfCheetah episodes (same seeds) logged with float64 stored exactly and with
+    the default storage (float32)."""
+    root = tmp_path_factory.mktemp("w1_storages")
+    return {storage: make_w1(str(root / storage), 3, steps=20, float64=storage)
+            for storage in ("exact", "float32")}
+
+
+_W1_KEYS = ("observation", "action", "reward", "discount", "is_first", "is_last", "is_terminal")
+
+
+def _steps_by_tfds(directory: str) -> list[dict]:
+    return [e["steps"] for e in read_tfds(directory)]
+
+
+def test_float64_exact_to_float32_and_back_through_tfds(w1_storages, tmp_path):
+    """Exact float64 converted to float32 storage is what logging with float32 gives (and
+    reaches a SkipDecoding loader as numbers); converted back it is float64 bytes again,
+    holding the float32 values (widened; the precision dropped does not come back)."""
+    exact, f32 = w1_storages["exact"], w1_storages["float32"]
+    down, up = str(tmp_path / "down"), str(tmp_path / "up")
+    reshard.reshard([exact], down, ReshardOptions(float64="float32"))
+    reshard.reshard([down], up, ReshardOptions(float64="exact"))
+    features = {d: {p: leaf.encoding for p, leaf in reader.step_leaves(reader.read_spec(d))}
+                for d in (exact, f32, down, up)}
+    assert features[down] == features[f32]
+    assert features[up] == features[exact]
+    assert features[down]["observation"] == "none" and features[up]["observation"] == "bytes"
+    assert layout.read_json(os.path.join(down, layout.FEATURES)) == \
+        layout.read_json(os.path.join(f32, layout.FEATURES))
+    assert {r["changes"] for r in manifest_rows(down)} == {"float64"}
+    original, logged32 = _steps_by_tfds(exact), _steps_by_tfds(f32)
+    converted, back = _steps_by_tfds(down), _steps_by_tfds(up)
+    for o, l32, c, b in zip(original, logged32, converted, back, strict=True):
+        for key in _W1_KEYS:
+            np.testing.assert_array_equal(c[key], l32[key], err_msg=key)
+            np.testing.assert_array_equal(b[key], c[key], err_msg=key)
+            assert c[key].dtype == b[key].dtype == o[key].dtype, key
+        np.testing.assert_array_equal(c["observation"], float32_rounded(o["observation"]))
+        assert not np.array_equal(c["observation"], o["observation"])
+    raw = read_tfds_skip_decoding(down)
+    assert {raw[0]["step_dtypes"][k].name for k in ("observation", "reward")} == {"float64"}
+    assert read_tfds_skip_decoding(up)[0]["step_dtypes"]["observation"].name == "string"
+    for directory in (down, up):
+        assert validate(directory).ok
+        assert [e["episode_id"] for e in reader.read_episodes(directory, keys=())] == \
+            [e["episode_id"] for e in reader.read_episodes(exact, keys=())]
+    # Statistics of the converted values, as a fresh pass over the output computes them.
+    copy = shutil.copytree(down, str(tmp_path / "copy"))
+    os.unlink(os.path.join(copy, layout.STATISTICS))
+    with layout.dataset_lock(copy):
+        stats.catch_up(copy)
+    assert layout.read_json(os.path.join(copy, layout.STATISTICS)) == \
+        layout.read_json(os.path.join(down, layout.STATISTICS))
+
+
+def test_float64_conversion_copies_what_is_stored_so_already(w1_storages, tmp_path):
+    f32 = w1_storages["float32"]
+    out = str(tmp_path / "out")
+    reshard.reshard([f32], out, ReshardOptions(float64="float32"))
+    assert {r["changes"] for r in manifest_rows(out)} == {""}
+    assert list(output_records(out).values()) == [r[3] for r in source_records(f32)]
+
+
+def test_float64_conversion_merges_both_storages_with_other_changes(w1_storages, tmp_path):
+    """Inputs that differ only in float64 storage: refused as they are (the error says how to
+    convert), merged once converted, with renames and relabelling in the same pass."""
+    inputs = [w1_storages["exact"], w1_storages["float32"]]
+    with pytest.raises(FeatureMismatchError, match=r"float64 stored exactly vs .* stored as "
+                                                   r"float32.* --float64 converts"):
+        reshard.reshard(inputs, str(tmp_path / "refused"))
+    out = str(tmp_path / "out")
+    reshard.reshard(inputs, out, ReshardOptions(
+        float64="float32", rename_features={"steps/observation": "steps/state"},
+        relabel_language="run", shard_episodes=2))
+    rows = manifest_rows(out)
+    assert [r["changes"] for r in rows] == ["features+float64+language"] * 3 + \
+        ["features+language"] * 3
+    steps = _steps_by_tfds(out)
+    for got, want in zip(steps, _steps_by_tfds(w1_storages["float32"]) * 2, strict=True):
+        np.testing.assert_array_equal(got["state"], want["observation"])
+        np.testing.assert_array_equal(got["reward"], want["reward"])
+        assert set(got["language_instruction"]) == {b"run"}
+    assert validate(out).ok
+
+
+def test_float64_values_beyond_float32_are_refused(tmp_path):
+    """An exact dataset holding 1e300 cannot be stored as float32: the error names the key,
+    the value and the episode, and no output is left."""
+    src = str(tmp_path / "src")
+    space = gym.spaces.Box(-np.inf, np.inf, (2,), np.float64)
+    logger = RLDSLogger(space, space, "big", src, float64="exact")
+    logger(None, np.zeros(2), 0.0, step_type=RLDSStepType.RESTART)
+    logger(np.zeros(2), np.array([1.0, 1e300]), 0.5, step_type=RLDSStepType.TRUNCATION)
+    logger.close()
+    episode_id = next(reader.read_episodes(src, keys=()))["episode_id"]
+    out = str(tmp_path / "out")
+    with pytest.raises(SpecError, match=r"^steps/observation: expected a value float32 can hold "
+                                        r".*given 1e\+300 at index \[3\] .*in episode "
+                                        + re.escape(episode_id.decode())):
+        reshard.reshard([src], out, ReshardOptions(float64="float32"))
+    assert not os.path.exists(out) and no_leftovers(str(tmp_path))
+
+
+def test_float64_conversion_of_a_tfds_written_dataset(tmp_path):
+    """A dataset tfds wrote itself: its fixed-shape float64 tensors stored as bytes (a step's
+    and an episode field) become float lists (a Scalar float64 already is one), a zlib tensor
+    of unknown shape is left as it is, and tfds reads every value back."""
+    import tensorflow_datasets as tfds
+
+    from tests.tools.datasets import _write_with_tfds
+
+    f = tfds.features
+    features = f.FeaturesDict({
+        "steps": f.Dataset({
+            "observation": f.FeaturesDict({
+                "state": f.Tensor(shape=(3,), dtype=np.float64, encoding="bytes"),
+                "history": f.Tensor(shape=(None,), dtype=np.float64, encoding="zlib")}),
+            "action": f.Tensor(shape=(2,), dtype=np.float32),
+            "reward": f.Scalar(dtype=np.float64),
+            "is_first": f.Scalar(dtype=np.bool_), "is_last": f.Scalar(dtype=np.bool_),
+            "is_terminal": f.Scalar(dtype=np.bool_)}),
+        "score": f.Tensor(shape=(), dtype=np.float64, encoding="bytes"),
+    })
+    rng = np.random.default_rng(0)
+    episodes = [{"steps": [{"observation": {"state": rng.normal(size=3),
+                                            "history": rng.normal(size=e + 2)},
+                            "action": rng.normal(size=2).astype(np.float32),
+                            "reward": 0.1 * t, "is_first": t == 0, "is_last": t == 3,
+                            "is_terminal": False} for t in range(4)],
+                 "score": np.float64(e + 0.1)} for e in range(3)]
+    src = _write_with_tfds(str(tmp_path / "tfds"), "tfds_f64", features, episodes)
+    down, up = str(tmp_path / "down"), str(tmp_path / "up")
+    reshard.reshard([src], down, ReshardOptions(float64="float32"))
+    reshard.reshard([down], up, ReshardOptions(float64="exact"))
+    def encodings(directory):  # (our spec reader does not take the tensor of unknown shape)
+        features = layout.read_json(os.path.join(directory, layout.FEATURES))
+        out = {}
+        for path in reshard.feature_paths(features):
+            node = features
+            for key in path.split("/"):
+                node = reshard._node_children(node)[key]
+            if "tensor" in node:
+                out[path] = node["tensor"]["encoding"]
+        return out
+
+    assert encodings(src)["steps/reward"] == "none"
+    assert encodings(down)["steps/observation/state"] == encodings(down)["score"] == "none"
+    assert encodings(up)["steps/observation/state"] == encodings(up)["steps/reward"] == "bytes"
+    assert encodings(down)["steps/observation/history"] == "zlib"
+    assert encodings(up)["steps/observation/history"] == "zlib"
+    raw = read_tfds_skip_decoding(down)[0]["step_dtypes"]
+    assert raw["observation/state"].name == "float64"
+    assert raw["observation/history"].name == "string"
+    for directory in (down, up):
+        for got, want in zip(read_tfds(directory), episodes, strict=True):
+            steps = got["steps"]
+            np.testing.assert_array_equal(
+                steps["observation"]["state"],
+                float32_rounded([s["observation"]["state"] for s in want["steps"]]))
+            np.testing.assert_array_equal(steps["reward"],
+                                          float32_rounded([s["reward"] for s in want["steps"]]))
+            assert got["score"] == float32_rounded(want["score"])
+            for t, s in enumerate(want["steps"]):
+                np.testing.assert_array_equal(steps["observation"]["history"][t],
+                                              s["observation"]["history"])

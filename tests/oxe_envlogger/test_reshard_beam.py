@@ -164,3 +164,26 @@ def test_beam_overwrite_keeps_the_users_files(sources, tmp_path):
     report = validate(out)
     assert report.ok and report.episodes == 3, report.format()
     assert not [e for e in os.listdir(tmp_path) if e.startswith(reshard.TMP_PREFIX)]
+
+
+def test_beam_float64_conversion_equals_single_process(tmp_path):
+    """--float64 on the Beam path: the same conversion, byte for byte, as in one process
+    (float64 stored exactly converted, the input already stored as float32 copied)."""
+    root = tmp_path / "in"
+    make_w1(str(root / "exact"), 2, steps=10, float64="exact")
+    make_w1(str(root / "f32"), 1, steps=10, seed=5)
+    local = str(tmp_path / "local")
+    reshard.reshard([str(root)], local, ReshardOptions(float64="float32", shard_episodes=1))
+    beam = str(tmp_path / "beam")
+    res = run_tool("reshard_rlds", f"--rlds_dirs={root}", f"--output_rlds={beam}",
+                   "--float64=float32", "--shard_size=1", *DIRECT, python=BEAM_PYTHON)
+    assert res.returncode == 0, res.stderr[-4000:]
+    a, b = files(local), files(beam)
+    assert a.keys() == b.keys()
+    for name in a:
+        if name not in (layout.METADATA, reshard.MANIFEST):
+            assert a[name] == b[name], name
+    manifest = layout.read_json(os.path.join(beam, reshard.MANIFEST))
+    assert [row[-1] for row in manifest["episodes"]] == ["float64", "float64", ""]
+    assert manifest["options"]["float64"] == "float32"
+    assert validate(beam).ok

@@ -1,5 +1,6 @@
 """Every space type logged, read back with tfds.builder_from_directory, compared exactly with
-what the env returned (recorded independently of the logger)."""
+what the env returned (recorded independently of the logger): float64 rounded to float32 by
+default, bit for bit with ``float64="exact"``."""
 
 from __future__ import annotations
 
@@ -10,13 +11,14 @@ from gymnasium import spaces
 
 from oxe_envlogger import OXEEnvLogger
 from oxe_envlogger.specs import iter_leaves, space_to_spec
-from tests.helpers import RecordingEnv, read_tfds, run_episodes, tree_get
+from tests.helpers import RecordingEnv, float32_rounded, read_tfds, run_episodes, tree_get
 
 BIG = np.iinfo(np.int64).max
 
 SPACES = {
     "box_f32": spaces.Box(-2, 2, (3,), np.float32),
-    "box_f64_2d": spaces.Box(-1e300, 1e300, (2, 2), np.float64),
+    "box_f64_2d": spaces.Box(-1e300, 1e300, (2, 2), np.float64),  # exact storage only
+    "box_f64": spaces.Box(-3e38, 3e38, (3,), np.float64),
     "box_f16": spaces.Box(-5, 5, (4,), np.float16),
     "box_i8": spaces.Box(-128, 127, (3,), np.int8),
     "box_i16": spaces.Box(-30000, 30000, (2,), np.int16),
@@ -53,11 +55,13 @@ def _leaf_values(space: gym.Space, value):
         yield path, v
 
 
-def _assert_equal(got, want, path):
+def _assert_equal(got, want, path, float64):
     if isinstance(want, str):
         assert got == want.encode(), path
         return
     want = np.asarray(want)
+    if want.dtype == np.float64 and float64 == "float32":
+        want = float32_rounded(want)
     got = np.asarray(got)
     assert got.shape == want.shape, (path, got.shape, want.shape)
     assert got.dtype == want.dtype or (want.dtype == np.int64 and got.dtype == np.int64), \
@@ -65,11 +69,17 @@ def _assert_equal(got, want, path):
     np.testing.assert_array_equal(got, want, err_msg=path)
 
 
-@pytest.mark.parametrize("name", sorted(SPACES))
-def test_space_roundtrips_exactly_through_tfds(name, dataset_dir):
+# Every space with the default storage of float64 (whose range is float32's), and the spaces
+# holding float64 values with exact storage too.
+_CASES = ([(name, "float32") for name in sorted(SPACES) if name != "box_f64_2d"]
+          + [(name, "exact") for name in ("box_f32", "box_f64", "box_f64_2d", "tuple")])
+
+
+@pytest.mark.parametrize(("name", "float64"), _CASES)
+def test_space_roundtrips_exactly_through_tfds(name, float64, dataset_dir):
     space = SPACES[name]
     env = RecordingEnv(space, space, episode_len=4)
-    logger = OXEEnvLogger(env, "roundtrip", dataset_dir)
+    logger = OXEEnvLogger(env, "roundtrip", dataset_dir, float64=float64)
     run_episodes(logger, 3)
     logger.close()
     episodes = read_tfds(dataset_dir)
@@ -81,12 +91,12 @@ def test_space_roundtrips_exactly_through_tfds(name, dataset_dir):
         for t in range(n):
             for path, value in _leaf_values(space, want["obs"][t]):
                 key = f"observation/{path}" if path else "observation"
-                _assert_equal(tree_get(steps, key)[t], value, f"{key}[{t}]")
+                _assert_equal(tree_get(steps, key)[t], value, f"{key}[{t}]", float64)
             if t < n - 1:
                 for path, value in _leaf_values(space, want["actions"][t]):
                     key = f"action/{path}" if path else "action"
-                    _assert_equal(tree_get(steps, key)[t], value, f"{key}[{t}]")
-        np.testing.assert_array_equal(steps["reward"][:-1], np.array(want["rewards"]))
+                    _assert_equal(tree_get(steps, key)[t], value, f"{key}[{t}]", float64)
+        _assert_equal(steps["reward"][:-1], np.array(want["rewards"]), "reward", float64)
         assert steps["reward"].dtype == np.float64
         assert steps["reward"][-1] == 0.0
         np.testing.assert_array_equal(steps["is_first"], [True] + [False] * (n - 1))

@@ -36,10 +36,11 @@ def make_w2(directory: str, episodes: int, *, seed: int = 0, steps: int = 8,
 
 
 def make_w1(directory: str, episodes: int, *, seed: int = 0, steps: int = 30,
-            per_file: int = 2) -> str:
-    """Logs ``episodes`` HalfCheetah-v5 episodes with random actions (W1-like)."""
+            per_file: int = 2, float64: str | None = None) -> str:
+    """Logs ``episodes`` HalfCheetah-v5 episodes with random actions (W1-like; float64
+    observations and rewards stored as ``float64`` says)."""
     env = AutoOXEEnvLogger(gym.make("HalfCheetah-v5", max_episode_steps=steps), "half_cheetah",
-                           directory, max_episodes_per_file=per_file)
+                           directory, max_episodes_per_file=per_file, float64=float64)
     run_episodes(env, episodes, seed=seed)
     env.close()
     return directory

@@ -83,6 +83,7 @@ def test_feature_mismatch_exits_non_zero_listing_the_differences(inputs, tmp_pat
     (["--rename_features=steps/action"], "OLD=NEW"),
     (["--validation_fraction=1.5"], "validation_fraction"),
     (["--no_such_flag=1"], "need --runner"),
+    (["--float64=float16"], "--float64"),
 ])
 def test_bad_flags_are_usage_errors(inputs, tmp_path, args, message):
     res = run_tool("reshard_rlds", f"--rlds_dirs={inputs['a']}",

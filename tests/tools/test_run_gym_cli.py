@@ -128,10 +128,13 @@ def test_scripted_reacher_logged_and_read_back_with_tfds(tmp_path):
     from oxe_envlogger.envs import make_policy
 
     out = tmp_path / "reacher"
+    # float64 stored exactly: the expert's actions are recomputed from the logged observations.
     res = run_gym("--env_name=Reacher-v5", "--policy=scripted", "--num_episodes=6",
-                  "--enable_envlogger", f"--output_dir={out}", "--seed=100", cwd=tmp_path)
+                  "--enable_envlogger", f"--output_dir={out}", "--seed=100", "--float64=exact",
+                  cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     episodes = read_tfds(str(out))
+    assert episodes[0]["steps"]["observation"].dtype == np.float64
     assert len(episodes) == 6
     expert = make_policy("scripted", gym.make("Reacher-v5"))
     returns = []
