@@ -104,13 +104,13 @@ def test_compacted_statistics_are_identical_across_runners(tmp_path):
     from oxe_envlogger import read_episodes, stats
     from tests.helpers import check_quantiles
 
-    source = make_w1(str(tmp_path / "w1"), 8, steps=600)
+    source = make_w1(str(tmp_path / "w1"), 8, steps=1100)
     local = str(tmp_path / "local")
-    reshard.reshard([source], local, ReshardOptions(shard_bytes=250_000, workers=2,
+    reshard.reshard([source], local, ReshardOptions(shard_bytes=150_000, workers=2,
                                                     validation_fraction=0.25))
     beam = str(tmp_path / "beam")
     res = run_tool("reshard_rlds", f"--rlds_dirs={source}", f"--output_rlds={beam}",
-                   "--shard_bytes=250000", "--validation_fraction=0.25", *DIRECT,
+                   "--shard_bytes=150000", "--validation_fraction=0.25", *DIRECT,
                    python=BEAM_PYTHON)
     assert res.returncode == 0, res.stderr[-4000:]
     assert files(local)[layout.STATISTICS] == files(beam)[layout.STATISTICS]

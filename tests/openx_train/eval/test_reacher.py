@@ -55,7 +55,7 @@ def test_video_and_logged_rollouts_from_a_process_with_tensorflow(tmp_path):
     video, log_dir = tmp_path / "reacher.mp4", tmp_path / "rollouts"
     res = evaluate(batch_policy(expert()), ENV, num_episodes=6, num_envs=2, seed=3,
                    env_kwargs={"width": 64, "height": 64}, video_path=video, video_episodes=2,
-                   log_dir=log_dir)
+                   log_dir=log_dir, log_options={"float64": "exact"})
     frames = iio.imread(video, index=None)
     assert frames.shape == (2 * (50 + 1), 64, 64, 3)
     assert frames.std() > 0  # a picture, not a blank

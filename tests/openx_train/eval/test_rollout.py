@@ -214,7 +214,8 @@ def test_logged_rollouts_read_back_with_tfds(tmp_path, mode, vectorization):
     log_dir = tmp_path / "eval_log"
     res = evaluate(echo_policy, env_fn(), num_episodes=NUM_EPISODES, num_envs=3, seed=SEED,
                    vectorization=vectorization, autoreset_mode=mode, log_dir=log_dir,
-                   log_name="seeded", instruction=TaskInput(info_key="language_instruction"))
+                   log_name="seeded", instruction=TaskInput(info_key="language_instruction"),
+                   log_options={"float64": "exact"})  # float64 rewards compared exactly below
     assert res["log_dir"] == str(log_dir)
     logged = read_tfds(str(log_dir))
     # One RLDS episode per reported episode: none from an idle sub-env, none twice.
