@@ -179,7 +179,10 @@ _MESH_SCRIPT = textwrap.dedent("""
                   "params": [np.asarray(x).ravel()[:50].tolist()
                              for x in jax.tree.leaves(jax.device_get(state.params))]}}
         if n == 8:
-            out["sharding"] = str(state.params["trunk"]["Dense_0"]["kernel"].sharding.spec)
+            kernel = state.params["trunk"]["Dense_0"]["kernel"]
+            action = training.put_batch(batch, spec, mesh)["action"]
+            out["sharding"] = [kernel.is_fully_replicated, len(kernel.sharding.device_set),
+                               list(action.sharding.shard_shape(action.shape))]
             try:
                 training.put_batch(_batches(1, batch_size=12)[0], spec, mesh)
             except models.InputSpecError as e:
@@ -196,7 +199,8 @@ def test_eight_devices_give_the_loss_of_one_at_the_same_global_batch():
                          capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-3000:]
     out = json.loads(run.stdout.strip().splitlines()[-1])
-    assert out["devices"] == 8 and out["sharding"] == "PartitionSpec()"
+    # the state on all 8 devices, 2 of the batch's 16 examples on each
+    assert out["devices"] == 8 and out["sharding"] == [True, 8, [2, 3, 2]]
     assert out["error"] == "batch size: expected a multiple of this process's 8 devices, given 12"
     one, eight = out["1"], out["8"]
     np.testing.assert_allclose(eight["losses"], one["losses"], rtol=1e-5)
