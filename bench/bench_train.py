@@ -1,12 +1,13 @@
 """W5 of WORKLOADS.md: the bare BC train step (``openx_train.training.jit_train_step``) on one
 device-resident batch, no loader. Prints one JSON line.
 
-* State config (W1 shapes: HalfCheetah state 17, action 6; history 2, chunk 4; batch 256;
-  MLP trunk 512x512x512): steps/s for the MSE, the 48-bin discretized and the diffusion head
-  (20 steps, MLP-ResNet 256x3), each as a ratio over a hand-written minimal step measured
-  alternately in the same process (the loader benchmark's plain-JAX MLP 512x3, MSE, Adam: no
-  LayerNorm, masks, per-dataset metrics, clipping or weight decay). The issue's target for the
-  full loop is >= 5x the OpenX trainer's 21 steps/s at this config with the 48-bin head.
+* State config (W1 shapes: HalfCheetah state 17, action 6; history 2, chunk 4 as W5; batch
+  256; MLP trunk 512x512x512): steps/s for the MSE, the 48-bin discretized and the diffusion
+  head (20 steps, MLP-ResNet 256x3), and the discretized head at history 1, chunk 1; each as a
+  ratio over a hand-written minimal step measured alternately in the same process (the loader
+  benchmark's plain-JAX MLP 512x3 at W5's windows, MSE, Adam: no masks, per-dataset metrics,
+  clipping or weight decay). The issue's target for the full loop is >= 5x the OpenX trainer's
+  21 steps/s at the state config with the 48-bin head.
 * Image config (ResNet-18, spatial softmax, one encoder per camera, 2 cameras of 128x128 uint8,
   history 2, chunk 4, 48-bin head; ``--image_batch``, default 64): steps/s and images/s.
 
@@ -35,21 +36,22 @@ import bench_loader
 BATCH, N_OBS, N_ACTION, STATE_DIM, ACTION_DIM = 256, 2, 4, 17, 6
 
 
-def _batch(batch_size: int, *, cameras: tuple[str, ...] = (), size: int = 128) -> dict:
+def _batch(batch_size: int, *, cameras: tuple[str, ...] = (), size: int = 128,
+           n_obs: int = N_OBS, n_action: int = N_ACTION) -> dict:
     import numpy as np
 
     rs = np.random.default_rng(0)
-    mask = np.ones((batch_size, N_OBS), bool)
-    mask[::4, 0] = False
-    obs = {"state": rs.normal(size=(batch_size, N_OBS, STATE_DIM)).astype(np.float32),
+    mask = np.ones((batch_size, n_obs), bool)
+    mask[::4, 0] = n_obs == 1
+    obs = {"state": rs.normal(size=(batch_size, n_obs, STATE_DIM)).astype(np.float32),
            "pad_mask": mask, "pad_mask_dict": {"state": mask}}
     for cam in cameras:
-        obs[cam] = rs.integers(0, 256, (batch_size, N_OBS, size, size, 3), dtype=np.uint8)
+        obs[cam] = rs.integers(0, 256, (batch_size, n_obs, size, size, 3), dtype=np.uint8)
         obs["pad_mask_dict"][cam] = mask
-    action_mask = np.ones((batch_size, N_ACTION), bool)
-    action_mask[::8, -1] = False
+    action_mask = np.ones((batch_size, n_action), bool)
+    action_mask[::8, -1] = n_action == 1
     return {"observation": obs,
-            "action": rs.uniform(-1, 1, (batch_size, N_ACTION, ACTION_DIM)).astype(np.float32),
+            "action": rs.uniform(-1, 1, (batch_size, n_action, ACTION_DIM)).astype(np.float32),
             "action_pad_mask": action_mask, "dataset_id": np.zeros(batch_size, np.int32)}
 
 
@@ -103,17 +105,22 @@ def bench_state(reps: int, steps: int) -> dict:
                                                   batch["action"], batch["action_pad_mask"]))
     base_state, _ = _time_baseline(base_step, base_state, base_args, 20)
     heads = {}
-    for kind in ("mse", "discrete", "diffusion"):
+    # The three heads at W5's windows, and the discretized head at one observation and one
+    # action (its output layer, 512 x n_action * 6 * 48, is most of its cost).
+    for name, kind, windows in (("mse", "mse", {}), ("discrete", "discrete", {}),
+                                ("diffusion", "diffusion", {}),
+                                ("discrete_n_obs1_n_action1", "discrete",
+                                 {"n_obs": 1, "n_action": 1})):
         config = models.model_config()
         config.head.kind = kind
-        step, state, device_batch, first = _our_step(config, batch)
+        step, state, device_batch, first = _our_step(config, _batch(BATCH, **windows))
         state, _ = _time_ours(step, state, device_batch, 20)
         rows = []
         for _ in range(reps):
             state, ours = _time_ours(step, state, device_batch, steps)
             base_state, base = _time_baseline(base_step, base_state, base_args, steps)
             rows.append((ours, base))
-        heads[kind] = {
+        heads[name] = {
             "steps_per_s": round(statistics.median(r[0] for r in rows), 1),
             "over_minimal_step": round(statistics.median(r[0] / r[1] for r in rows), 3),
             "first_step_s": round(first, 2),

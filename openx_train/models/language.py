@@ -54,19 +54,26 @@ def tokenize(instructions: Iterable[bytes | str] | np.ndarray, *, vocab_size: in
         raise ValueError(f"tokenize: expected vocab_size >= 2 and max_tokens >= 1, given "
                          f"{vocab_size!r} and {max_tokens!r}")
     array = np.asarray(instructions, dtype=object)
-    out = np.zeros((array.size, max_tokens), np.int32)
-    seen: dict[bytes, tuple[int, ...]] = {}
-    for i, text in enumerate(array.reshape(-1)):
-        if isinstance(text, str):
-            text = text.encode()
-        elif not isinstance(text, (bytes, np.bytes_)):
+    flat = array.reshape(-1)
+    # Instructions repeat (one per episode): each distinct one is tokenized once per call, and
+    # once per process (_token_ids is cached), then rows are gathered.
+    index = np.empty(len(flat), np.intp)
+    seen: dict[bytes | str, int] = {}
+    rows = [np.zeros(max_tokens, np.int32)]
+    for i, text in enumerate(flat):
+        if not isinstance(text, (bytes, str)):
             raise TypeError(f"tokenize: instruction {i}: expected bytes or str, given "
                             f"{type(text).__name__}")
-        ids = seen.get(text)
-        if ids is None:
-            ids = seen[text] = _token_ids(bytes(text), vocab_size, max_tokens)
-        out[i, :len(ids)] = ids
-    return out.reshape(*array.shape, max_tokens)
+        j = seen.get(text)
+        if j is None:
+            ids = _token_ids(text.encode() if isinstance(text, str) else bytes(text),
+                             vocab_size, max_tokens)
+            row = np.zeros(max_tokens, np.int32)
+            row[:len(ids)] = ids
+            j = seen[text] = len(rows)
+            rows.append(row)
+        index[i] = j
+    return np.stack(rows)[index].reshape(*array.shape, max_tokens)
 
 
 class TextEncoder(nn.Module):

@@ -68,4 +68,6 @@ def put_batch(batch: Mapping[str, Any], spec: InputSpec, mesh: Mesh, *, train: b
         raise InputSpecError(f"batch size: expected a multiple of this process's {local} "
                              f"devices, given {size}")
     sharding = batch_sharding(mesh)
+    if jax.process_count() == 1:  # one transfer call for the whole tree: half the time
+        return jax.device_put(host, sharding)
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), host)
