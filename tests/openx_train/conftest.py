@@ -11,6 +11,14 @@ import pytest
 from oxe_envlogger import AutoOXEEnvLogger
 from oxe_envlogger.envs import run_episodes
 
+# The model and train-step tests compile many small XLA programs, and XLA's CPU backend
+# optimizations take 2-3x longer to compile them than the programs take to run; the tests check
+# values, not speed (bench/ measures that, with the default flags). Read when JAX first
+# computes, after collection.
+_FAST_COMPILE = "--xla_backend_optimization_level=0"
+if _FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FAST_COMPILE}".strip()
+
 CHEETAH_EPISODES, CHEETAH_STEPS = 3, 25
 CAMERA_EPISODES, CAMERA_STEPS = 3, 10
 CAMERA_IMAGE, CAMERA_WRIST = 32, 16
