@@ -57,7 +57,8 @@ def _named(names: Sequence[str], values: Any, what: str) -> dict[str, float]:
 
 def write_alpha(directory: str | os.PathLike, step: int, domains: Sequence[str], alpha: Any,
                 average_alpha: Any) -> str:
-    """Writes ``alpha_<step>.json`` atomically.
+    """Writes ``alpha_<step>.json`` atomically (write step 0, ``a0``, before the first update
+    and the plot starts from it).
 
     Args:
       directory: the run directory (created if missing).
