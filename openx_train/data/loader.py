@@ -98,10 +98,10 @@ class StepTable:
     episode_index: np.ndarray
     frames: np.ndarray
     num_episodes: int
-    episode_ids: tuple[str, ...] = ()
-    episode_frames: np.ndarray | None = None
-    domains: tuple[Any, ...] | None = None
-    domain_values: frozenset[Any] = frozenset()
+    episode_ids: tuple[str, ...]
+    episode_frames: np.ndarray
+    domains: tuple[Any, ...] | None
+    domain_values: frozenset[Any]
 
 
 @dataclasses.dataclass(frozen=True)
