@@ -12,6 +12,9 @@ shuffle)::
 
     loader = make_dataloader([DatasetConfig(path, structure)], LoaderConfig(batch_size=256))
     for batch in loader: ...
+
+Batches carry ``domain_id``: the dataset, or an episode field's value
+(``LoaderConfig(domain_key="episode_metadata/operator")``), which Re-Mix weights.
 """
 
 from openx_train.data.config import (
@@ -28,7 +31,7 @@ from openx_train.data.errors import (
     DatasetFormatError,
     MissingKeyError,
 )
-from openx_train.data.loader import DataLoader, make_dataloader
+from openx_train.data.loader import DataLoader, EpisodeRecord, make_dataloader
 from openx_train.data.loading import load_dataset
 from openx_train.data.mixture import (
     load_mixture_weights,
@@ -52,6 +55,7 @@ __all__ = [
     "DatasetConfig",
     "DatasetFormatError",
     "DatasetStatistics",
+    "EpisodeRecord",
     "KeyStatistics",
     "LoaderConfig",
     "MissingKeyError",

@@ -15,7 +15,7 @@ import difflib
 import enum
 import os
 import types
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 from openx_train.data.errors import ConfigError
@@ -26,6 +26,8 @@ LANGUAGE_KEY = "language_instruction"
 REMAINDERS = ("partial", "pad", "drop")
 #: Output names the batch format reserves inside ``observation``.
 RESERVED_OBSERVATION_KEYS = frozenset({"state", "pad_mask", "pad_mask_dict"})
+#: ``LoaderConfig.domain_key`` for one domain per dataset of the mixture.
+DATASET_DOMAIN = "dataset"
 
 
 class Normalization(str, enum.Enum):
@@ -213,6 +215,10 @@ class DatasetConfig:
       min_length: episodes with fewer RLDS steps are dropped (2 = at least one action).
       drop_invalid: drop episodes flagged ``invalid`` (cut short by a crash or close).
       statistics: precomputed statistics to use instead of ``compute_dataset_statistics``.
+      episodes: train on these episodes only (their ids as ``DataLoader.episodes`` reports
+        them, e.g. a data budget's selection); None: all. Applied after the validation
+        hold-out, to the training split only, so a restricted run validates on the frames an
+        unrestricted one does; an id that is not among the training episodes is a ConfigError.
     """
 
     path: str | os.PathLike
@@ -225,10 +231,17 @@ class DatasetConfig:
     min_length: int = 2
     drop_invalid: bool = False
     statistics: Any = None
+    episodes: Collection[str] | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "path", os.fspath(self.path))
         object.__setattr__(self, "filters", tuple(self.filters))
+        if self.episodes is not None:
+            if isinstance(self.episodes, (str, bytes)):
+                raise ConfigError(f"dataset {self.path}: episodes expected a collection of "
+                                  f"episode ids, given the string {self.episodes!r}")
+            object.__setattr__(self, "episodes", frozenset(
+                e.decode() if isinstance(e, bytes) else str(e) for e in self.episodes))
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"dataset {self.path}: val_fraction expected in [0, 1), given "
                               f"{self.val_fraction!r}")
@@ -255,7 +268,13 @@ class LoaderConfig:
       drop_final_step: the final RLDS step (its action is padding) is never a training frame.
       weights: ``"uniform"`` (each dataset equally), ``"size"`` (by number of frames), a
         sequence aligned with the datasets, a mapping from dataset name, or the path of a JSON
-        weights file (as written by ``save_mixture_weights``, e.g. by a Re-Mix run).
+        weights file (as written by ``save_mixture_weights``, e.g. by a Re-Mix run). With a
+        metadata ``domain_key`` the weights are per domain (named by ``domain_names``): the
+        loader draws a domain by weight, then a frame of that domain.
+      domain_key: what ``domain_id`` in a batch tells apart: ``"dataset"`` (one domain per
+        dataset, in the order given) or an episode field such as
+        ``"episode_metadata/operator"`` (a string, integer or bool field; the domains are its
+        distinct values across the mixture, sorted; see ``make_dataloader``).
       augment: image augmentation of training batches; None disables.
       image_dtype: ``"uint8"`` (0..255) or ``"float32"`` (0..1).
       seed: seeds the shuffle, the mixture, the goals and the augmentation.
@@ -280,6 +299,7 @@ class LoaderConfig:
     goal_relabeling: bool = False
     drop_final_step: bool = True
     weights: MixtureWeights = "uniform"
+    domain_key: str = DATASET_DOMAIN
     augment: AugmentConfig | None = dataclasses.field(default_factory=AugmentConfig)
     image_dtype: str = "uint8"
     seed: int = 0
@@ -297,6 +317,9 @@ class LoaderConfig:
         if not 0 <= self.process_index < self.process_count:
             raise ConfigError(f"loader process_index: expected in [0, {self.process_count}), "
                               f"given {self.process_index!r}")
+        if not isinstance(self.domain_key, str) or not self.domain_key.strip("/"):
+            raise ConfigError(f"loader domain_key: expected 'dataset' or an episode field, given "
+                              f"{self.domain_key!r}")
         if self.remainder not in REMAINDERS:
             raise ConfigError(f"loader remainder: expected one of {list(REMAINDERS)}, given "
                               f"{self.remainder!r}")

@@ -16,6 +16,10 @@ How it stays fast and small:
   history window and the goal).
 * Every random draw is stateless, seeded by ``(seed, batch number)``; with
   ``deterministic=True`` the same seed gives the same batches.
+* Training samples are drawn by **domain**: a domain by weight, then the next frame of that
+  domain's permutation. By default a domain is a dataset; ``LoaderConfig.domain_key`` can name
+  an episode field (``"episode_metadata/operator"``) instead, so that weights apply to the
+  operators (scenes, robots) inside a dataset.
 
 Batches are numpy trees (see :func:`make_dataloader`).
 """
@@ -35,20 +39,22 @@ import tensorflow as tf
 
 from openx_train.data import ops
 from openx_train.data.cache import read_dataset_info
-from openx_train.data.config import DatasetConfig, LoaderConfig
-from openx_train.data.errors import ConfigError, DatasetFormatError
+from openx_train.data.config import DATASET_DOMAIN, DatasetConfig, LoaderConfig
+from openx_train.data.errors import ConfigError, DatasetFormatError, MissingKeyError
 from openx_train.data.image_index import RangeReader, build_image_index
-from openx_train.data.loading import load_dataset, step_leaves
+from openx_train.data.loading import load_dataset, read_spec, step_leaves
 from openx_train.data.mixture import resolve_mixture_weights
 from openx_train.data.standardize import ResolvedStructure, resolve_structure, select_structure
 from openx_train.data.statistics import DatasetStatistics, compute_dataset_statistics
-from oxe_envlogger import layout
+from oxe_envlogger import layout, reader
+from oxe_envlogger.specs import Leaf
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation")
 _FETCH_CHUNK = 16  # samples whose image bytes are read in one call
 _HOLDOUT_SALT = b"openx_train.validation"
+_METADATA_PREFIX = "episode_metadata/"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +75,14 @@ class StepTable:
       episode_index: int64 ``[S]``: each step's episode index in its split.
       frames: int64 ``[F]``: the rows that are training frames.
       num_episodes: episodes in the table.
+      episode_ids: ``[E]`` the episodes' ids, in table order.
+      episode_frames: int64 ``[E]``: training frames of each episode (they are ``frames`` in
+        order).
+      domains: ``[E]`` each episode's value of the loader's domain key (str or int); None
+        when the domains are the datasets.
+      domain_values: the values of the domain key among every episode read from the source
+        split, before the validation hold-out and the ``episodes`` restriction (so the
+        training and validation loaders of one config name the same domains).
     """
 
     name: str
@@ -84,6 +98,27 @@ class StepTable:
     episode_index: np.ndarray
     frames: np.ndarray
     num_episodes: int
+    episode_ids: tuple[str, ...]
+    episode_frames: np.ndarray
+    domains: tuple[Any, ...] | None
+    domain_values: frozenset[Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class EpisodeRecord:
+    """One training episode of a loader (``DataLoader.episodes``).
+
+    Attributes:
+      dataset: the dataset's name.
+      episode_id: its id (``DatasetConfig(episodes=...)`` takes these).
+      domain: the name of its domain.
+      frames: its training frames.
+    """
+
+    dataset: str
+    episode_id: str
+    domain: str
+    frames: int
 
 
 def dataset_name(cfg: DatasetConfig) -> str:
@@ -107,6 +142,42 @@ def _held_out(ids: Sequence[bytes], fraction: float, seed: int) -> np.ndarray:
     elif held.all() and u.max() > u.min():
         held = u < u.max()  # the episode with the highest hash stays for training
     return held
+
+
+def resolve_domain_field(path: str, key: str, name: str) -> tuple[str, Leaf]:
+    """The episode field a ``domain_key`` names in one dataset, and its leaf.
+
+    ``key`` is an episode field's path in ``features.json``. OXE datasets nest their metadata
+    under ``episode_metadata/``; our logger stores ``set_episode_metadata`` values beside
+    ``steps`` (``operator``, not ``episode_metadata/operator``), so a key starting with
+    ``episode_metadata/`` that is not in the dataset is looked up without that prefix too:
+    ``"episode_metadata/operator"`` works for both.
+
+    Raises:
+      MissingKeyError: naming the key and the dataset's episode fields.
+      ConfigError: for a field that is not a scalar string, integer or bool.
+    """
+    leaves = dict(reader.episode_leaves(read_spec(path)))
+    field = key.strip("/")
+    if field not in leaves and field.startswith(_METADATA_PREFIX):
+        field = field[len(_METADATA_PREFIX):]
+    if field not in leaves:
+        raise MissingKeyError(f"dataset {name!r}: domain_key {key!r} is not an episode field; "
+                              f"the dataset's episode fields are {sorted(leaves)}")
+    leaf = leaves[field]
+    ok = leaf.shape == () and (leaf.kind == "text" or (
+        leaf.kind == "tensor" and leaf.encoding == "none" and leaf.dtype.kind in "iub"))
+    if not ok:
+        raise ConfigError(f"dataset {name!r}: domain_key {key!r}: expected a scalar string, "
+                          f"integer or bool episode field, given {leaf.kind} of dtype "
+                          f"{leaf.dtype} and shape {leaf.shape}")
+    return field, leaf
+
+
+def _domain_value(value: Any, leaf: Leaf) -> Any:
+    if leaf.kind == "text":
+        return bytes(value).decode("utf-8", "replace")
+    return bool(value) if leaf.dtype.kind == "b" else int(value)
 
 
 def _source_split(cfg: DatasetConfig, split: str, name: str) -> str:
@@ -137,6 +208,9 @@ def build_step_table(cfg: DatasetConfig, config: LoaderConfig, *, split: str = "
         raise ConfigError(f"dataset {name!r}: statistics lack the normalized keys {missing}")
     source = _source_split(cfg, split, name)
     min_length = max(cfg.min_length, 2 if config.drop_final_step else 1)
+    domain_field = domain_leaf = None
+    if config.domain_key != DATASET_DOMAIN:
+        domain_field, domain_leaf = resolve_domain_field(cfg.path, config.domain_key, name)
     # One shard at a time, two records in flight: a record holds its images (tens of MB for
     # long camera episodes) until it is parsed, and only the small columns are kept.
     episodes = load_dataset(cfg.path, source, keys=resolved.load_keys(images=False),
@@ -156,14 +230,33 @@ def build_step_table(cfg: DatasetConfig, config: LoaderConfig, *, split: str = "
             out["state"] = table["state"]
         if table["language"] is not None:
             out["language"] = table["language"]
+        if domain_field is not None:
+            out["domain"] = reader.get_path(episode, domain_field)
         return out
 
     rows = list(episodes.map(select).prefetch(2).as_numpy_iterator())
     rows.sort(key=lambda r: int(r["episode_index"]))
+    for r in rows:
+        r["episode_id"] = bytes(r["episode_id"]).decode("utf-8", "replace")
+        if domain_field is not None:
+            r["domain"] = _domain_value(r["domain"], domain_leaf)
+    domain_values = frozenset(r["domain"] for r in rows) if domain_field is not None \
+        else frozenset()
     if cfg.val_fraction:
-        held = _held_out([r["episode_id"] for r in rows], cfg.val_fraction, config.seed)
+        held = _held_out([r["episode_id"].encode() for r in rows], cfg.val_fraction,
+                         config.seed)
         keep = held if split == "validation" else ~held
         rows = [r for r, k in zip(rows, keep) if k]
+    if cfg.episodes is not None and split == "train":
+        # The parts of a split episode are kept with their first part, whose id they share.
+        groups = [layout.episode_group(r["episode_id"]) for r in rows]
+        unknown = sorted(cfg.episodes - set(groups))
+        if unknown:
+            raise ConfigError(
+                f"dataset {name!r}: {len(unknown)} of the {len(cfg.episodes)} episodes to keep "
+                f"are not among its {len(set(groups))} training episodes (after filters, "
+                f"min_length={min_length} and the validation hold-out), e.g. {unknown[:3]}")
+        rows = [r for r, g in zip(rows, groups) if g in cfg.episodes]
     if not rows:
         raise ConfigError(f"dataset {name!r}: no episodes left in split {source!r} after "
                           f"filters and min_length={min_length}")
@@ -189,6 +282,7 @@ def build_step_table(cfg: DatasetConfig, config: LoaderConfig, *, split: str = "
     t = np.arange(int(lengths.sum())) - starts[per_step]
     last_frame = lengths - 1 if config.drop_final_step else lengths
     frames = np.flatnonzero(t < last_frame[per_step]).astype(np.int64)
+    episode_frames = np.maximum(last_frame, 0).astype(np.int64)
     images: dict[str, np.ndarray] = {
         cam.name: np.concatenate([r["images"][cam.name] for r in rows]) for cam in cams}
     for cam in resolved.cameras:
@@ -202,7 +296,10 @@ def build_step_table(cfg: DatasetConfig, config: LoaderConfig, *, split: str = "
         images=images, files=files, episode_start=starts[per_step],
         episode_length=lengths[per_step],
         episode_index=np.repeat([int(r["episode_index"]) for r in rows], lengths).astype(np.int64),
-        frames=frames, num_episodes=len(rows))
+        frames=frames, num_episodes=len(rows),
+        episode_ids=tuple(r["episode_id"] for r in rows), episode_frames=episode_frames,
+        domains=tuple(r["domain"] for r in rows) if domain_field is not None else None,
+        domain_values=domain_values)
 
 
 _STEP_COLUMNS = ("action", "state", "language")
@@ -216,13 +313,13 @@ def join_split_parts(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     Part k+1 (id ``<id>.<k+1>``) starts from the observation part k ended on, which part k holds
     as its final step with a zero action: that step is dropped and part k+1 follows. Only runs
     of consecutive parts are joined (a part removed by a filter ends a run). ``rows`` are
-    per-episode dicts in dataset order (``episode_id``, ``episode_index``, ``episode_length``,
-    per-step columns and ``images``); the joined episode keeps its first part's place, index
-    and id.
+    per-episode dicts in dataset order (``episode_id`` as str, ``episode_index``,
+    ``episode_length``, per-step columns, ``images`` and ``domain``); the joined episode keeps
+    its first part's place, index, id and domain value.
     """
     parts: dict[str, list[tuple[int, int]]] = {}
     for i, r in enumerate(rows):
-        group, part = layout.episode_part(bytes(r["episode_id"]).decode("utf-8", "replace"))
+        group, part = layout.episode_part(r["episode_id"])
         parts.setdefault(group, []).append((part, i))
     if all(len(v) == 1 for v in parts.values()):
         return rows
@@ -277,6 +374,54 @@ def _check_compatible(tables: Sequence[StepTable]) -> None:
                                   f"{k} {a[k]} vs {b[k]}")
 
 
+@dataclasses.dataclass(frozen=True)
+class _Domains:
+    """The loader's domains: names, frames and weights per domain, and each frame's domain."""
+
+    names: tuple[str, ...]
+    frames: np.ndarray  # int64 [K]
+    weights: np.ndarray  # float64 [K], sampling probabilities
+    of_episode: list[np.ndarray]  # per table, int32 [E]: each episode's domain
+    of_frame: np.ndarray  # int32 [F]: the domain of each frame, datasets in order
+
+
+def _assign_domains(tables: Sequence[StepTable], config: LoaderConfig, *, train: bool
+                    ) -> _Domains:
+    """Domain names (datasets, or the sorted distinct values of the domain key across the
+    mixture), each episode's and frame's domain, and the sampling weights per domain.
+
+    Raises:
+      ConfigError: for weights that do not fit the domains, a domain with weight but no
+        training frames, or a domain key with string values in one dataset and numbers in
+        another.
+    """
+    key = config.domain_key
+    if key == DATASET_DOMAIN:
+        names = tuple(t.name for t in tables)
+        of_episode = [np.full(t.num_episodes, i, np.int32) for i, t in enumerate(tables)]
+    else:
+        values = set().union(*(t.domain_values for t in tables))
+        if len({isinstance(v, str) for v in values}) > 1:
+            kinds = {t.name: sorted({type(v).__name__ for v in t.domain_values})
+                     for t in tables}
+            raise ConfigError(f"domain_key {key!r}: expected one kind of value across the "
+                              f"mixture (strings, or integers and bools), given {kinds}")
+        ordered = sorted(values)
+        index = {v: i for i, v in enumerate(ordered)}
+        names = tuple(str(v) for v in ordered)
+        of_episode = [np.array([index[v] for v in t.domains], np.int32) for t in tables]
+    of_frame = np.concatenate([np.repeat(d, t.episode_frames)
+                               for d, t in zip(of_episode, tables)]).astype(np.int32)
+    frames = np.bincount(of_frame, minlength=len(names)).astype(np.int64)
+    kind = "dataset" if key == DATASET_DOMAIN else "domain"
+    weights = resolve_mixture_weights(config.weights, names, frames.tolist(), kind=kind)
+    empty = [n for n, w, c in zip(names, weights, frames) if w > 0 and c == 0]
+    if empty and train:  # a validation pass samples nothing by weight
+        what = "datasets" if key == DATASET_DOMAIN else f"domains of {key!r}"
+        raise ConfigError(f"make_dataloader: {what} {empty} have weight but no frames")
+    return _Domains(names, frames, weights, of_episode, of_frame)
+
+
 class DataLoader:
     """An iterable of numpy batches, with what the trainer needs to know about them.
 
@@ -284,23 +429,46 @@ class DataLoader:
       dataset: the underlying ``tf.data.Dataset`` of batches (tensors).
       split: ``"train"`` (endless) or ``"validation"`` (one pass).
       names: dataset names, indexed by ``dataset_id``.
-      weights: sampling probability of each dataset (training).
+      weights: sampling probability of each dataset (training); with a metadata
+        ``domain_key``, what the domain weights give each dataset.
       num_frames: training frames of each dataset (this split, before the process shard).
       num_episodes: episodes of each dataset (this split).
+      domain_key: ``LoaderConfig.domain_key``.
+      domain_names: the domains, indexed by ``domain_id`` (the dataset names when
+        ``domain_key="dataset"``).
+      domain_frames: frames of each domain (this split, before the process shard).
+      domain_weights: sampling probability of each domain (training).
+      episodes: every episode of this split as an :class:`EpisodeRecord` (dataset, id,
+        domain, frames), datasets in order, each in its order.
       statistics: per dataset name, the statistics its state and action were normalized with
         (use ``ops.unnormalize`` to turn predicted actions back).
       config: the loader options.
     """
 
     def __init__(self, dataset: tf.data.Dataset, *, split: str, tables: Sequence[StepTable],
-                 weights: np.ndarray, config: LoaderConfig, num_batches: int | None,
+                 domains: _Domains, config: LoaderConfig, num_batches: int | None,
                  batches_per_fetch: int = 1):
         self.dataset = dataset
         self.split = split
         self.names = tuple(t.name for t in tables)
-        self.weights = weights
         self.num_frames = tuple(len(t.frames) for t in tables)
         self.num_episodes = tuple(t.num_episodes for t in tables)
+        self.domain_key = config.domain_key
+        self.domain_names = domains.names
+        self.domain_frames = tuple(int(c) for c in domains.frames)
+        self.domain_weights = domains.weights
+        if config.domain_key == DATASET_DOMAIN:
+            self.weights = domains.weights
+        else:
+            # P(dataset d) = sum_k P(domain k) * (frames of k in d) / (frames of k)
+            dataset_of_frame = np.repeat(np.arange(len(tables)), self.num_frames)
+            share = np.zeros((len(tables), len(domains.names)))
+            np.add.at(share, (dataset_of_frame, domains.of_frame), 1.0)
+            self.weights = share / np.maximum(domains.frames, 1) @ domains.weights
+        self.episodes = tuple(
+            EpisodeRecord(t.name, i, domains.names[d], int(f))
+            for t, ds in zip(tables, domains.of_episode)
+            for i, d, f in zip(t.episode_ids, ds, t.episode_frames))
         self.statistics = {t.name: t.statistics for t in tables}
         self.structures = {t.name: t.resolved.structure for t in tables}
         self.config = config
@@ -329,10 +497,9 @@ class DataLoader:
         return self._num_batches
 
 
-def _concat_tables(tables: Sequence[StepTable]) -> tuple[dict[str, Any], list[str], np.ndarray,
-                                                         np.ndarray]:
-    """Stacks the tables into one (global rows and file ids); returns the TF table, the files,
-    the frame rows of all datasets and each dataset's first position among them."""
+def _concat_tables(tables: Sequence[StepTable]) -> tuple[dict[str, Any], list[str], np.ndarray]:
+    """Stacks the tables into one (global rows and file ids); returns the TF table, the files
+    and the frame rows of all datasets, in order."""
     row_base = np.concatenate([[0], np.cumsum([len(t.action) for t in tables])[:-1]]).astype(
         np.int64)
     files: list[str] = []
@@ -362,21 +529,25 @@ def _concat_tables(tables: Sequence[StepTable]) -> tuple[dict[str, Any], list[st
             refs.append(r)
         table["images"][cam.name] = tf.constant(np.concatenate(refs), tf.int64)
     frames = np.concatenate([t.frames + b for t, b in zip(tables, row_base)]).astype(np.int64)
-    frame_base = np.concatenate([[0], np.cumsum([len(t.frames) for t in tables])[:-1]]).astype(
-        np.int64)
-    return table, files, frames, frame_base
+    return table, files, frames
 
 
-def _train_indices(config: LoaderConfig, weights: np.ndarray, frames: np.ndarray,
-                   frame_base: np.ndarray, counts: np.ndarray) -> tf.data.Dataset:
-    """Endless ``(batch number, dataset ids [B], rows [B])``: datasets drawn by weight, frames
-    in a fresh permutation of each dataset per epoch, this process's share only."""
+def _train_indices(config: LoaderConfig, domains: _Domains, frames: np.ndarray,
+                   num_frames: Sequence[int]) -> tf.data.Dataset:
+    """Endless ``(batch number, dataset ids [B], rows [B], valid [B], domain ids [B])``:
+    domains drawn by weight, frames in a fresh permutation of each domain per epoch, this
+    process's share only. (With ``domain_key="dataset"`` the domains are the datasets.)"""
+    weights, counts = domains.weights, domains.frames
     k = len(weights)
     b_size = config.batch_size
     logits = tf.constant(np.log(np.maximum(weights, 1e-30))[None] +
                          np.where(weights > 0, 0.0, -np.inf)[None], tf.float32)
-    frames_t = tf.constant(frames)
-    base_t = tf.constant(frame_base)
+    # The frames grouped by domain (each group in dataset and episode order).
+    order = np.argsort(domains.of_frame, kind="stable")
+    frames_t = tf.constant(frames[order])
+    dataset_t = tf.constant(np.repeat(np.arange(len(num_frames), dtype=np.int32),
+                                      num_frames)[order])
+    base_t = tf.constant(np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64))
     counts_t = tf.constant(np.maximum(counts, 1).astype(np.int64))
     seed = tf.constant([config.seed, 0x5EED], tf.int64)
     shard_count = tf.constant(config.process_count, tf.int64)
@@ -392,26 +563,29 @@ def _train_indices(config: LoaderConfig, weights: np.ndarray, frames: np.ndarray
         n = tf.gather(counts_t, ids)
         epoch, r = q // n, q % n
         perm = ops.permute_indices(r, n, seed=config.seed, stream=ids, epoch=epoch)
-        rows = tf.gather(frames_t, tf.gather(base_t, ids) + perm)
-        return counters + tf.reduce_sum(onehot, axis=0), (b, ids, rows, tf.ones([b_size], bool))
+        where = tf.gather(base_t, ids) + perm
+        rows, dataset_ids = tf.gather(frames_t, where), tf.gather(dataset_t, where)
+        return counters + tf.reduce_sum(onehot, axis=0), (b, dataset_ids, rows,
+                                                          tf.ones([b_size], bool), ids)
 
     return tf.data.Dataset.counter().scan(tf.zeros([k], tf.int64), draw)
 
 
 def _validation_indices(config: LoaderConfig, frames: np.ndarray, counts: np.ndarray,
-                        names: Sequence[str]) -> tuple[tf.data.Dataset, int]:
-    """One pass: ``(batch number, dataset ids [B], rows [B], valid [B])``, every dataset's
-    frames in order, this process taking every ``process_count``-th one (so the processes'
-    shares are disjoint and cover every frame), batched as ``config.remainder`` says.
+                        names: Sequence[str], frame_domain: np.ndarray
+                        ) -> tuple[tf.data.Dataset, int]:
+    """One pass: ``(batch number, dataset ids [B], rows [B], valid [B], domain ids [B])``,
+    every dataset's frames in order, this process taking every ``process_count``-th one (so the
+    processes' shares are disjoint and cover every frame), batched as ``config.remainder`` says.
 
     Raises:
       ConfigError: with ``remainder="drop"``, when not one full batch would come.
     """
     size, count = config.batch_size, config.process_count
     ids = np.repeat(np.arange(len(counts), dtype=np.int32), counts)
-    first = (ids[:1], frames[:1])  # a real frame to pad with
+    first = (ids[:1], frames[:1], frame_domain[:1])  # a real frame to pad with
     mine = slice(config.process_index, None, count)
-    ids, rows = ids[mine], frames[mine]
+    ids, rows, domain_ids = ids[mine], frames[mine], frame_domain[mine]
     valid = np.ones(len(rows), bool)
     total = len(frames)
     if config.remainder == "partial":
@@ -440,7 +614,9 @@ def _validation_indices(config: LoaderConfig, frames: np.ndarray, counts: np.nda
         ids = np.concatenate([ids, np.repeat(first[0], max(fill, 0))])[: num_batches * size]
         rows = np.concatenate([rows, np.repeat(first[1], max(fill, 0))])[: num_batches * size]
         valid = np.concatenate([valid, np.zeros(max(fill, 0), bool)])[: num_batches * size]
-    ds = tf.data.Dataset.from_tensor_slices((ids, rows, valid)).batch(
+        domain_ids = np.concatenate([domain_ids, np.repeat(first[2], max(fill, 0))])[
+            : num_batches * size]
+    ds = tf.data.Dataset.from_tensor_slices((ids, rows, valid, domain_ids)).batch(
         size, drop_remainder=config.remainder != "partial").enumerate()
     return ds.map(lambda b, x: (b, *x)), num_batches
 
@@ -466,6 +642,7 @@ def make_dataloader(
          "goal": {"state": [B, D], <camera>: [B, h, w, 3]},     # with goal_relabeling
          "goal_step_index": int32 [B],                          # with goal_relabeling
          "dataset_id": int32 [B],                               # index into DataLoader.names
+         "domain_id": int32 [B],                        # index into DataLoader.domain_names
          "episode_index": int64 [B], "step_index": int32 [B],
          "valid": bool [B]}                                     # False: padding (see below)
 
@@ -477,6 +654,16 @@ def make_dataloader(
 
     Windows repeat the first observation and chunks the last action where they are padded.
     State and action are normalized with each dataset's statistics (``DataLoader.statistics``).
+
+    Domains (``LoaderConfig.domain_key``): with ``"dataset"`` each dataset is a domain and
+    ``domain_id == dataset_id``. With an episode field (``"episode_metadata/operator"``, which
+    also finds our logger's ``operator``, see :func:`resolve_domain_field`) each distinct value
+    across the mixture is a domain, named ``str(value)``, sorted (numbers numerically); the
+    values are taken from every episode read, before the validation hold-out and the
+    ``episodes`` restriction, so the training and validation loaders of one config agree (a
+    domain may then have no frames in one of them). Training draws a domain by
+    ``LoaderConfig.weights`` (per domain: ``"size"`` is every frame alike, ``"uniform"`` every
+    domain alike), then the next frame of that domain's permutation, wherever the dataset.
 
     Args:
       datasets: the datasets to mix (names must be unique).
@@ -507,24 +694,23 @@ def make_dataloader(
     tables = [build_step_table(d, config, split=split, name=n) for d, n in zip(datasets, names)]
     _check_compatible(tables)
     counts = np.array([len(t.frames) for t in tables], np.int64)
-    weights = resolve_mixture_weights(config.weights, names, counts.tolist())
-    empty = [t.name for t, w, c in zip(tables, weights, counts) if w > 0 and c == 0]
-    if empty:
-        raise ConfigError(f"make_dataloader: datasets {empty} have weight but no frames")
-    table, files, frames, frame_base = _concat_tables(tables)
+    domains = _assign_domains(tables, config, train=split == "train")
+    table, files, frames = _concat_tables(tables)
     if split == "train":
-        indices = _train_indices(config, weights, frames, frame_base, counts)
+        indices = _train_indices(config, domains, frames, counts.tolist())
         num_batches = None
     else:
-        indices, num_batches = _validation_indices(config, frames, counts, names)
+        indices, num_batches = _validation_indices(config, frames, counts, names,
+                                                   domains.of_frame)
     dataset = _batches(indices, table, files, tables, config, train=split == "train")
     log.info("data loader (%s): %s", split, ", ".join(
-        f"{t.name}: {len(t.frames)} frames, weight {w:.3f}" for t, w in zip(tables, weights)))
+        f"{n}: {c} frames, weight {w:.3f}"
+        for n, c, w in zip(domains.names, domains.frames, domains.weights)))
     # State-only batches are small: fetch 8 at a time (see DataLoader.__iter__), when they all
     # have the same size.
     same_size = split == "train" or config.remainder != "partial"
     per_fetch = 8 if same_size and not tables[0].resolved.cameras else 1
-    return DataLoader(dataset, split=split, tables=tables, weights=weights, config=config,
+    return DataLoader(dataset, split=split, tables=tables, domains=domains, config=config,
                       num_batches=num_batches, batches_per_fetch=per_fetch)
 
 
@@ -546,7 +732,7 @@ def _batches(indices: tf.data.Dataset, table: dict[str, Any], files: list[str],
                 for t in tables for c in t.resolved.cameras if c.key is not None)
     source_hw = tf.constant(hw, tf.int32) if cameras and known else None
 
-    def gather(b, ids, rows, valid):
+    def gather(b, ids, rows, valid, domain_ids):
         s_goal, s_aug = tf.unstack(tf.random.experimental.stateless_split(
             tf.random.experimental.stateless_fold_in(seed, b), 2))
         n = tf.shape(rows)[0]
@@ -564,6 +750,7 @@ def _batches(indices: tf.data.Dataset, table: dict[str, Any], files: list[str],
                                                  tf.gather(present[cam.name], ids)[:, None])
         obs["pad_mask_dict"] = mask_dict
         out["dataset_id"] = ids
+        out["domain_id"] = domain_ids
         out["episode_index"] = tf.gather(table["episode_index"], rows)
         out["valid"] = valid
         if cameras and augment is not None:

@@ -77,14 +77,15 @@ def _check(weights: Mapping[str, float], where: str) -> dict[str, float]:
 
 
 def resolve_mixture_weights(weights: MixtureWeights, names: Sequence[str],
-                            sizes: Sequence[int]) -> np.ndarray:
-    """Normalized sampling probabilities, one per dataset.
+                            sizes: Sequence[int], *, kind: str = "dataset") -> np.ndarray:
+    """Normalized sampling probabilities, one per dataset (or domain).
 
     Args:
       weights: ``"uniform"``, ``"size"``, a sequence aligned with ``names``, a mapping from
         name, or the path of a weights file.
-      names: the datasets' names.
+      names: the datasets' (or domains') names.
       sizes: their numbers of frames (for ``"size"``).
+      kind: what ``names`` name, in messages: ``"dataset"`` or ``"domain"``.
 
     Raises:
       ConfigError: for an unknown mode, a length or name mismatch, or invalid values.
@@ -97,17 +98,17 @@ def resolve_mixture_weights(weights: MixtureWeights, names: Sequence[str],
         elif mode == "size":
             w = np.asarray(sizes, np.float64)
         elif mode.endswith(".json") or os.path.exists(mode):
-            w = _from_mapping(load_mixture_weights(mode), names, mode)
+            w = _from_mapping(load_mixture_weights(mode), names, mode, kind)
         else:
             raise ConfigError(f"mixture weights: expected 'uniform', 'size', a weights file, a "
                               f"sequence or a mapping, given {mode!r}")
     elif isinstance(weights, Mapping):
         w = _from_mapping(_check({str(k): float(v) for k, v in weights.items()}, "weights"),
-                          names, "weights")
+                          names, "weights", kind)
     else:
         w = np.asarray(list(weights), np.float64)
         if w.shape != (n,):
-            raise ConfigError(f"mixture weights: expected {n} weights (one per dataset "
+            raise ConfigError(f"mixture weights: expected {n} weights (one per {kind} "
                               f"{list(names)}), given {len(w)}")
         _check(dict(zip(names, w.tolist())), "mixture weights")
     if not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
@@ -116,13 +117,14 @@ def resolve_mixture_weights(weights: MixtureWeights, names: Sequence[str],
     return w / w.sum()
 
 
-def _from_mapping(mapping: Mapping[str, float], names: Sequence[str], where: str) -> np.ndarray:
+def _from_mapping(mapping: Mapping[str, float], names: Sequence[str], where: str,
+                  kind: str) -> np.ndarray:
     missing = [k for k in names if k not in mapping]
     if missing:
-        raise ConfigError(f"{where}: no weight for datasets {missing} (weights given for "
+        raise ConfigError(f"{where}: no weight for {kind}s {missing} (weights given for "
                           f"{sorted(mapping)})")
     extra = sorted(set(mapping) - set(names))
     if extra:
-        warnings.warn(f"{where}: weights for datasets not in the mixture are ignored: {extra}",
+        warnings.warn(f"{where}: weights for {kind}s not in the mixture are ignored: {extra}",
                       stacklevel=3)
     return np.asarray([mapping[k] for k in names], np.float64)

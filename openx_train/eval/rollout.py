@@ -177,7 +177,7 @@ def _autoreset_mode(mode: AutoresetMode | str) -> AutoresetMode:
                      f"{mode!r}")
 
 
-def _t_interval(values: np.ndarray) -> float | None:
+def t_interval(values: np.ndarray) -> float | None:
     """Half-width of the 95% t-interval of the mean (None for fewer than 2 values)."""
     if len(values) < 2:
         return None
@@ -383,7 +383,7 @@ def evaluate(policy: Policy, env: EnvSource, *, num_episodes: int, num_envs: int
     env_steps = int(sum(e["length"] for e in episodes))
     return {
         "return_mean": float(returns.mean()),
-        "return_ci95": _t_interval(returns),
+        "return_ci95": t_interval(returns),
         "return_std": float(returns.std(ddof=1)) if len(returns) > 1 else None,
         "success_rate": float(np.mean(successes)) if successes else None,
         "length_mean": float(np.mean([e["length"] for e in episodes])),

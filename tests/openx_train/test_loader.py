@@ -205,14 +205,17 @@ def test_padded_validation_with_cameras(camera_dir):
     structure = Structure(state=("observation/state",),
                           images={"image_primary": Camera("observation/image", 16)})
     cfg = DatasetConfig(camera_dir, structure, val_fraction=0.4)
-    loader = make_dataloader(cfg, LoaderConfig(batch_size=4, n_obs=2, remainder="pad"),
+    loader = make_dataloader(cfg, LoaderConfig(batch_size=3, n_obs=2, remainder="pad"),
                              split="validation")
     (n,) = loader.num_frames
-    assert n % 4  # a last batch to pad
+    # The held-out episodes follow from the logged episode ids, random per logging session:
+    # 1 or 2 episodes of 10 frames; a batch of 3 leaves a last batch to pad with either (a
+    # batch of 4 did not with 2: 20 frames, the test failed about a third of the time).
+    assert n % 3  # a last batch to pad
     batches = list(loader)
-    assert len(batches) == len(loader) == -(-n // 4)
+    assert len(batches) == len(loader) == -(-n // 3)
     for b in batches:
-        assert b["observation"]["image_primary"].shape == (4, 2, 16, 16, 3)
+        assert b["observation"]["image_primary"].shape == (3, 2, 16, 16, 3)
     assert sum(int(b["valid"].sum()) for b in batches) == n
     assert len(set(_keys(batches))) == n
 
