@@ -16,7 +16,7 @@ from __future__ import annotations
 import base64
 import copy
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -178,14 +178,22 @@ class StatsSet:
         self.num_episodes = 0
         self.num_steps = 0
 
-    def add_episode(self, columns: Mapping[str, np.ndarray], num_steps: int) -> None:
-        """Adds one episode; ``columns[key]`` holds every RLDS step (the final one is skipped)."""
+    def add_episode(self, columns: Mapping[str, np.ndarray | Sequence[np.ndarray]],
+                    num_steps: int) -> None:
+        """Adds one episode; ``columns[key]`` holds every RLDS step (the final one is skipped),
+        as one array or as a list of arrays of consecutive steps (added one at a time, so a
+        long episode is never converted whole)."""
         self.num_episodes += 1
         self.num_steps += num_steps
         for key, st in self.keys.items():
             col = columns.get(key)
-            if col is not None and len(col) > 1:
-                st.update(np.asarray(col[:-1]))
+            if col is None:
+                continue
+            chunks = [col] if isinstance(col, np.ndarray) else col
+            for i, chunk in enumerate(chunks):
+                rows = chunk[:-1] if i == len(chunks) - 1 else chunk
+                if len(rows):
+                    st.update(np.asarray(rows))
 
     def merge(self, other: StatsSet) -> None:
         self.num_episodes += other.num_episodes
