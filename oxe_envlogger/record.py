@@ -568,7 +568,7 @@ def encode_raw_features(features: Mapping[str, bytes | memoryview]) -> bytes:
 
 
 _IOV_MAX = 1024
-_WRITE_BYTES = 8 << 20  # what one write hands the kernel: bounds the pieces held at once
+_WRITE_BYTES = 1 << 20  # what one write hands the kernel: bounds the pieces held at once
 
 
 def _writev_all(fd: int, buffers: list) -> None:
