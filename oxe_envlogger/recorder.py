@@ -709,16 +709,16 @@ class EpisodeRecorder:
             cols.extend(each(_ACT, i) for i in range(len(self._act.leaves)))
             cols.append(each(_REWARD))
             cols.append(each(_DISCOUNT))
-            sizes = each(_N)
             for step, value in ((0, True), (-1, True), (-1, terminal)):  # first, last, terminal
-                flags = [np.zeros(n, np.bool_) for n in sizes]
-                flags[step][step] = value
-                cols.append(flags)
+                flags = np.zeros(n, np.bool_)  # (one chunk: columns need not share chunks)
+                flags[step] = value
+                cols.append([flags])
             if language:
                 cols.append(each(_LANGUAGE))
             metas = [dict(m) for m in each(_META)]
+            sizes = each(_N)
             for key, part in step_meta:
-                packed = [m[key] if key in m else part.zeros(n) for m, n in zip(metas, sizes)]
+                packed = [m[key] if key in m else part.zeros(k) for m, k in zip(metas, sizes)]
                 cols.extend([p[j] for p in packed] for j in range(len(part.leaves)))
             return cols
 

@@ -147,9 +147,9 @@ def payload(leaf: Leaf, values: Sequence[Any]) -> record.Payload:
 class EpisodeRows:
     """A finished episode as handed to the writer. The callables build, in the writer thread,
     one column per step leaf and one value per episode leaf, in schema order. A column is a
-    list of chunks covering consecutive steps, the same steps in every column: arrays of the
-    leaf's dtype (``(steps, *shape)``) for tensors, sequences of values for strings and
-    images (``bytes``, or encoded frames still being encoded)."""
+    list of chunks of consecutive steps (columns may be cut into chunks differently): arrays
+    of the leaf's dtype (``(steps, *shape)``) for tensors, sequences of values for strings
+    and images (``bytes``, or encoded frames still being encoded)."""
 
     step_columns: Callable[[], list[list[Any]]]
     episode_values: Callable[[], list[Any]]
