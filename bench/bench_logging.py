@@ -647,6 +647,7 @@ def _long_state_child(config: str) -> dict:
         env.close()
         close_s = time.perf_counter() - t0
         peak = _status_bytes("VmHWM") - base["rss"]
+        stalls = env.writer_stats["stalls"]  # step() blocked on a full queue of parts
         directory = os.path.join(tmp, "ours")
         info = layout.read_json(os.path.join(directory, layout.DATASET_INFO))
         sizes = [length for path, _ in layout.shard_paths(directory, info, "train")
@@ -657,7 +658,8 @@ def _long_state_child(config: str) -> dict:
                 "close_s": close_s, "part_write_s": part_write_s,
                 "peak_bytes": peak, "bytes_on_disk": dir_bytes(directory), "parts": len(sizes),
                 "last_part_bytes": sizes[-1], "largest_part_bytes": max(sizes),
-                "full_gc_runs": full_gc}
+                "full_gc_runs": full_gc, "queue_stalls": stalls["count"],
+                "queue_stall_longest_s": stalls["longest_seconds"]}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -707,6 +709,9 @@ def bench_long_state(steps: int, budget: int, reps: int) -> dict:
         "calls_over_10ms_per_1m": round(med("calls_over_10ms") * 1e6 / steps, 1),
         "raw_calls_over_10ms_per_1m": round(med("raw_calls_over_10ms") * 1e6 / steps, 1),
         "full_gc_runs_while_logging": max(r["full_gc_runs"] for r in runs),
+        # steps that waited for the writer (a full queue: it fell behind), and the longest wait
+        "queue_stalls": max(r["queue_stalls"] for r in runs),
+        "queue_stall_longest_ms": round(max(r["queue_stall_longest_s"] for r in runs) * 1e3, 1),
         "peak_rss_above_start_mb": round(peak / 2**20, 1),
         "bytes_on_disk": runs[0]["bytes_on_disk"],
         "parts": runs[0]["parts"],
