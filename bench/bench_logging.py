@@ -615,9 +615,10 @@ def _time_steps(env, steps: int, actions: np.ndarray, on_first_step=None,
         t0 = clock()
         env.step(actions[i & 4095])
         dt = clock() - t0
+        if dt > longest:
+            longest = dt
         if dt > 0.01:
             slow += 1
-            longest = max(longest, dt)
     return clock() - start, longest, slow
 
 
