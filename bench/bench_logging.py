@@ -598,10 +598,13 @@ def _status_bytes(field: str) -> int:
 
 
 def _time_steps(env, steps: int, actions: np.ndarray, on_first_step=None,
-                ) -> tuple[float, float, int]:
+                ) -> tuple[float, float, int, int]:
     """Steps ``env`` through one episode of ``steps`` steps; returns the loop's wall time, its
-    longest single step() call and the number of calls over 10 ms (on a shared host, most
-    of the longest calls are the host's: compare with the raw loop's)."""
+    longest single step() call, the number of calls over 10 ms and the times the kernel took
+    the CPU from the loop's thread (on a shared host most of the longest calls are the
+    host's: compare with the raw loop's)."""
+    import resource
+
     env.reset(seed=0)
     env.step(actions[0])
     gc.collect()  # (the collection that the imports left due, not the loop's)
@@ -610,6 +613,7 @@ def _time_steps(env, steps: int, actions: np.ndarray, on_first_step=None,
     longest = 0.0
     slow = 0
     clock = time.perf_counter
+    preempted = resource.getrusage(resource.RUSAGE_THREAD).ru_nivcsw
     start = clock()
     for i in range(1, steps):
         t0 = clock()
@@ -619,7 +623,9 @@ def _time_steps(env, steps: int, actions: np.ndarray, on_first_step=None,
             longest = dt
         if dt > 0.01:
             slow += 1
-    return clock() - start, longest, slow
+    wall = clock() - start
+    return (wall, longest, slow,
+            resource.getrusage(resource.RUSAGE_THREAD).ru_nivcsw - preempted)
 
 
 def _long_state_child(config: str) -> dict:
@@ -629,7 +635,7 @@ def _long_state_child(config: str) -> dict:
 
     steps, budget = int(config.split(":")[0]), int(config.split(":")[1])
     actions = np.random.default_rng(0).uniform(-1, 1, (4096, 6)).astype(np.float32)
-    raw_s, raw_longest, raw_slow = _time_steps(StateEnv(steps), steps, actions)
+    raw_s, raw_longest, raw_slow, raw_preempted = _time_steps(StateEnv(steps), steps, actions)
     tmp = tempfile.mkdtemp(prefix="long_state_")
     try:
         env = AutoOXEEnvLogger(StateEnv(steps), "long_state", os.path.join(tmp, "ours"),
@@ -642,7 +648,7 @@ def _long_state_child(config: str) -> dict:
             base["rss"] = _status_bytes("VmRSS")
             base["full_gc"] = gc.get_stats()[2]["collections"]
 
-        loop_s, longest, slow = _time_steps(env, steps, actions, start_memory)
+        loop_s, longest, slow, preempted = _time_steps(env, steps, actions, start_memory)
         full_gc = gc.get_stats()[2]["collections"] - base["full_gc"]
         t0 = time.perf_counter()
         env.close()
@@ -655,7 +661,8 @@ def _long_state_child(config: str) -> dict:
                  for _, length in record.scan_records(path).records]
         part_write_s = statistics.median(_plain_write_seconds(tmp, sizes[-1]) for _ in range(3))
         return {"raw_s": raw_s, "raw_longest_s": raw_longest, "raw_calls_over_10ms": raw_slow,
-                "loop_s": loop_s, "longest_s": longest, "calls_over_10ms": slow,
+                "raw_preempted_per_s": raw_preempted / raw_s, "loop_s": loop_s,
+                "longest_s": longest, "calls_over_10ms": slow, "preempted_per_s": preempted / loop_s,
                 "close_s": close_s, "part_write_s": part_write_s,
                 "peak_bytes": peak, "bytes_on_disk": dir_bytes(directory), "parts": len(sizes),
                 "last_part_bytes": sizes[-1], "largest_part_bytes": max(sizes),
@@ -709,6 +716,10 @@ def bench_long_state(steps: int, budget: int, reps: int) -> dict:
         # calls over 10 ms per million steps (median over reps), logged and raw
         "calls_over_10ms_per_1m": round(med("calls_over_10ms") * 1e6 / steps, 1),
         "raw_calls_over_10ms_per_1m": round(med("raw_calls_over_10ms") * 1e6 / steps, 1),
+        # times per second the kernel preempted the loop's thread (other jobs on the host; in
+        # the logged loop also the writer thread, on a machine with few CPUs)
+        "preempted_per_s": round(med("preempted_per_s"), 1),
+        "raw_preempted_per_s": round(med("raw_preempted_per_s"), 1),
         "full_gc_runs_while_logging": max(r["full_gc_runs"] for r in runs),
         # steps that waited for the writer (a full queue: it fell behind), and the longest wait
         "queue_stalls": max(r["queue_stalls"] for r in runs),
