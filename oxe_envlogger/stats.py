@@ -204,8 +204,8 @@ class StatsSet:
     def add_episode(self, columns: Mapping[str, np.ndarray | Sequence[np.ndarray]],
                     num_steps: int) -> None:
         """Adds one episode; ``columns[key]`` holds every RLDS step (the final one is skipped),
-        as one array or as a list of arrays of consecutive steps (added one at a time, so a
-        long episode is never converted whole)."""
+        as one array or as a list of arrays of consecutive steps (added in batches, so a long
+        episode is never converted whole)."""
         self.num_episodes += 1
         self.num_steps += num_steps
         for key, st in self.keys.items():
