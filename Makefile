@@ -36,7 +36,7 @@ format: venv
 	$(BIN)/ruff check --fix .
 
 bench: venv
-	$(BIN)/python bench/bench_logging.py --workloads=w1,w2,codecs,long
+	$(BIN)/python bench/bench_logging.py --workloads=w1,w2,codecs,long,long_state
 	$(BIN)/python bench/bench_reshard.py
 	$(BIN)/python bench/bench_loader.py
 	$(BIN)/python bench/bench_stats.py

@@ -4,6 +4,7 @@ measured in the same process, median of repetitions; one JSON line per figure se
     python bench/bench_logging.py                 # W1 (ours and envlogger 1.2's TFDS writer), W2
     python bench/bench_logging.py --workloads=w2 --reps=3
     python bench/bench_logging.py --workloads=long   # memory over one long episode
+    python bench/bench_logging.py --workloads=long_state   # 1M and 10M state-only steps
 
 W1: HalfCheetah-v5, random actions seeded 0, 20 episodes of 1000 steps.
 W2: oxe_envlogger/SyntheticCamera-v0 (two cameras + state, language), 10 episodes of 200 steps,
@@ -13,7 +14,11 @@ Figures: overhead = logged wall time (including close()) / raw wall time, steps/
 the longest single step()/reset() call, peak resident memory above the raw loop (each measured
 in a fresh process); W1 also with float64 stored exactly (``float64="exact"``, the
 ``float64_exact_*`` figures, each run against a raw run of its own). ``--workloads=long``: one long W2 episode, with and without the episode
-byte budget (WriterOptions.max_episode_bytes).
+byte budget (WriterOptions.max_episode_bytes). ``--workloads=long_state``: one state-only
+episode (17 float32 observations, 6 float32 actions) of 1M and of 10M steps, with the default
+budget and with 64 MiB, each in a fresh process: the longest step() against the raw loop's
+longest, peak memory against the budget and the bytes on disk, and close() against writing
+its last part's bytes to a plain file.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ import gymnasium as gym
 import numpy as np
 
 import oxe_envlogger.envs
-from oxe_envlogger import AutoOXEEnvLogger, encoding
+from oxe_envlogger import AutoOXEEnvLogger, WriterOptions, encoding
 
 
 def dir_bytes(path: str) -> int:
@@ -526,7 +531,6 @@ def fresh_process_memory(config: str) -> float:
 
 
 def _memory_child(config: str) -> dict:
-    from oxe_envlogger import WriterOptions
 
     kind, codec, *rest = config.split(":")
     tmp = tempfile.mkdtemp(prefix="mem_")
@@ -564,6 +568,185 @@ def bench_long_episode(steps: int, budget: int) -> dict:
             "rss_above_raw_mb_no_budget": round(without - raw, 1)}
 
 
+# ---------------------------------------------------------------------------------------------
+# Long state-only episodes
+
+
+class StateEnv(gym.Env):
+    """A state-only episode as a long teleoperation session logs it: 17 float32 observations,
+    6 float32 actions, numpy only and cheap, so that the logger's own cost shows."""
+
+    observation_space = gym.spaces.Box(-np.inf, np.inf, (17,), np.float32)
+    action_space = gym.spaces.Box(-1, 1, (6,), np.float32)
+
+    def __init__(self, steps: int):
+        self.steps = steps
+        self.t = 0
+        self._state = np.zeros(17, np.float32)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        self._state = self.np_random.standard_normal(17).astype(np.float32)
+        return self._state.copy(), {}
+
+    def step(self, action):
+        self.t += 1
+        self._state *= 0.999
+        self._state[:6] += 0.01 * action
+        return self._state.copy(), float(self._state[0]), False, self.t >= self.steps, {}
+
+
+def _status_bytes(field: str) -> int:
+    """A ``/proc/self/status`` figure (VmRSS, VmHWM) in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def _time_steps(env, steps: int, actions: np.ndarray, on_first_step=None,
+                ) -> tuple[float, float, int, int]:
+    """Steps ``env`` through one episode of ``steps`` steps; returns the loop's wall time, its
+    longest single step() call, the number of calls over 10 ms and the times the kernel took
+    the CPU from the loop's thread (on a shared host most of the longest calls are the
+    host's: compare with the raw loop's)."""
+    import resource
+
+    env.reset(seed=0)
+    env.step(actions[0])
+    gc.collect()  # (the collection that the imports left due, not the loop's)
+    if on_first_step is not None:
+        on_first_step()
+    longest = 0.0
+    slow = 0
+    clock = time.perf_counter
+    preempted = resource.getrusage(resource.RUSAGE_THREAD).ru_nivcsw
+    start = clock()
+    for i in range(1, steps):
+        t0 = clock()
+        env.step(actions[i & 4095])
+        dt = clock() - t0
+        if dt > longest:
+            longest = dt
+        if dt > 0.01:
+            slow += 1
+    wall = clock() - start
+    return (wall, longest, slow,
+            resource.getrusage(resource.RUSAGE_THREAD).ru_nivcsw - preempted)
+
+
+def _long_state_child(config: str) -> dict:
+    """One ``steps:budget`` configuration: the raw loop, then the logged loop, in this process.
+    Peak memory is the kernel's high-water mark, reset at the logged loop's first step."""
+    from oxe_envlogger import layout, record
+
+    steps, budget = int(config.split(":")[0]), int(config.split(":")[1])
+    actions = np.random.default_rng(0).uniform(-1, 1, (4096, 6)).astype(np.float32)
+    raw_s, raw_longest, raw_slow, raw_preempted = _time_steps(StateEnv(steps), steps, actions)
+    tmp = tempfile.mkdtemp(prefix="long_state_")
+    try:
+        env = AutoOXEEnvLogger(StateEnv(steps), "long_state", os.path.join(tmp, "ours"),
+                               writer_options=WriterOptions(max_episode_bytes=budget))
+        base = {}
+
+        def start_memory():
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # the high-water mark starts again from the current size
+            base["rss"] = _status_bytes("VmRSS")
+            base["full_gc"] = gc.get_stats()[2]["collections"]
+
+        loop_s, longest, slow, preempted = _time_steps(env, steps, actions, start_memory)
+        full_gc = gc.get_stats()[2]["collections"] - base["full_gc"]
+        t0 = time.perf_counter()
+        env.close()
+        close_s = time.perf_counter() - t0
+        peak = _status_bytes("VmHWM") - base["rss"]
+        stalls = env.writer_stats["stalls"]  # step() blocked on a full queue of parts
+        directory = os.path.join(tmp, "ours")
+        info = layout.read_json(os.path.join(directory, layout.DATASET_INFO))
+        sizes = [length for path, _ in layout.shard_paths(directory, info, "train")
+                 for _, length in record.scan_records(path).records]
+        part_write_s = statistics.median(_plain_write_seconds(tmp, sizes[-1]) for _ in range(3))
+        return {"raw_s": raw_s, "raw_longest_s": raw_longest, "raw_calls_over_10ms": raw_slow,
+                "raw_preempted_per_s": raw_preempted / raw_s, "loop_s": loop_s,
+                "longest_s": longest, "calls_over_10ms": slow, "preempted_per_s": preempted / loop_s,
+                "close_s": close_s, "part_write_s": part_write_s,
+                "peak_bytes": peak, "bytes_on_disk": dir_bytes(directory), "parts": len(sizes),
+                "last_part_bytes": sizes[-1], "largest_part_bytes": max(sizes),
+                "full_gc_runs": full_gc, "queue_stalls": stalls["count"],
+                "queue_stall_longest_s": stalls["longest_seconds"]}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _plain_write_seconds(directory: str, n: int) -> float:
+    """Seconds to write ``n`` bytes to a new file and fsync it (as the logger does a part)."""
+    data = np.random.default_rng(0).integers(0, 256, min(n, 64 << 20), np.uint8).tobytes()
+    path = os.path.join(directory, "plain")
+    t0 = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        left = n
+        while left:
+            left -= os.write(fd, memoryview(data)[:left])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    seconds = time.perf_counter() - t0
+    os.unlink(path)
+    return seconds
+
+
+def bench_long_state(steps: int, budget: int, reps: int) -> dict:
+    """One state-only episode of ``steps`` steps with ``max_episode_bytes=budget``, each
+    repetition in a fresh process (figures: medians over repetitions; the longest calls and
+    the peak memory: the largest)."""
+    runs = []
+    for _ in range(reps):
+        out = subprocess.run([sys.executable, os.path.abspath(__file__),
+                              f"--long_state_child={steps}:{budget}"],
+                             capture_output=True, text=True, timeout=3600, check=True)
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+
+    def med(key):
+        return statistics.median(r[key] for r in runs)
+
+    peak = max(r["peak_bytes"] for r in runs)
+    return {
+        "bench": f"one state-only episode (17 float32 obs, 6 float32 actions) of {steps} steps, "
+                 f"max_episode_bytes={budget}",
+        "reps": reps,
+        "steps": steps,
+        "overhead": round(statistics.median(r["loop_s"] / r["raw_s"] for r in runs), 3),
+        "longest_call_ms": round(max(r["longest_s"] for r in runs) * 1e3, 2),
+        "raw_longest_call_ms": round(max(r["raw_longest_s"] for r in runs) * 1e3, 2),
+        # calls over 10 ms per million steps (median over reps), logged and raw
+        "calls_over_10ms_per_1m": round(med("calls_over_10ms") * 1e6 / steps, 1),
+        "raw_calls_over_10ms_per_1m": round(med("raw_calls_over_10ms") * 1e6 / steps, 1),
+        # times per second the kernel preempted the loop's thread (other jobs on the host; in
+        # the logged loop also the writer thread, on a machine with few CPUs)
+        "preempted_per_s": round(med("preempted_per_s"), 1),
+        "raw_preempted_per_s": round(med("raw_preempted_per_s"), 1),
+        "full_gc_runs_while_logging": max(r["full_gc_runs"] for r in runs),
+        # steps that waited for the writer (a full queue: it fell behind), and the longest wait
+        "queue_stalls": max(r["queue_stalls"] for r in runs),
+        "queue_stall_longest_ms": round(max(r["queue_stall_longest_s"] for r in runs) * 1e3, 1),
+        "peak_rss_above_start_mb": round(peak / 2**20, 1),
+        "bytes_on_disk": runs[0]["bytes_on_disk"],
+        "parts": runs[0]["parts"],
+        "largest_part_mb": round(runs[0]["largest_part_bytes"] / 2**20, 1),
+        "peak_rss_over_budget": round(peak / budget, 3),
+        "peak_rss_over_disk": round(peak / runs[0]["bytes_on_disk"], 3),
+        "close_s": round(med("close_s"), 3),
+        "last_part_mb": round(runs[0]["last_part_bytes"] / 2**20, 1),
+        # close() against writing its last part's bytes to a plain file (with fsync) here
+        "close_over_part_write": round(statistics.median(r["close_s"] / r["part_write_s"]
+                                                         for r in runs), 2),
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workloads", default="w1,w2,codecs")
@@ -576,13 +759,23 @@ def main() -> int:
                         help="steps of the single episode of --workloads=long")
     parser.add_argument("--long_budget", type=int, default=64 * 2**20,
                         help="max_episode_bytes for --workloads=long")
+    parser.add_argument("--long_state_steps", default="1000000,10000000",
+                        help="episode lengths of --workloads=long_state")
+    parser.add_argument("--long_state_budgets", default=f"{WriterOptions().max_episode_bytes},"
+                                                        f"{64 * 2**20}",
+                        help="max_episode_bytes values of --workloads=long_state")
+    parser.add_argument("--long_state_reps", type=int, default=3)
     parser.add_argument("--no_peer", action="store_true", help="skip envlogger 1.2")
     parser.add_argument("--w2_peer_reps", type=int, default=1,
                         help="repetitions of W2 through envlogger 1.2 (slow: ~1 min each)")
     parser.add_argument("--memory_child", help=argparse.SUPPRESS)
+    parser.add_argument("--long_state_child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
         print(json.dumps(_memory_child(args.memory_child)), flush=True)
+        return 0
+    if args.long_state_child:
+        print(json.dumps(_long_state_child(args.long_state_child)), flush=True)
         return 0
     todo = args.workloads.split(",")
     if "w1" in todo:
@@ -599,6 +792,11 @@ def main() -> int:
         print(json.dumps(bench_codecs()), flush=True)
     if "long" in todo:
         print(json.dumps(bench_long_episode(args.long_steps, args.long_budget)), flush=True)
+    if "long_state" in todo:
+        for steps in map(int, args.long_state_steps.split(",")):
+            for budget in map(int, args.long_state_budgets.split(",")):
+                print(json.dumps(bench_long_state(steps, budget, args.long_state_reps)),
+                      flush=True)
     return 0
 
 

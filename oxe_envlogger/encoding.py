@@ -377,6 +377,8 @@ class ProcessEncodePool:
             if timeout > 0:
                 self._poll.poll(timeout * 1000)
             for w in self._workers:
+                if w.start != w.end:  # results read before, left unparsed by an interrupt
+                    self._parse(w)
                 if w.eof:
                     continue
                 while True:

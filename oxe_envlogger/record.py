@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import struct
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import BinaryIO, Literal
 
 import google_crc32c
@@ -42,9 +42,12 @@ _FOOTER = 4
 Kind = Literal["bytes", "float", "int64"]
 
 
-def masked_crc(data: bytes | memoryview) -> int:
-    crc = google_crc32c.value(data)
+def _mask(crc: int) -> int:
     return (((crc >> 15) | (crc << 17)) + _MASK_DELTA) & 0xFFFFFFFF
+
+
+def masked_crc(data: bytes | memoryview) -> int:
+    return _mask(google_crc32c.value(data))
 
 
 def frame(data: bytes) -> bytes:
@@ -264,62 +267,155 @@ def decode_varints(buf: bytes | memoryview) -> np.ndarray:
     return np.add.reduceat(parts, starts).view(np.int64)
 
 
-def _field(tag: int, payload: bytes) -> bytes:
-    return bytes((tag,)) + varint(len(payload)) + payload
+class Lazy:
+    """``length`` bytes of a payload that are produced only when the record is written or
+    joined, piece by piece (:func:`iter_pieces`), so that a long episode's encoding is never
+    held whole in memory next to its values.
+
+    Args:
+      length: the number of bytes ``pieces()`` yields in all.
+      pieces: a function returning an iterable of ``bytes``.
+    """
+
+    __slots__ = ("length", "pieces")
+
+    def __init__(self, length: int, pieces: Callable[[], Iterable[bytes]]):
+        self.length = length
+        self.pieces = pieces
+
+    def __len__(self) -> int:
+        return self.length
+
+
+Payload = bytes | list  # bytes, or a list of bytes and Lazy parts
+
+
+def iter_pieces(parts: Iterable[bytes | Lazy]) -> Iterator[bytes]:
+    """The bytes of ``parts`` in order, producing each :class:`Lazy` part's pieces."""
+    for part in parts:
+        if part.__class__ is not Lazy:
+            yield part
+            continue
+        n = 0
+        for piece in part.pieces():
+            n += len(piece)
+            yield piece
+        assert n == part.length, (n, part.length)
+
+
+def _join(parts: list) -> bytes:
+    return b"".join(iter_pieces(parts))
+
+
+def _list_feature(tag: int, data: list) -> list:
+    """A Feature holding a packed float/int64 list (field ``tag``) of ``data``'s bytes."""
+    n = sum(map(len, data))
+    if not n:
+        return [bytes((tag, 0))]
+    inner = 1 + len(varint(n)) + n
+    return [bytes((tag,)) + varint(inner) + b"\x0a" + varint(n), *data]
+
+
+def float_list_column(chunks: Sequence[np.ndarray]) -> list:
+    """A Feature holding a FloatList of every value of ``chunks`` (consecutive arrays, converted
+    to float32 one chunk at a time when written)."""
+    n = 4 * sum(int(np.size(c)) for c in chunks)
+
+    def pieces() -> Iterator[bytes]:
+        for c in chunks:
+            yield np.ascontiguousarray(c, dtype="<f4").tobytes()
+
+    return _list_feature(0x12, [Lazy(n, pieces)])
+
+
+def int64_list_column(chunks: Sequence[np.ndarray]) -> list:
+    """A Feature holding an Int64List of every value of ``chunks`` (packed varints, which are
+    encoded now: their size depends on the values)."""
+    return _list_feature(0x1A, [encode_varints(c) for c in chunks])
+
+
+def fixed_bytes_list_column(chunks: Sequence[np.ndarray]) -> list:
+    """A Feature holding a BytesList with one entry per row of ``chunks`` (each row's raw
+    bytes; rows are along the first axis of each chunk)."""
+    arrays = [np.asarray(c) for c in chunks]
+    rows = [a.shape[0] if a.ndim else 1 for a in arrays]
+    width = 0  # the bytes of one row
+    if arrays:
+        a = arrays[0]
+        width = a.itemsize * (int(np.prod(a.shape[1:], dtype=np.int64)) if a.ndim else 1)
+    head = b"\x0a" + varint(width)
+    total = sum(rows) * (len(head) + width)
+
+    def pieces() -> Iterator[bytes]:
+        header = np.frombuffer(head, np.uint8)
+        for a, n in zip(arrays, rows):
+            table = np.empty((n, header.size + width), np.uint8)
+            table[:, : header.size] = header
+            table[:, header.size:] = np.ascontiguousarray(a).reshape(n, -1).view(np.uint8)
+            yield table.tobytes()
+
+    return [b"\x0a" + varint(total), Lazy(total, pieces)]
+
+
+_INLINE_BYTES = 4096  # smaller values are copied into one piece with their headers
+
+
+def bytes_list_column(chunks: Sequence[Sequence[bytes]]) -> list:
+    """A Feature holding a BytesList of every value of ``chunks``; values of
+    ``_INLINE_BYTES`` or more (encoded images) are written as they are, never copied."""
+    total = 0
+    for c in chunks:
+        if len(c):
+            lens = np.fromiter(map(len, c), np.int64, len(c))
+            heads = 2 + sum((lens >= 1 << k).astype(np.int64) for k in range(7, 35, 7))
+            total += int(lens.sum() + heads.sum())
+
+    def pieces() -> Iterator[bytes]:
+        for c in chunks:
+            small: list[bytes] = []
+            for v in c:
+                small.append(b"\x0a" + varint(len(v)))
+                if len(v) < _INLINE_BYTES:
+                    small.append(v)
+                else:
+                    yield b"".join(small)
+                    small = []
+                    yield v
+            if small:
+                yield b"".join(small)
+
+    return [b"\x0a" + varint(total), Lazy(total, pieces)]
 
 
 def bytes_list_payload(values: Sequence[bytes]) -> bytes:
     """The content of a ``Feature`` holding a BytesList."""
-    inner = b"".join([b"\x0a" + varint(len(v)) + v for v in values])
-    return _field(0x0A, inner)
+    return _join(bytes_list_column([values]))
 
 
 def fixed_bytes_list_payload(array: np.ndarray) -> bytes:
     """A BytesList with one entry per row of ``array`` (each row's raw bytes), built at once."""
-    n = array.shape[0] if array.ndim else 1
-    rows = np.ascontiguousarray(array).reshape(n, -1).view(np.uint8)
-    header = np.frombuffer(b"\x0a" + varint(rows.shape[1]), np.uint8)
-    table = np.empty((n, header.size + rows.shape[1]), np.uint8)
-    table[:, : header.size] = header
-    table[:, header.size:] = rows
-    return _field(0x0A, table.tobytes())
+    return _join(fixed_bytes_list_column([array]))
 
 
 def float_list_payload(values: np.ndarray) -> bytes:
-    data = np.ascontiguousarray(values, dtype="<f4").tobytes()
-    return _field(0x12, _field(0x0A, data) if data else b"")
+    return _join(float_list_column([values]))
 
 
 def int64_list_payload(values: np.ndarray) -> bytes:
-    data = encode_varints(values)
-    return _field(0x1A, _field(0x0A, data) if data else b"")
+    return _join(int64_list_column([values]))
 
 
-def bytes_list_chunks(values: Sequence[bytes]) -> list[bytes]:
-    """:func:`bytes_list_payload` as a list of chunks that reuses the value objects (no copy of
-    large values such as encoded images)."""
-    parts: list[bytes] = []
-    total = 0
-    for v in values:
-        head = b"\x0a" + varint(len(v))
-        parts.append(head)
-        parts.append(v)
-        total += len(head) + len(v)
-    return [b"\x0a" + varint(total), *parts]
-
-
-Payload = bytes | list[bytes]
-
-
-def encode_example_chunks(features: Mapping[str, Payload]) -> tuple[list[bytes], int]:
+def encode_example_chunks(features: Mapping[str, Payload]) -> tuple[list, int]:
     """A serialized Example from ``{key: feature payload}`` as ``(chunks, total length)``;
-    payloads are bytes (from the ``*_payload`` functions) or chunk lists (from
-    :func:`bytes_list_chunks`). Keys are written sorted: the same content gives the same bytes.
+    payloads are bytes (from the ``*_payload`` functions) or lists of bytes and :class:`Lazy`
+    parts (from the ``*_column`` functions), and so are the chunks returned (write them with
+    :meth:`RecordWriter.write_chunks`, or join them with :func:`iter_pieces`). Keys are written
+    sorted: the same content gives the same bytes.
 
     Raises:
       RecordTooLargeError: above the 2 GiB a tf.train.Example can hold.
     """
-    chunks: list[bytes] = []
+    chunks: list = []
     body = 0
     for key in sorted(features):
         payload = features[key]
@@ -343,7 +439,7 @@ def encode_example_chunks(features: Mapping[str, Payload]) -> tuple[list[bytes],
 
 def encode_example(features: Mapping[str, Payload]) -> bytes:
     """A serialized Example (see :func:`encode_example_chunks`)."""
-    return b"".join(encode_example_chunks(features)[0])
+    return _join(encode_example_chunks(features)[0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -492,6 +588,7 @@ def encode_raw_features(features: Mapping[str, bytes | memoryview]) -> bytes:
 
 
 _IOV_MAX = 1024
+_WRITE_BYTES = 1 << 20  # what one write hands the kernel: bounds the pieces held at once
 
 
 def _writev_all(fd: int, buffers: list) -> None:
@@ -530,19 +627,28 @@ class RecordWriter:
         """Writes one record; returns its framed size."""
         return self.write_chunks([data], len(data))
 
-    def write_chunks(self, chunks: Sequence[bytes], length: int) -> int:
+    def write_chunks(self, chunks: Sequence[bytes | Lazy], length: int) -> int:
         """Writes one record whose data is the concatenation of ``chunks`` (``length`` bytes in
-        all) with vectored writes, never joining the chunks in memory. Returns the framed size."""
+        all; :class:`Lazy` parts are produced as they are written) with vectored writes of at
+        most ``_WRITE_BYTES`` at a time, never joining the chunks in memory. Returns the
+        framed size."""
         assert self._fd is not None, "write after close"
         head = _U64.pack(length)
-        crc = 0
-        for c in chunks:
-            crc = google_crc32c.extend(crc, c)
-        masked = (((crc >> 15) | (crc << 17)) + _MASK_DELTA) & 0xFFFFFFFF
-        buffers = [head + _U32.pack(masked_crc(head)), *chunks, _U32.pack(masked)]
         start = self.bytes_written
+        crc = n = pending = 0
+        batch = [head + _U32.pack(masked_crc(head))]
         try:
-            _writev_all(self._fd, buffers)
+            for piece in iter_pieces(chunks):
+                crc = google_crc32c.extend(crc, piece)
+                n += len(piece)
+                pending += len(piece)
+                batch.append(piece)
+                if pending >= _WRITE_BYTES or len(batch) >= _IOV_MAX:
+                    _writev_all(self._fd, batch)
+                    batch, pending = [], 0
+            assert n == length, (n, length)
+            batch.append(_U32.pack(_mask(crc)))
+            _writev_all(self._fd, batch)
         except BaseException:
             self.truncate(start)
             raise

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -49,7 +49,13 @@ log = logging.getLogger(__name__)
 
 STEP_RESERVED = ("observation", "action", "reward", "discount", "is_first", "is_last",
                  "is_terminal", "language_instruction")
-_BUDGET_MASK = 31  # the episode byte budget is checked every 32 steps
+# Steps are packed into column blocks every _MAX_BLOCK_ROWS steps, or fewer where the tensors
+# of that many steps exceed _BLOCK_BYTES (so packing one is a short pause); the episode byte
+# budget is checked every _BUDGET_STEPS steps, or at every block where blocks are smaller.
+_MAX_BLOCK_ROWS = 1024
+_BLOCK_BYTES = 1 << 20
+_BUDGET_STEPS = 32
+_ROW = 6  # entries per step in a stream's rows
 EPISODE_RESERVED = ("steps", "episode_id", "invalid")
 
 
@@ -88,6 +94,20 @@ class _Part:
             self.check = check
         self._writer = writer
         self.zero = [self._zero_leaf(leaf) for _, leaf in self.leaves]
+        # the bytes one value's tensors take in a block
+        self.tensor_bytes = sum(int(np.prod(leaf.shape, dtype=np.int64)) * leaf.dtype.itemsize
+                                for _, leaf in self.leaves if leaf.kind == "tensor")
+
+    def pack(self, rows: Sequence[Sequence[Any]]) -> tuple:
+        """The columns of some steps' checked values (``rows``: one flat value per step)."""
+        # (not zip(*rows): an iterator per row, which the collector tracks, would make it
+        # promote them when it runs meanwhile, and then run full collections)
+        return tuple([_column(leaf, [row[i] for row in rows])
+                      for i, (_, leaf) in enumerate(self.leaves)])
+
+    def zeros(self, n: int) -> tuple:
+        """The columns of ``n`` steps that hold no value (a key never set)."""
+        return self.pack([self.zero] * n)
 
     def _zero_leaf(self, leaf: Leaf):
         if leaf.kind == "image":
@@ -105,6 +125,30 @@ class _Part:
         for (i, _, _), frame in zip(images, frames):
             flat[i] = frame
         return flat
+
+
+def _column(leaf: Leaf, values: list) -> np.ndarray | tuple:
+    """One leaf's values of consecutive steps as the garbage collector need not track them: an
+    array ``(steps, *shape)`` for tensors; a tuple of ``bytes`` for strings and images (frames
+    already encoded are replaced by their bytes; a tuple of bytes is untracked at the next
+    collection)."""
+    if leaf.kind == "tensor":
+        if leaf.shape:  # arrays of the leaf's dtype and shape (checked): faster joined
+            return np.concatenate(values, dtype=leaf.dtype).reshape(len(values), *leaf.shape)
+        return np.asarray(values, dtype=leaf.dtype)
+    if leaf.kind == "image":
+        return tuple([v if v.__class__ is bytes or v.data is None else v.data for v in values])
+    return tuple(values)
+
+
+# A block: consecutive steps of an episode packed into columns (see _column), so that an
+# episode's memory and the collector's work do not grow by Python objects per step. A plain
+# tuple (the collector stops tracking a tuple of arrays and tuples of bytes; not a subclass,
+# which it tracks) of:
+_N, _OBS, _ACT, _REWARD, _DISCOUNT, _META, _LANGUAGE = range(7)
+# the number of steps; a column per observation leaf; a column per action leaf; rewards;
+# discounts; ((step metadata key, a column per leaf), ...), keys registered later holding
+# zeros; languages.
 
 
 def _infer_spec(value: Any, path: str, image_codec, image_codecs, float64: str) -> Spec:
@@ -206,6 +250,8 @@ class EpisodeRecorder:
         self._fixed_step_bytes: float | None = None  # see _step_bytes
         self._frames_per_step = 0
         self._raw_frame_bytes = 0
+        self._block_rows = _MAX_BLOCK_ROWS  # see _update_block_rows
+        self._check_every = _ROW * _BUDGET_STEPS
 
         try:
             self._setup(observation, action, reward_dtype, discount_dtype, step_metadata,
@@ -281,6 +327,7 @@ class EpisodeRecorder:
             self._check_meta_key(k, EPISODE_RESERVED, "episode")
             self._episode_meta[k] = self._part(declared(decl, k), k)
 
+        self._update_block_rows()
         # Episode streams (one per sub-env of a vector env); each holds its sticky metadata.
         self._s0 = _Stream(0)
         self.streams: list[_Stream] = [self._s0]
@@ -381,6 +428,7 @@ class EpisodeRecorder:
             self._obs = self._part(_infer_spec(obs, "observation", self._codec, self._codecs,
                                                self._float64_new),
                                    "observation")
+            self._update_block_rows()
         return self._obs.check(obs)
 
     def check_action(self, action: Any, stream: _Stream | None = None) -> list:
@@ -397,6 +445,7 @@ class EpisodeRecorder:
             self._act = self._part(_infer_spec(action, "action", self._codec, self._codecs,
                                                self._float64_new),
                                    "action")
+            self._update_block_rows()
         return self._act.check(action)
 
     def _targets(self, stream: _Stream | None) -> list[_Stream]:
@@ -438,8 +487,11 @@ class EpisodeRecorder:
                 part = self._part(_infer_spec(value, key, self._codec, self._codecs,
                                               self._float64_new), key)
             checked[key] = (part, part.check(value))
+        new = [key for key in checked if key not in parts]
         for key, (part, _) in checked.items():
             parts[key] = part
+        if new and parts is self._step_meta:
+            self._update_block_rows()
         return checked
 
     def _too_late_hint(self, what: str, declaration: str) -> str:
@@ -520,16 +572,58 @@ class EpisodeRecorder:
         obs_flat = obs.check(next_obs)
         act = self._act
         pending = obs.submit_images(obs_flat) if obs.has_images else obs_flat
-        # One append, then the new pending observation: an interrupt between the two leaves
-        # rows[-1][0] is s.pending_obs, which close() detects and undoes.
-        s.rows.append((s.pending_obs, act.submit_images(action_flat) if act.has_images
-                       else action_flat, r, d, s.step_meta_now, s.language_now))
+        # One extend (a step's values go straight into the episode's list, so that no
+        # container per step outlives the collector's first pass), then the new pending
+        # observation: an interrupt between the two leaves rows[-_ROW] is s.pending_obs,
+        # which close() detects and undoes.
+        rows = s.rows
+        rows.extend((s.pending_obs, act.submit_images(action_flat) if act.has_images
+                     else action_flat, r, d, s.step_meta_now, s.language_now))
         s.pending_obs = pending
         if terminated or truncated:
             s.ended = True
             s.terminal = bool(terminated)
-        elif not len(s.rows) & _BUDGET_MASK and self._max_episode_bytes:
+        elif not len(rows) % self._check_every:
+            self._every_few_steps(s)
+
+    def _update_block_rows(self) -> None:
+        """Sizes the blocks for the step parts known now (see ``_MAX_BLOCK_ROWS``)."""
+        per_step = 16  # reward and discount
+        for part in (self._obs, self._act, *self._step_meta.values()):
+            if part is not None:
+                per_step += part.tensor_bytes
+        rows = _MAX_BLOCK_ROWS
+        while rows > 1 and rows * per_step > _BLOCK_BYTES:
+            rows //= 2
+        self._block_rows = rows
+        self._check_every = _ROW * min(rows, _BUDGET_STEPS)  # in entries of a stream's rows
+
+    def _every_few_steps(self, s: _Stream) -> None:
+        if len(s.rows) >= _ROW * self._block_rows:
+            self._pack_rows(s)
+        if self._max_episode_bytes:
             self._split_if_over_budget(s)
+
+    def _pack_rows(self, s: _Stream) -> None:
+        """Packs the steps recorded since the last block into a new block (see ``_N``):
+        the per-step tuples go, so memory, the garbage collector's work and the episode's
+        hand-over do not grow with the episode."""
+        block = self._pack(s.rows, list(self._step_meta.items()))
+        with lifecycle.signals_deferred():  # the steps are in the rows or in a block, once
+            s.blocks.append(block)
+            s.packed += block[_N]
+            # (emptied, not replaced: the values of a step enter an old list, which the
+            # collector does not scan with them, so they leave its tracking at once)
+            del s.rows[:]
+
+    def _pack(self, rows: list, step_meta: list[tuple[str, _Part]]) -> tuple:
+        obs_rows, act_rows, rewards, discounts, meta_rows, languages = (
+            rows[i::_ROW] for i in range(_ROW))
+        meta = tuple([(key, part.pack([m.get(key, part.zero) for m in meta_rows]))
+                      for key, part in step_meta])
+        return (len(obs_rows), self._obs.pack(obs_rows), self._act.pack(act_rows),
+                np.asarray(rewards, self._reward_leaf.dtype),
+                np.asarray(discounts, self._discount_leaf.dtype), meta, tuple(languages))
 
     def _step_bytes(self, s: _Stream) -> float:
         """Estimated serialized bytes per step: fixed-size values from the spec, images at the
@@ -559,12 +653,13 @@ class EpisodeRecorder:
     def _split_if_over_budget(self, s: _Stream) -> None:
         """Ends the episode here (truncated) once it reaches ``max_episode_bytes``; the next
         episode starts from the same observation and continues its episode id."""
-        if len(s.rows) * self._step_bytes(s) < self._max_episode_bytes:
+        steps = s.packed + len(s.rows) // _ROW
+        if steps * self._step_bytes(s) < self._max_episode_bytes:
             return
         pending = s.pending_obs
         part = s.part
         log.info("an episode reached max_episode_bytes (%d) after %d steps: continuing it as "
-                 "part %d", self._max_episode_bytes, len(s.rows), part + 1)
+                 "part %d", self._max_episode_bytes, steps, part + 1)
         self.end(stream=s)
         self.writer.episodes_split += 1
         s.pending_obs = pending
@@ -575,9 +670,9 @@ class EpisodeRecorder:
         s = stream or self._s0
         if s.pending_obs is None:
             return
-        if s.rows and s.rows[-1][0] is s.pending_obs:
-            s.rows.pop()  # step() was interrupted between its two updates
-        if not s.rows:
+        if s.rows and s.rows[-_ROW] is s.pending_obs:
+            del s.rows[-_ROW:]  # step() was interrupted between its two updates
+        if not s.rows and not s.blocks:
             log.debug("dropping an episode without steps")
             s.clear()
             return
@@ -602,12 +697,14 @@ class EpisodeRecorder:
         self._start()
 
     def _build_rows(self, s: _Stream, *, invalid: bool) -> EpisodeRows:
-        """Hands the episode's rows over. Only references move here, on the control thread;
-        the columns are built (transposed, stacked, encoded) in the writer thread."""
+        """Hands the episode's blocks and last rows over. Only references move here, on the
+        control thread; the last rows are packed and the columns assembled in the writer
+        thread."""
         rows = s.rows
-        rows.append((s.pending_obs, self._act.zero, 0.0, 0.0 if s.terminal else 1.0,
+        rows.extend((s.pending_obs, self._act.zero, 0.0, 0.0 if s.terminal else 1.0,
                      s.step_meta_now, s.language_now))
-        n = len(rows)
+        blocks = s.blocks
+        n = s.packed + len(rows) // _ROW
         terminal = s.terminal
         episode_meta = s.episode_meta_now
         if s.part == 0:
@@ -618,21 +715,30 @@ class EpisodeRecorder:
         episode_meta_parts = list(self._episode_meta.items())
 
         def columns() -> list[list]:
-            obs_rows, act_rows, rewards, discounts, meta_rows, lang_rows = zip(*rows)
+            every = [*blocks, self._pack(rows, step_meta)]
+            rows.clear()
+
+            def each(field: int, leaf: int | None = None) -> list:
+                if leaf is None:
+                    return [b[field] for b in every]
+                return [b[field][leaf] for b in every]
+
             cols: list[list] = []
-            cols.extend(map(list, zip(*obs_rows)))
-            cols.extend(map(list, zip(*act_rows)))
-            cols.append(list(rewards))
-            cols.append(list(discounts))
-            flags = [False] * n
-            cols.append([True, *flags[1:]])
-            cols.append([*flags[1:], True])
-            cols.append([*flags[1:], terminal])
+            cols.extend(each(_OBS, i) for i in range(len(self._obs.leaves)))
+            cols.extend(each(_ACT, i) for i in range(len(self._act.leaves)))
+            cols.append(each(_REWARD))
+            cols.append(each(_DISCOUNT))
+            for step, value in ((0, True), (-1, True), (-1, terminal)):  # first, last, terminal
+                flags = np.zeros(n, np.bool_)  # (one chunk: columns need not share chunks)
+                flags[step] = value
+                cols.append([flags])
             if language:
-                cols.append(list(lang_rows))
+                cols.append(each(_LANGUAGE))
+            metas = [dict(m) for m in each(_META)]
+            sizes = each(_N)
             for key, part in step_meta:
-                values = [row.get(key, part.zero) for row in meta_rows]
-                cols.extend(map(list, zip(*values)))
+                packed = [m[key] if key in m else part.zeros(k) for m, k in zip(metas, sizes)]
+                cols.extend([p[j] for p in packed] for j in range(len(part.leaves)))
             return cols
 
         def episode_values() -> list:
@@ -670,7 +776,7 @@ class EpisodeRecorder:
                     continue
                 if s.ended:
                     self.end(stream=s)
-                elif self._incomplete == "keep" and s.rows:
+                elif self._incomplete == "keep" and (s.rows or s.blocks):
                     self.end(invalid=True, stream=s)
                 else:
                     s.clear()
@@ -694,8 +800,11 @@ class _Stream:
         self.clear()
 
     def clear(self) -> None:
-        # (observation, action, reward, discount, step metadata, language) per step
-        self.rows: list[tuple] = []
+        # observation, action, reward, discount, step metadata, language (_ROW entries) per
+        # step, for the steps since the last block; the blocks hold the earlier ones, packed.
+        self.rows: list = []
+        self.blocks: list[tuple] = []
+        self.packed = 0  # steps in the blocks
         self.pending_obs: list | None = None
         self.ended = False
         self.terminal = False

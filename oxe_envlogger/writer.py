@@ -112,35 +112,44 @@ class Schema:
         self.stat_keys = stats.stat_keys(self.step_leaves)
         self.stat_shapes = {k: self.step_leaves[self.index[k]][1].shape for k in self.stat_keys}
         self.float_keys = [p for p, leaf in self.step_leaves if leaf.is_float]
-        # (key, column, bounds, rows counted: every step's observation; an action on every
-        # step but the final one, whose action is padding).
-        self.bounded = [(p, self.index[p], leaf.bounds,
-                         slice(None, -1) if p.split("/", 1)[0] == "action" else slice(None))
+        # (key, column, bounds, whether the final step is left out: an action's is padding).
+        self.bounded = [(p, self.index[p], leaf.bounds, p.split("/", 1)[0] == "action")
                         for p, leaf in self.step_leaves
                         if leaf.bounds is not None and leaf.kind == "tensor"
                         and p.split("/", 1)[0] in ("observation", "action")]
 
 
-def payload(leaf: Leaf, values: Sequence[Any]) -> record.Payload:
-    """The Feature payload of one leaf's values (one per step, or one for an episode field);
-    strings and encoded images come back as chunks that reference the values, not copies."""
+def column_payload(leaf: Leaf, chunks: Sequence[Any]) -> record.Payload:
+    """The Feature payload of one leaf's values given as consecutive chunks: arrays of the
+    leaf's dtype (one row per step) for tensors, sequences of ``bytes`` or encoded frames for
+    strings and images. Numbers are encoded one chunk at a time as the record is written;
+    strings and encoded images are referenced, not copied."""
     if leaf.kind in ("text", "image"):
-        data = [v if v.__class__ is bytes else v.result() for v in values]
-        return record.bytes_list_chunks(data)
-    arr = np.asarray(values, dtype=leaf.dtype)
+        return record.bytes_list_column(
+            [[v if v.__class__ is bytes else v.result() for v in c] for c in chunks])
     if leaf.encoding == "bytes":
-        return record.fixed_bytes_list_payload(arr)
+        return record.fixed_bytes_list_column(chunks)
     if leaf.dtype.kind == "f":
-        return record.float_list_payload(arr)
+        return record.float_list_column(chunks)
     if leaf.dtype == np.uint64:
-        return record.int64_list_payload(arr.view(np.int64))
-    return record.int64_list_payload(arr.astype(np.int64, copy=False))
+        return record.int64_list_column([c.view(np.int64) for c in chunks])
+    return record.int64_list_column(chunks)
+
+
+def payload(leaf: Leaf, values: Sequence[Any]) -> record.Payload:
+    """The Feature payload of one leaf's values (one per step, or one for an episode field)."""
+    if leaf.kind == "tensor":
+        values = np.asarray(values, dtype=leaf.dtype)
+    return column_payload(leaf, [values])
 
 
 @dataclasses.dataclass
 class EpisodeRows:
     """A finished episode as handed to the writer. The callables build, in the writer thread,
-    one column per step leaf and one value per episode leaf, in schema order."""
+    one column per step leaf and one value per episode leaf, in schema order. A column is a
+    list of chunks of consecutive steps (columns may be cut into chunks differently): arrays
+    of the leaf's dtype (``(steps, *shape)``) for tensors, sequences of values for strings
+    and images (``bytes``, or encoded frames still being encoded)."""
 
     step_columns: Callable[[], list[list[Any]]]
     episode_values: Callable[[], list[Any]]
@@ -379,24 +388,29 @@ class DatasetWriter:
     # -- writer thread ----------------------------------------------------------------------------
 
     def _run(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is _CLOSE:
-                return
-            if isinstance(item, _Flush):
-                self._flush(item)
-                continue
-            if self._fatal:
-                continue  # drain; the error is reported to the producer
-            try:
-                self._write_episode(item)
-            except (RecordTooLargeError, ValueError) as e:
-                log.error("episode %s not written: %s", item.episode_id, e)
-                self._error = e
-            except BaseException as e:
-                log.error("writer of %s failed: %s", self.dir.path, e)
-                self._error = e
-                self._fatal = True
+        while self._handle(self._queue.get()):
+            pass
+
+    def _handle(self, item: Any) -> bool:
+        """Writes one queued item; False at the end. (Its own frame, so that a part written is
+        freed at once, not held until the next one arrives.)"""
+        if item is _CLOSE:
+            return False
+        if isinstance(item, _Flush):
+            self._flush(item)
+            return True
+        if self._fatal:
+            return True  # drain; the error is reported to the producer
+        try:
+            self._write_episode(item)
+        except (RecordTooLargeError, ValueError) as e:
+            log.error("episode %s not written: %s", item.episode_id, e)
+            self._error = e
+        except BaseException as e:
+            log.error("writer of %s failed: %s", self.dir.path, e)
+            self._error = e
+            self._fatal = True
+        return True
 
     def _flush(self, marker: _Flush) -> None:
         try:
@@ -415,13 +429,13 @@ class DatasetWriter:
         finally:
             marker.done.set()
 
-    def _serialize(self, columns: list[list[Any]], values: list[Any]) -> tuple[list[bytes], int]:
+    def _serialize(self, columns: list[list[Any]], values: list[Any]) -> tuple[list, int]:
         schema = self.schema
         assert len(columns) == len(schema.step_leaves), (len(columns), len(schema.step_leaves))
         assert len(values) == len(schema.episode_leaves), (len(values), len(schema.episode_leaves))
         features = {}
         for (path, leaf), col in zip(schema.step_leaves, columns):
-            features[f"steps/{path}"] = payload(leaf, col)
+            features[f"steps/{path}"] = column_payload(leaf, col)
         for (path, leaf), value in zip(schema.episode_leaves, values):
             features[path] = payload(leaf, [value])
         return record.encode_example_chunks(features)
@@ -429,9 +443,6 @@ class DatasetWriter:
     def _write_episode(self, rows: EpisodeRows) -> None:
         schema = self.schema
         step_columns = rows.step_columns()
-        for i, (_, leaf) in enumerate(schema.step_leaves):
-            if leaf.kind == "tensor":  # stacked once: for the payload and the statistics
-                step_columns[i] = np.asarray(step_columns[i], dtype=leaf.dtype)
         chunks, length = self._serialize(step_columns, rows.episode_values())
         opts = self.options
         size = record.framed_size(length)
@@ -459,13 +470,16 @@ class DatasetWriter:
         self.episodes_written += 1
         self.steps_written += rows.num_steps
         self.bytes_written += size
-        # Statistics, non-finite and out-of-bounds counts, from the stacked columns.
+        # Statistics, non-finite and out-of-bounds counts, chunk by chunk.
         for key in schema.float_keys:
-            bad = int(np.count_nonzero(~np.isfinite(step_columns[schema.index[key]])))
+            bad = sum(int(np.count_nonzero(~np.isfinite(c)))
+                      for c in step_columns[schema.index[key]])
             if bad:
                 self.nonfinite[key] = self.nonfinite.get(key, 0) + bad
-        for key, i, bounds, counted in schema.bounded:
-            bad = bounds.count_outside(step_columns[i][counted])
+        for key, i, bounds, padded in schema.bounded:
+            column = step_columns[i]
+            bad = sum(bounds.count_outside(c[:-1] if padded and j == len(column) - 1 else c)
+                      for j, c in enumerate(column))
             if bad:
                 self.out_of_bounds[key] = self.out_of_bounds.get(key, 0) + bad
         self._shard_stats.add_episode({k: step_columns[schema.index[k]] for k in schema.stat_keys},

@@ -17,7 +17,7 @@ import pytest
 from gymnasium import spaces
 
 import oxe_envlogger
-from oxe_envlogger import layout
+from oxe_envlogger import layout, reader
 from tests.helpers import (
     RecordingEnv,
     assert_observations_equal,
@@ -133,6 +133,37 @@ def test_killed_at_random_moments(sig, runs, group, tmp_path):
             assert len(valid) in (completed, completed + 1), (valid, completed, err[-2000:])
             assert invalid in ([], [len(valid)])
         assert not layout.needs_recovery(directory)
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_a_long_episode_keeps_every_step_once(tmp_path):
+    """Ctrl-C at random moments of an episode longer than a block (1024 steps): the episode
+    is kept, cut short, with each step once and in order, wherever the signal landed (in a
+    step, or while steps were being packed into a block)."""
+    rng = random.Random(11)
+    for run in range(3):
+        directory = str(tmp_path / f"run{run}")
+        proc = _start(directory, "long")
+        _read_lines_until(proc, lambda ls: any(x.startswith("started 0") for x in ls))
+        time.sleep(rng.uniform(0.3, 1.2))
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode != 0
+        (episode,) = reader.read_episodes(directory)
+        assert episode["invalid"], err[-2000:]
+        steps = episode["steps"]
+        t = np.arange(len(steps["is_first"]))
+        assert len(t) > 1024
+        want = [expected_obs(0, 0)["state"], expected_obs(0, len(t) - 1)["state"]]
+        np.testing.assert_array_equal(steps["observation"]["state"][[0, -1]], want)
+        np.testing.assert_array_equal(steps["observation"]["state"][:, 1], t)  # once, in order
+        np.testing.assert_array_equal(steps["observation"]["state"][:, 2], np.sin(0.1 * t))
+        np.testing.assert_array_equal(steps["observation"]["image"],
+                                      np.broadcast_to((t % 256).astype(np.uint8)[:, None, None, None],
+                                                      (len(t), 16, 16, 3)))
+        np.testing.assert_array_equal(steps["action"][:-1],
+                                      np.stack([action(0, i) for i in t[:-1]]))
+        assert steps["is_last"][-1] and not steps["is_terminal"].any()
 
 
 @pytest.mark.slow

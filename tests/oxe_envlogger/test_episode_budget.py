@@ -37,11 +37,13 @@ class Remember(gym.Wrapper):
         return obs, reward, terminated, truncated, info
 
 
-def log_one_episode(directory: str, steps: int, max_episode_bytes: int | None) -> Remember:
+def log_one_episode(directory: str, steps: int, max_episode_bytes: int | None,
+                    **options) -> Remember:
     base = Remember(gym.make(oxe_envlogger.envs.ENV_ID, image_size=64, wrist_size=32,
                              max_episode_steps=steps))
     env = AutoOXEEnvLogger(base, "budget", directory,
-                           writer_options=WriterOptions(max_episode_bytes=max_episode_bytes))
+                           writer_options=WriterOptions(max_episode_bytes=max_episode_bytes),
+                           **options)
     run_episodes(env, 1, seed=3)  # sets the env's language instruction
     env.close()
     return base
@@ -90,6 +92,26 @@ def test_long_episode_is_split_into_parts_that_join_back_exactly(dataset_dir):
     meta = layout.read_json(os.path.join(dataset_dir, layout.METADATA))
     assert [s["episodes_split"] for s in meta["sessions"]] == [len(parts) - 1]
     assert [s["episodes"] for s in meta["sessions"]] == [len(parts)]
+
+
+@pytest.mark.parametrize("budget", [None, 12_000_000])
+def test_a_camera_episode_longer_than_a_block_reads_back_exactly(budget, dataset_dir):
+    """Steps are packed into blocks (encoded frames by reference; the raw wrist frames as
+    arrays, in blocks of fewer steps since they are large); the frames read back exactly,
+    whole or split into parts of more than 1024 steps."""
+    steps = 2600
+    seen = log_one_episode(dataset_dir, steps, budget,
+                           image_codecs={"observation/wrist_image": "raw"})
+    parts = read_tfds(dataset_dir)
+    parts.sort(key=lambda e: (len(e["episode_id"]), e["episode_id"]))
+    assert len(parts) == 1 if budget is None else len(parts) >= 2
+    assert all(len(p["steps"]["is_first"]) > 1024 for p in parts[:-1])
+    for key in ("image", "wrist_image", "state"):
+        joined = np.concatenate([p["steps"]["observation"][key][:-1] for p in parts[:-1]]
+                                + [parts[-1]["steps"]["observation"][key]])
+        np.testing.assert_array_equal(joined, np.stack([o[key] for o in seen.obs]))
+    actions = np.concatenate([p["steps"]["action"][:-1] for p in parts])
+    np.testing.assert_array_equal(actions, np.stack(seen.actions))
 
 
 def test_language_instruction_carries_into_every_part(dataset_dir):

@@ -269,6 +269,38 @@ def test_encoder_worker_death_is_reported(dataset_dir):
     assert not episodes[0]["invalid"] and len(episodes[0]["steps"]["is_first"]) == 51
 
 
+def test_results_left_unparsed_by_an_interrupt_are_parsed_later():
+    """Ctrl-C can land while the control thread parses encoded frames it has read from a
+    worker; those bytes must still be parsed later, although the worker sends nothing more
+    (before, close() then waited forever for the frame)."""
+    import threading
+
+    from oxe_envlogger import codecs, encoding
+
+    pool = encoding.make_pool(1, 8, 16 * 16 * 3, encoding.Stalls())
+    assert isinstance(pool, encoding.ProcessEncodePool)
+    image = np.arange(16 * 16 * 3, dtype=np.uint8).reshape(16, 16, 3)
+    codec = codecs.ImageCodec.parse("png")
+    parse = pool._parse
+
+    def interrupted(worker):
+        pool._parse = parse
+        raise KeyboardInterrupt
+
+    pool._parse = interrupted
+    (frame,) = pool.submit_many([(image, codec)])
+    with pytest.raises(KeyboardInterrupt):
+        while pool._parse is interrupted:  # until the result arrives and its parse is cut
+            pool._drain(0.05)
+    waiter = threading.Thread(target=frame.result, daemon=True)
+    waiter.start()
+    waiter.join(60)  # (a deadlock guard, not a timing figure: the result is read already)
+    hung = waiter.is_alive()
+    pool.shutdown()
+    assert not hung, "the frame whose result was read before the interrupt never completed"
+    assert frame.result() == codecs.encode(image, codec)
+
+
 def test_a_metadata_image_larger_than_the_encoder_slots(dataset_dir):
     """The encoders are sized for the observation's frames when the logger starts; a larger
     image that appears later (inferred step metadata) is encoded in the control thread."""
