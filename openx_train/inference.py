@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -64,7 +65,8 @@ from oxe_envlogger.specs import Leaf
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ActionDecoder", "EnvPolicy", "PolicyInputError", "Preprocessor", "make_env_policy"]
+__all__ = ["ActionDecoder", "EnvPolicy", "PolicyInputError", "Preprocessor", "load_policy",
+           "make_env_policy"]
 
 
 class PolicyInputError(ValueError):
@@ -434,3 +436,70 @@ def make_env_policy(module: models.Policy, params: Any, *, structure: Structure,
     return EnvPolicy(module, params, Preprocessor(spec, structure, statistics, dataset=dataset),
                      ActionDecoder(structure, statistics, spec.action_dim, shapes=action_shapes),
                      seed=seed, temperature=temperature, step=step, dataset=dataset)
+
+
+def _run_dataset(info: Any, dataset: str | None, path: str) -> Any:
+    """The dataset of a run whose structure and statistics a policy uses."""
+    names = list(info.names)
+    if dataset is not None:
+        for d in info.datasets:
+            if d.name == dataset:
+                return d
+        raise PolicyInputError(f"load_policy dataset: the run {path!r} trained on {names}; "
+                               f"given {dataset!r}")
+    first = info.datasets[0]
+    if len(names) == 1:
+        return first
+
+    def same(d):
+        return (d.structure.to_json() == first.structure.to_json()
+                and (d.statistics is None) == (first.statistics is None)
+                and (d.statistics is None or d.statistics.to_json() == first.statistics.to_json()))
+
+    if all(same(d) for d in info.datasets):  # pooled statistics and one structure
+        return first
+    raise PolicyInputError(
+        f"load_policy dataset: the run {path!r} trained on {len(names)} datasets, each "
+        f"normalized with its own statistics (or read with its own keys); name the one whose "
+        f"env this policy acts in: dataset= one of {names}")
+
+
+def load_policy(path: str | os.PathLike, dataset: str | None = None,
+                which: str | int = "latest", *, ema: bool | None = None, seed: int = 0,
+                temperature: float | None = None) -> EnvPolicy:
+    """A trained policy from a run directory (``tools/train_bc.py --path``), ready for its env.
+
+    Everything comes from the run: the model config and input spec (``run.json``), the
+    parameters (a checkpoint), and the structure and statistics the dataset was normalized with;
+    the observations are then preprocessed by the loader's own functions (see the module
+    docstring).
+
+    Args:
+      path: the run directory.
+      dataset: the dataset whose keys and statistics to use (its env is the one the policy acts
+        in). Needed for a mixture whose datasets differ in statistics or keys; default: the
+        run's only dataset (or the first, when every dataset shares pooled statistics and one
+        structure).
+      which: the checkpoint: ``"latest"``, ``"best"`` (lowest validation loss) or a step.
+      ema: use the EMA parameters; None: when the run kept them.
+      seed: seeds the head's sampling (diffusion, discrete with temperature).
+      temperature: overrides the discrete head's temperature.
+
+    Returns:
+      The :class:`EnvPolicy` (``policy.step`` is the checkpoint's step).
+
+    Raises:
+      openx_train.run.RunNotFoundError: when ``path`` is not a run or has no such checkpoint.
+      PolicyInputError: for an unknown ``dataset`` or an ambiguous mixture (listing the names).
+    """
+    from openx_train import run
+
+    path = os.fspath(path)
+    info = run.read_run(path)
+    chosen = _run_dataset(info, dataset, path)
+    module = models.make_policy(info.model, info.input_spec)
+    params, step = run.restore_params(path, which, ema=ema)
+    log.info("load_policy %s: step %d, dataset %r", path, step, chosen.name)
+    return make_env_policy(module, params, structure=chosen.structure,
+                           statistics=chosen.statistics, dataset=chosen.name, seed=seed,
+                           temperature=temperature, step=step)

@@ -229,3 +229,60 @@ def test_action_decoder_several_keys():
     np.testing.assert_allclose(out["gripper"], [[[0.7]]], rtol=1e-6)
     with pytest.raises(PolicyInputError, match="predicts 5"):
         ActionDecoder(structure, statistics, 5)
+
+
+def _write_run(directory, path, spec, module, datasets, config):
+    from openx_train import run, training
+
+    state = training.create_train_state(module, training.optimizer_config(),
+                                        rng=jax.random.PRNGKey(1), total_steps=10_000)
+    with run.Checkpointer(directory, async_save=False) as ckpt:
+        ckpt.save(state)
+    infos = tuple(run.DatasetInfo(name, path, structure, stats)
+                  for name, structure, stats in datasets)
+    run.write_run(directory, run.RunInfo(kind="bc", datasets=infos, input_spec=spec,
+                                         model=config.to_dict()))
+    return state
+
+
+def test_load_policy(reacher, tmp_path):
+    run = pytest.importorskip("openx_train.run")
+    from openx_train.inference import load_policy
+
+    path, rec = reacher
+    structure = Structure(state=("observation",), action=("action",))
+    loader, batch = one_batch(path, structure, batch_size=4, n_obs=2)
+    config = models.model_config()
+    config.trunk.hidden_dims = (32, 32)
+    spec = models.input_spec(config, batch)
+    module = models.make_policy(config, spec)
+    stats = loader.statistics["reacher"]
+    state = _write_run(tmp_path / "run", path, spec, module,
+                       [("reacher", structure, stats)], config)
+    policy = load_policy(tmp_path / "run")
+    assert policy.step == 0 and policy.dataset == "reacher" and policy.n_obs == 2
+    direct = make_env_policy(module, state.params, structure=structure, statistics=stats)
+    window = with_pad_mask(*ObservationHistory(2)(np.stack(rec.observations[:3]),
+                                                  np.ones(3, bool)))
+    np.testing.assert_array_equal(policy(window), direct(window))
+    assert policy(window).shape == (3, 1, 2)
+
+    # A mixture normalized per dataset: the named dataset's statistics unnormalize.
+    from openx_train.data.statistics import DatasetStatistics, KeyStatistics
+
+    shifted = KeyStatistics.from_summary({**stats["action"].to_json(),
+                                          "mean": (stats["action"].mean + 10.0).tolist()})
+    other = DatasetStatistics({**stats.keys, "action": shifted})
+    _write_run(tmp_path / "mix", path, spec, module,
+               [("reacher", structure, stats), ("other", structure, other)], config)
+    with pytest.raises(PolicyInputError, match=r"dataset= one of \['reacher', 'other'\]"):
+        load_policy(tmp_path / "mix")
+    with pytest.raises(PolicyInputError, match=r"trained on \['reacher', 'other'\]; given 'x'"):
+        load_policy(tmp_path / "mix", dataset="x")
+    a = load_policy(tmp_path / "mix", dataset="reacher")(window)
+    b = load_policy(tmp_path / "mix", dataset="other")(window)
+    np.testing.assert_allclose(b, a + 10.0, rtol=1e-5)
+    with pytest.raises(run.RunNotFoundError, match="nothing_here"):
+        load_policy(tmp_path / "nothing_here")
+    with pytest.raises(run.RunNotFoundError, match="no step 7"):
+        load_policy(tmp_path / "run", which=7)
