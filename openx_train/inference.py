@@ -503,3 +503,66 @@ def load_policy(path: str | os.PathLike, dataset: str | None = None,
     return make_env_policy(module, params, structure=chosen.structure,
                            statistics=chosen.statistics, dataset=chosen.name, seed=seed,
                            temperature=temperature, step=step)
+
+
+#: The summary fields of :func:`evaluate_run` (its per-episode list aside).
+SUMMARY_KEYS = ("return_mean", "return_ci95", "return_std", "success_rate", "length_mean",
+                "num_episodes", "env_steps", "env_steps_per_s", "wall_time_s", "num_envs",
+                "seed", "env_name", "path", "checkpoint_step", "dataset", "video_path",
+                "log_dir")
+
+
+def evaluate_run(path: str | os.PathLike, env_name: str, *, num_episodes: int = 50,
+                 num_envs: int | None = None, dataset: str | None = None,
+                 which: str | int = "latest", ema: bool | None = None, seed: int = 0,
+                 exec_horizon: int | None = None, temporal_ensemble: float | None = None,
+                 instruction_key: str = "language_instruction",
+                 max_episode_steps: int | None = None, vectorization: str = "async",
+                 video_path: str | None = None, video_episodes: int = 3,
+                 log_dir: str | None = None, on_episode: Any = None) -> dict[str, Any]:
+    """Rolls out a run's policy in a gymnasium env (:func:`openx_train.eval.evaluate`) with the
+    history and chunking of its input spec.
+
+    Args:
+      path: the run directory.
+      env_name: a gymnasium env id (``oxe_envlogger/...`` ids are registered here).
+      num_episodes: episodes to run (episode ``k`` is reset with ``seed + k``).
+      num_envs: sub-envs (default: the CPU count).
+      dataset: see :func:`load_policy`.
+      which: the checkpoint (``"latest"``, ``"best"`` or a step).
+      ema: see :func:`load_policy`.
+      seed: the first episode's seed (and the policy's sampling seed).
+      exec_horizon: actions of each chunk executed before the policy is asked again (receding
+        horizon; default: the whole chunk).
+      temporal_ensemble: ensemble overlapping chunks with this ``exp_weight`` instead.
+      instruction_key: the reset ``info`` key holding the instruction, for policies with
+        language.
+      max_episode_steps: time limit (default: the env's).
+      vectorization: ``"async"`` (a process per sub-env) or ``"sync"``.
+      video_path: a ``.mp4`` or ``.gif`` of the first ``video_episodes`` episodes.
+      video_episodes: episodes in the video.
+      log_dir: log the rollouts there as an RLDS dataset.
+      on_episode: called with each episode's record as it ends.
+
+    Returns:
+      :func:`~openx_train.eval.evaluate`'s results plus ``env_name``, ``path``,
+      ``checkpoint_step`` and ``dataset``.
+    """
+    import oxe_envlogger.envs  # noqa: F401  (registers oxe_envlogger/SyntheticCamera-v0)
+    from openx_train.eval import TaskInput, evaluate
+
+    policy = load_policy(path, dataset, which, ema=ema, seed=seed)
+    instruction = (TaskInput(info_key=instruction_key) if policy.spec.language != "none"
+                   else None)
+    if policy.spec.goal_keys:
+        raise PolicyInputError("evaluate_run: this policy is goal-conditioned; evaluate it with "
+                               "openx_train.eval.evaluate(..., goal=TaskInput(...))")
+    results = evaluate(policy, env_name, num_episodes=num_episodes, num_envs=num_envs, seed=seed,
+                       vectorization=vectorization, max_episode_steps=max_episode_steps,
+                       instruction=instruction, video_path=video_path,
+                       video_episodes=video_episodes, log_dir=log_dir, on_episode=on_episode,
+                       **policy.rollout_options(exec_horizon=exec_horizon,
+                                                temporal_ensemble=temporal_ensemble))
+    results.update(env_name=env_name, path=os.fspath(path), checkpoint_step=policy.step,
+                   dataset=policy.dataset)
+    return results

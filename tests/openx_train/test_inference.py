@@ -286,3 +286,30 @@ def test_load_policy(reacher, tmp_path):
         load_policy(tmp_path / "nothing_here")
     with pytest.raises(run.RunNotFoundError, match="no step 7"):
         load_policy(tmp_path / "run", which=7)
+
+
+def test_evaluate_run_with_language(camera, tmp_path):
+    pytest.importorskip("openx_train.run")
+    from openx_train.inference import evaluate_run
+    from tests.helpers import read_tfds
+
+    path, _ = camera
+    structure = Structure(state=("observation/state",),
+                          images={"image": Camera("observation/image", 16)})
+    loader, batch = one_batch(path, structure, batch_size=4, n_obs=2, n_action=2)
+    config = models.model_config()
+    config.image_encoder.kind = "conv"
+    config.image_encoder.width = 4
+    config.trunk.hidden_dims = (16,)
+    config.task.language = "tokens"
+    spec = models.input_spec(config, batch)
+    _write_run(tmp_path / "run", path, spec, models.make_policy(config, spec),
+               [("camera", structure, loader.statistics["camera"])], config)
+    # The env renders 256x256 frames (the run logged 32x32): resized to the camera's 16x16.
+    results = evaluate_run(tmp_path / "run", ENV_ID, num_episodes=3, num_envs=2,
+                           vectorization="sync", max_episode_steps=4, temporal_ensemble=0.0,
+                           log_dir=os.fspath(tmp_path / "log"))
+    assert results["num_episodes"] == 3 and results["success_rate"] == 0.0
+    episodes = read_tfds(os.fspath(tmp_path / "log"))
+    assert len(episodes) == 3
+    assert all(e["steps"]["language_instruction"][0].startswith(b"put the") for e in episodes)
