@@ -566,3 +566,29 @@ def evaluate_run(path: str | os.PathLike, env_name: str, *, num_episodes: int = 
     results.update(env_name=env_name, path=os.fspath(path), checkpoint_step=policy.step,
                    dataset=policy.dataset)
     return results
+
+
+def evaluate_baseline(name: str, env_name: str, *, num_episodes: int = 50,
+                      num_envs: int | None = None, seed: int = 0,
+                      max_episode_steps: int | None = None, vectorization: str = "async",
+                      on_episode: Any = None) -> dict[str, Any]:
+    """Rolls out a reference policy of ``oxe_envlogger.envs`` (``"scripted"``: the env's
+    scripted expert; ``"random"``: uniform random actions) on the same episodes (the same
+    seeds) as :func:`evaluate_run`.
+
+    Raises:
+      ValueError: for an env without a scripted policy.
+    """
+    import gymnasium as gym
+
+    from openx_train.eval import batch_policy, evaluate
+    from oxe_envlogger import envs
+
+    env = gym.make(env_name)
+    try:
+        fn = envs.make_policy(name, env, seed)
+    finally:
+        env.close()
+    return evaluate(batch_policy(fn), env_name, num_episodes=num_episodes, num_envs=num_envs,
+                    seed=seed, max_episode_steps=max_episode_steps,
+                    vectorization=vectorization, on_episode=on_episode)

@@ -48,8 +48,13 @@ flags.DEFINE_integer("video_episodes", 3, "Episodes in the video.")
 # defined again.
 flags.DEFINE_enum("vectorization", "async", ["async", "sync"], "Sub-envs in processes or in "
                   "this one.")
+flags.DEFINE_list("baselines", [], "Also evaluate these reference policies on the same episodes "
+                  "(scripted: the env's scripted expert; random: random actions) and print the "
+                  "returns side by side.")
 flags.DEFINE_string("output", None, "Also write the full results (with every episode) to this "
                     "JSON file.")
+
+_BASELINE_NAMES = {"scripted": "scripted expert", "random": "random actions"}
 
 
 def main(argv):
@@ -57,7 +62,7 @@ def main(argv):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from tqdm import tqdm
 
-    from openx_train.inference import SUMMARY_KEYS, evaluate_run
+    from openx_train.inference import SUMMARY_KEYS, evaluate_baseline, evaluate_run
 
     which = int(FLAGS.which) if FLAGS.which.isdigit() else FLAGS.which
     with cli.errors_reported(), tqdm(total=FLAGS.num_episodes, unit="ep", desc="eval",
@@ -74,10 +79,32 @@ def main(argv):
             max_episode_steps=FLAGS.max_episode_steps, vectorization=FLAGS.vectorization,
             video_path=FLAGS.video, video_episodes=FLAGS.video_episodes,
             log_dir=FLAGS.log_dir or None, on_episode=on_episode)
+        baselines = {}
+        for name in FLAGS.baselines:
+            bar.reset(total=FLAGS.num_episodes)
+            bar.set_description(name)
+            baselines[name] = evaluate_baseline(
+                name, FLAGS.env_name, num_episodes=FLAGS.num_episodes, num_envs=FLAGS.num_envs,
+                seed=FLAGS.seed, max_episode_steps=FLAGS.max_episode_steps,
+                vectorization=FLAGS.vectorization, on_episode=on_episode)
+    summary = {k: results.get(k) for k in SUMMARY_KEYS}
+    if baselines:
+        results["baselines"] = baselines
+        summary["baselines"] = {n: {k: b[k] for k in ("return_mean", "return_ci95",
+                                                      "success_rate", "length_mean")}
+                                for n, b in baselines.items()}
+        rows = [(f"policy ({FLAGS.path}, step {results['checkpoint_step']})", results)]
+        rows += [(_BASELINE_NAMES.get(n, n), b) for n, b in baselines.items()]
+        width = max(len(r[0]) for r in rows)
+        for label, r in rows:
+            success = ("" if r["success_rate"] is None
+                       else f", success {100 * r['success_rate']:.0f}%")
+            print(f"{label:<{width}}  return {r['return_mean']:8.2f} +- "
+                  f"{r['return_ci95'] or 0.0:.2f}{success} ({r['num_episodes']} episodes)")
     if FLAGS.output:
         with open(FLAGS.output, "w") as f:
             json.dump(results, f, indent=1)
-    print(json.dumps({k: results.get(k) for k in SUMMARY_KEYS}), flush=True)
+    print(json.dumps(summary), flush=True)
 
 
 if __name__ == "__main__":

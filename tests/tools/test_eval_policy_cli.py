@@ -51,7 +51,7 @@ def test_eval_policy_reacher(reacher_run, tmp_path):
     res = eval_policy(f"--path={reacher_run}", "--env_name=Reacher-v5", "--num_episodes=3",
                       "--num_envs=2", "--max_episode_steps=6", "--seed=5", "--exec_horizon=1",
                       "--video=video.gif", "--log_dir=logs/eval", "--output=full.json",
-                      cwd=tmp_path)
+                      "--baselines=scripted,random", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     line = json.loads(res.stdout.strip().splitlines()[-1])
     assert line["num_episodes"] == 3 and line["length_mean"] == 6.0
@@ -59,6 +59,9 @@ def test_eval_policy_reacher(reacher_run, tmp_path):
     assert line["return_ci95"] > 0 and np.isfinite(line["return_mean"])
     assert line["checkpoint_step"] == 0 and line["dataset"] == "reacher"
     assert "eval" in res.stderr  # the progress bar
+    base = line["baselines"]
+    assert base["scripted"]["return_mean"] > base["random"]["return_mean"]
+    assert "scripted expert" in res.stdout and "random actions" in res.stdout
     assert os.path.getsize(tmp_path / "video.gif") > 0
     episodes = read_tfds(os.fspath(tmp_path / "logs" / "eval"))
     assert len(episodes) == 3
