@@ -322,9 +322,10 @@ class ActionDecoder:
 
 @functools.partial(jax.jit, static_argnames=("module", "temperature"))
 def _predict(module: models.Policy, params: Any, inputs: Any, rng: jax.Array,
-             temperature: float | None = None) -> jax.Array:
+             call: Any = 0, temperature: float | None = None) -> jax.Array:
     return module.apply({"params": params}, inputs, method=models.Policy.predict_action,
-                        rngs={"sample": rng}, temperature=temperature)
+                        rngs={"sample": jax.random.fold_in(rng, call)},
+                        temperature=temperature)
 
 
 class EnvPolicy:
@@ -371,9 +372,9 @@ class EnvPolicy:
     def predict(self, inputs: Any) -> np.ndarray:
         """The model's normalized action chunks ``[B, n_action, A]`` for model inputs (one
         jitted call; a new ``sample`` key each call)."""
-        rng = jax.random.fold_in(self._rng, self._calls)
+        call = np.uint32(self._calls)
         self._calls += 1
-        return np.asarray(_predict(self.module, self.params, inputs, rng,
+        return np.asarray(_predict(self.module, self.params, inputs, self._rng, call,
                                    temperature=self.temperature))
 
     def __call__(self, observation: Any, **task: Any) -> Any:
