@@ -164,9 +164,12 @@ class Preprocessor:
                     f"{ {k: (v.shape, str(v.dtype)) for k, v in leaves.items()} } != "
                     f"{ {k: (v.shape, str(v.dtype)) for k, v in self._leaves.items()} }")
             return self._resolved
-        # Actions are not observed: their keys only need to exist for the check.
+        # Actions are not observed, and the instruction comes as instruction=: their keys only
+        # need to exist for the check.
         all_leaves = {**leaves, **{k: Leaf("tensor", (1,), np.dtype(np.float32))
                                    for k in self.structure.action}}
+        if self.structure.language not in (None, "auto"):
+            all_leaves[self.structure.language] = Leaf("text", (), np.dtype(object))
         try:
             resolved = resolve_structure(self.structure, all_leaves)
         except Exception as e:
@@ -513,20 +516,23 @@ SUMMARY_KEYS = ("return_mean", "return_ci95", "return_std", "success_rate", "len
                 "log_dir")
 
 
-def evaluate_run(path: str | os.PathLike, env_name: str, *, num_episodes: int = 50,
+def evaluate_run(path: str | os.PathLike, env_name: Any, *, num_episodes: int = 50,
                  num_envs: int | None = None, dataset: str | None = None,
                  which: str | int = "latest", ema: bool | None = None, seed: int = 0,
                  exec_horizon: int | None = None, temporal_ensemble: float | None = None,
                  instruction_key: str = "language_instruction",
                  max_episode_steps: int | None = None, vectorization: str = "async",
                  video_path: str | None = None, video_episodes: int = 3,
-                 log_dir: str | None = None, on_episode: Any = None) -> dict[str, Any]:
+                 log_dir: str | None = None, log_name: str | None = None,
+                 env_kwargs: Mapping[str, Any] | None = None, on_episode: Any = None
+                 ) -> dict[str, Any]:
     """Rolls out a run's policy in a gymnasium env (:func:`openx_train.eval.evaluate`) with the
     history and chunking of its input spec.
 
     Args:
       path: the run directory.
-      env_name: a gymnasium env id (``oxe_envlogger/...`` ids are registered here).
+      env_name: a gymnasium env id (``oxe_envlogger/...`` ids are registered here), or a
+        function that makes the env.
       num_episodes: episodes to run (episode ``k`` is reset with ``seed + k``).
       num_envs: sub-envs (default: the CPU count).
       dataset: see :func:`load_policy`.
@@ -543,6 +549,8 @@ def evaluate_run(path: str | os.PathLike, env_name: str, *, num_episodes: int = 
       video_path: a ``.mp4`` or ``.gif`` of the first ``video_episodes`` episodes.
       video_episodes: episodes in the video.
       log_dir: log the rollouts there as an RLDS dataset.
+      log_name: the logged dataset's name (default: from the env id).
+      env_kwargs: keyword arguments of ``gym.make`` (an env id only).
       on_episode: called with each episode's record as it ends.
 
     Returns:
@@ -561,10 +569,13 @@ def evaluate_run(path: str | os.PathLike, env_name: str, *, num_episodes: int = 
     results = evaluate(policy, env_name, num_episodes=num_episodes, num_envs=num_envs, seed=seed,
                        vectorization=vectorization, max_episode_steps=max_episode_steps,
                        instruction=instruction, video_path=video_path,
-                       video_episodes=video_episodes, log_dir=log_dir, on_episode=on_episode,
+                       video_episodes=video_episodes, log_dir=log_dir, log_name=log_name,
+                       env_kwargs=env_kwargs, on_episode=on_episode,
                        **policy.rollout_options(exec_horizon=exec_horizon,
                                                 temporal_ensemble=temporal_ensemble))
-    results.update(env_name=env_name, path=os.fspath(path), checkpoint_step=policy.step,
+    name = env_name if isinstance(env_name, str) else getattr(env_name, "__name__",
+                                                                     repr(env_name))
+    results.update(env_name=name, path=os.fspath(path), checkpoint_step=policy.step,
                    dataset=policy.dataset)
     return results
 
@@ -572,7 +583,8 @@ def evaluate_run(path: str | os.PathLike, env_name: str, *, num_episodes: int = 
 def evaluate_baseline(name: str, env_name: str, *, num_episodes: int = 50,
                       num_envs: int | None = None, seed: int = 0,
                       max_episode_steps: int | None = None, vectorization: str = "async",
-                      on_episode: Any = None) -> dict[str, Any]:
+                      env_kwargs: Mapping[str, Any] | None = None, on_episode: Any = None
+                      ) -> dict[str, Any]:
     """Rolls out a reference policy of ``oxe_envlogger.envs`` (``"scripted"``: the env's
     scripted expert; ``"random"``: uniform random actions) on the same episodes (the same
     seeds) as :func:`evaluate_run`.
@@ -585,11 +597,11 @@ def evaluate_baseline(name: str, env_name: str, *, num_episodes: int = 50,
     from openx_train.eval import batch_policy, evaluate
     from oxe_envlogger import envs
 
-    env = gym.make(env_name)
+    env = gym.make(env_name, **dict(env_kwargs or {}))
     try:
         fn = envs.make_policy(name, env, seed)
     finally:
         env.close()
     return evaluate(batch_policy(fn), env_name, num_episodes=num_episodes, num_envs=num_envs,
                     seed=seed, max_episode_steps=max_episode_steps,
-                    vectorization=vectorization, on_episode=on_episode)
+                    vectorization=vectorization, env_kwargs=env_kwargs, on_episode=on_episode)

@@ -40,6 +40,8 @@ flags.DEFINE_integer("exec_horizon", None, "Actions of each chunk executed befor
 flags.DEFINE_float("temporal_ensemble", None, "Temporal ensembling of chunks with this "
                    "exp_weight instead of receding horizon.")
 flags.DEFINE_integer("max_episode_steps", None, "Time limit (default: the env's).")
+flags.DEFINE_string("env_kwargs", None, "Keyword arguments of gym.make as a JSON object, e.g. "
+                    "'{\"image_size\": 64}'.")
 flags.DEFINE_string("video", None, "Write the first --video_episodes episodes to this .mp4 or "
                     ".gif file.")
 flags.DEFINE_integer("video_episodes", 3, "Episodes in the video.")
@@ -64,6 +66,16 @@ def main(argv):
 
     from openx_train.inference import SUMMARY_KEYS, evaluate_baseline, evaluate_run
 
+    env_kwargs = None
+    if FLAGS.env_kwargs:
+        try:
+            env_kwargs = json.loads(FLAGS.env_kwargs)
+        except ValueError:
+            env_kwargs = None
+        if not isinstance(env_kwargs, dict):
+            print(f"error: --env_kwargs: expected a JSON object, given {FLAGS.env_kwargs!r}",
+                  file=sys.stderr)
+            sys.exit(1)
     which = int(FLAGS.which) if FLAGS.which.isdigit() else FLAGS.which
     with cli.errors_reported(), tqdm(total=FLAGS.num_episodes, unit="ep", desc="eval",
                                      file=sys.stderr) as bar:
@@ -78,7 +90,7 @@ def main(argv):
             temporal_ensemble=FLAGS.temporal_ensemble,
             max_episode_steps=FLAGS.max_episode_steps, vectorization=FLAGS.vectorization,
             video_path=FLAGS.video, video_episodes=FLAGS.video_episodes,
-            log_dir=FLAGS.log_dir or None, on_episode=on_episode)
+            log_dir=FLAGS.log_dir or None, env_kwargs=env_kwargs, on_episode=on_episode)
         baselines = {}
         for name in FLAGS.baselines:
             bar.reset(total=FLAGS.num_episodes)
@@ -86,7 +98,8 @@ def main(argv):
             baselines[name] = evaluate_baseline(
                 name, FLAGS.env_name, num_episodes=FLAGS.num_episodes, num_envs=FLAGS.num_envs,
                 seed=FLAGS.seed, max_episode_steps=FLAGS.max_episode_steps,
-                vectorization=FLAGS.vectorization, on_episode=on_episode)
+                vectorization=FLAGS.vectorization, env_kwargs=env_kwargs,
+                on_episode=on_episode)
     summary = {k: results.get(k) for k in SUMMARY_KEYS}
     if baselines:
         results["baselines"] = baselines

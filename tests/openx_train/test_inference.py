@@ -149,7 +149,8 @@ def test_no_skew_cameras_language_goal(camera):
     structure = Structure(state=("observation/state",),
                           images={"image": Camera("observation/image", (24, 20)),
                                   "wrist": Camera("observation/wrist_image", 16),
-                                  "absent": Camera(None, 8)})
+                                  "absent": Camera(None, 8)},
+                          language="language_instruction")
     loader, batch = one_batch(path, structure, batch_size=frames, n_obs=2, n_action=3,
                               goal_relabeling=True)
     assert sorted(batch["step_index"].tolist()) == list(range(frames))
