@@ -154,6 +154,43 @@ class Structure:
         return [k for k in (*self.state, *self.action)
                 if self.normalization_of(k) is not Normalization.NONE]
 
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-serializable description; :meth:`from_json` reads it back."""
+        return {"state": list(self.state),
+                "images": {n: {"key": c.key, "size": list(c.size)}
+                           for n, c in self.images.items()},
+                "action": list(self.action), "language": self.language,
+                "normalization": {k: v.value for k, v in self.normalization.items()},
+                "state_normalization": Normalization(self.state_normalization).value,
+                "action_normalization": Normalization(self.action_normalization).value}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Structure:
+        """The structure :meth:`to_json` described.
+
+        Raises:
+          ConfigError: for a description that is not a structure (naming the field).
+        """
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"structure: expected a JSON object, given {data!r}")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - fields)
+        if unknown:
+            raise ConfigError(f"structure: unknown fields {unknown}; expected fields among "
+                              f"{sorted(fields)}")
+        kwargs = dict(data)
+        images = kwargs.get("images", {})
+        if not isinstance(images, Mapping):
+            raise ConfigError(f"structure images: expected {{name: {{'key', 'size'}}}}, given "
+                              f"{images!r}")
+        try:
+            kwargs["images"] = {n: Camera(c["key"], tuple(c.get("size", (128, 128))))
+                                for n, c in images.items()}
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ConfigError(f"structure images: expected {{name: {{'key', 'size'}}}}, given "
+                              f"{images!r}") from e
+        return cls(**kwargs)
+
 
 @dataclasses.dataclass(frozen=True)
 class AugmentConfig:
