@@ -328,6 +328,9 @@ class LoaderConfig:
         when that leaves no batch).
       prefetch: batches prepared ahead.
       num_parallel_calls: parallelism of image decoding; -1 lets tf.data tune it.
+      start_batch: the training stream starts at this batch number (a resumed run passes its
+        step): the batches are those an uninterrupted stream gives from there on (the batches
+        before are drawn but not gathered, a few microseconds each).
     """
 
     batch_size: int = 256
@@ -346,8 +349,11 @@ class LoaderConfig:
     remainder: str = "partial"
     prefetch: int = 2
     num_parallel_calls: int = -1
+    start_batch: int = 0
 
     def __post_init__(self):
+        if int(self.start_batch) < 0:
+            raise ConfigError(f"loader start_batch: expected >= 0, given {self.start_batch!r}")
         for name in ("batch_size", "n_obs", "n_action", "process_count", "prefetch"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"loader {name}: expected >= 1, given {getattr(self, name)!r}")
