@@ -253,8 +253,8 @@ def initialize_distributed(config: Any) -> tuple[int, int]:
                 f"distributed: {count} processes need coordinator_address and process_id "
                 f"(or {ENV_COORDINATOR}, {ENV_PROCESS_ID}); given {address!r}, {pid}")
         if not jax.distributed.is_initialized():
-            if jax.default_backend() == "cpu" or not jax.devices():
-                jax.config.update("jax_cpu_collectives_implementation", "gloo")
+            # Cross-process collectives of the CPU backend (before any backend starts).
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
             jax.distributed.initialize(address, num_processes=count, process_id=pid)
     return jax.process_index(), jax.process_count()
 
