@@ -20,7 +20,7 @@ venv: $(STAMP)
 demo: venv
 	$(BIN)/python run_gym.py --env_name=HalfCheetah-v5 --num_episodes=3 --max_episode_steps=200 \
 		--enable_envlogger --output_dir=demo_out/half_cheetah --overwrite
-	$(BIN)/python -m oxe_envlogger.tfds_summary demo_out/half_cheetah
+	$(BIN)/python -m oxe_envlogger.datasets.tfds_summary demo_out/half_cheetah
 
 test: venv
 	$(BIN)/python -m pytest -q

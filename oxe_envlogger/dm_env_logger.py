@@ -17,12 +17,13 @@ import dm_env
 import numpy as np
 from dm_env import specs as dm_specs
 
-from oxe_envlogger import layout, lifecycle, provenance, specs
+from oxe_envlogger.collect import lifecycle
+from oxe_envlogger.collect.recorder import EpisodeRecorder
+from oxe_envlogger.collect.writer import WriterOptions
 from oxe_envlogger.envlogger import DocField, LoggerMixin, MetadataInfo, _writer_options
 from oxe_envlogger.errors import UnsupportedSpaceError
-from oxe_envlogger.recorder import EpisodeRecorder
-from oxe_envlogger.specs import ImageCodec, Spec
-from oxe_envlogger.writer import WriterOptions
+from oxe_envlogger.format import layout, provenance, specs
+from oxe_envlogger.format.specs import ImageCodec, Spec
 
 try:
     from envlogger.backends import backend_writer as _backend_writer
@@ -37,7 +38,7 @@ def dm_spec_to_spec(spec: Any, *, path: str = "", image_codec: str | ImageCodec 
                     float64: str = "float32") -> Spec:
     """Maps a (nested) dm_env spec to a spec: Array/BoundedArray (uint8 HxWxC as images),
     DiscreteArray, StringArray (scalar), dicts, lists and tuples. ``float64``: see
-    :func:`oxe_envlogger.specs.tensor`."""
+    :func:`oxe_envlogger.format.specs.tensor`."""
     image_codecs = image_codecs or {}
     if isinstance(spec, Mapping):
         return specs.Group({k: dm_spec_to_spec(v, path=specs.join(path, k), image_codec=image_codec,

@@ -1,7 +1,7 @@
 """gymnasium wrappers that log every episode as RLDS: ``AutoOXEEnvLogger`` and ``OXEEnvLogger``.
 
 Both only record: ``reset()``, ``step()``, ``info`` and keyword arguments pass through unchanged,
-and the agent sees exactly what is logged. See :mod:`oxe_envlogger.recorder` for where each value
+and the agent sees exactly what is logged. See :mod:`oxe_envlogger.collect.recorder` for where each value
 lands in the RLDS steps.
 """
 
@@ -14,10 +14,11 @@ from typing import Any, SupportsFloat
 import gymnasium as gym
 import numpy as np
 
-from oxe_envlogger import layout, lifecycle, provenance
-from oxe_envlogger.recorder import EpisodeRecorder
-from oxe_envlogger.specs import ImageCodec
-from oxe_envlogger.writer import DEFAULT_SHARD_BYTES, WriterOptions
+from oxe_envlogger.collect import lifecycle
+from oxe_envlogger.collect.recorder import EpisodeRecorder
+from oxe_envlogger.collect.writer import DEFAULT_SHARD_BYTES, WriterOptions
+from oxe_envlogger.format import layout, provenance
+from oxe_envlogger.format.specs import ImageCodec
 
 MetadataInfo = Mapping[str, Any]
 DocField = Mapping[str, str]

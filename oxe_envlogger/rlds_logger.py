@@ -22,11 +22,12 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
-from oxe_envlogger import layout, lifecycle, provenance
+from oxe_envlogger.collect import lifecycle
+from oxe_envlogger.collect.recorder import EpisodeRecorder
+from oxe_envlogger.collect.writer import WriterOptions
 from oxe_envlogger.envlogger import DocField, LoggerMixin, MetadataInfo, _writer_options
-from oxe_envlogger.recorder import EpisodeRecorder
-from oxe_envlogger.specs import ImageCodec
-from oxe_envlogger.writer import WriterOptions
+from oxe_envlogger.format import layout, provenance
+from oxe_envlogger.format.specs import ImageCodec
 
 
 class RLDSStepType(enum.IntEnum):

@@ -9,7 +9,7 @@ Every autoreset mode is followed exactly:
 * ``DISABLED``: ended sub-envs are reset by ``reset(options={"reset_mask": mask})``.
 
 Sub-env episodes are written as they end, so episodes from different sub-envs interleave in the
-dataset; each is aligned exactly as a single env's would be (see :mod:`oxe_envlogger.recorder`).
+dataset; each is aligned exactly as a single env's would be (see :mod:`oxe_envlogger.collect.recorder`).
 """
 
 from __future__ import annotations
@@ -23,12 +23,13 @@ import numpy as np
 from gymnasium.vector import AutoresetMode
 from gymnasium.vector.utils import iterate
 
-from oxe_envlogger import layout, lifecycle, provenance
+from oxe_envlogger.collect import lifecycle
+from oxe_envlogger.collect.recorder import EpisodeRecorder
+from oxe_envlogger.collect.writer import WriterOptions
 from oxe_envlogger.envlogger import DocField, LoggerMixin, MetadataInfo, _writer_options
 from oxe_envlogger.errors import StepOrderError
-from oxe_envlogger.recorder import EpisodeRecorder
-from oxe_envlogger.specs import ImageCodec
-from oxe_envlogger.writer import WriterOptions
+from oxe_envlogger.format import layout, provenance
+from oxe_envlogger.format.specs import ImageCodec
 
 
 class VectorOXEEnvLogger(gym.vector.VectorWrapper, LoggerMixin):
