@@ -16,13 +16,14 @@ __version__ = "0.2.0"
 _ERRORS = ("CorruptDatasetError", "DatasetExistsError", "FeatureMismatchError",
            "LoggerClosedError", "NonFiniteError", "OXEEnvLoggerError", "OutOfBoundsError",
            "RecordTooLargeError", "SpecError", "StepOrderError", "UnknownKeyError",
-           "UnsupportedSpaceError", "WriterError")
+           "UnknownOptionError", "UnsupportedSpaceError", "WriterError")
 _WHERE = {
     "AutoOXEEnvLogger": "envlogger",
     "OXEEnvLogger": "envlogger",
     "DmEnvLogger": "dm_env_logger",
     "RLDSBackendWriter": "dm_env_logger",
     "ImageCodec": "format.codecs",
+    "LoggerOptions": "options",
     "RLDSLogger": "rlds_logger",
     "RLDSStepType": "rlds_logger",
     "VectorOXEEnvLogger": "vector",
@@ -50,11 +51,13 @@ if TYPE_CHECKING:
         SpecError,
         StepOrderError,
         UnknownKeyError,
+        UnknownOptionError,
         UnsupportedSpaceError,
         WriterError,
     )
     from oxe_envlogger.format.codecs import ImageCodec
     from oxe_envlogger.format.reader import read_episodes
+    from oxe_envlogger.options import LoggerOptions
     from oxe_envlogger.rlds_logger import RLDSLogger, RLDSStepType
     from oxe_envlogger.spaces import get_gym_space
     from oxe_envlogger.vector import VectorOXEEnvLogger
@@ -81,6 +84,7 @@ __all__ = [
     "FeatureMismatchError",
     "ImageCodec",
     "LoggerClosedError",
+    "LoggerOptions",
     "NonFiniteError",
     "OXEEnvLogger",
     "OXEEnvLoggerError",
@@ -92,6 +96,7 @@ __all__ = [
     "SpecError",
     "StepOrderError",
     "UnknownKeyError",
+    "UnknownOptionError",
     "UnsupportedSpaceError",
     "VectorOXEEnvLogger",
     "WriterError",

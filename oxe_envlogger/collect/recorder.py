@@ -233,7 +233,7 @@ class EpisodeRecorder:
         if incomplete not in ("keep", "drop"):
             raise ValueError(f"incomplete: expected 'keep' or 'drop', given {incomplete!r}")
         self._codec = image_codec
-        self._codecs = {self._step_path(k): v for k, v in (image_codecs or {}).items()}
+        self._codecs = {specs.step_key(k): v for k, v in (image_codecs or {}).items()}
         self._float64 = None if float64 is None else specs.check_float64_storage(float64)
         self._float64_new = float64 or "float32"  # for features made here
         self._docs = dict(docs or {})
@@ -344,10 +344,6 @@ class EpisodeRecorder:
     # -- helpers -------------------------------------------------------------------------------
 
     @staticmethod
-    def _step_path(key: str) -> str:
-        return key[len("steps/"):] if key.startswith("steps/") else key
-
-    @staticmethod
     def _check_meta_key(key: str, reserved, what: str) -> None:
         if not isinstance(key, str) or not key or "/" in key:
             raise SpecError(key, f"a {what} metadata key: a non-empty str without '/'", repr(key))
@@ -437,7 +433,7 @@ class EpisodeRecorder:
         s = stream or self._s0
         act = self._act
         if (act is not None and not self._closed and s.pending_obs is not None
-                and not s.ended and self.writer._error is None):
+                and not s.ended and self.writer.error is None):
             return act.check(action)  # the hot path
         self._ensure_open()
         self._check_can_step(s)
@@ -661,7 +657,7 @@ class EpisodeRecorder:
         log.info("an episode reached max_episode_bytes (%d) after %d steps: continuing it as "
                  "part %d", self._max_episode_bytes, steps, part + 1)
         self.end(stream=s)
-        self.writer.episodes_split += 1
+        self.writer.note_split()
         s.pending_obs = pending
         s.part = part + 1
 

@@ -34,7 +34,6 @@ from oxe_envlogger.format.specs import Group, Leaf, iter_leaves, spec_to_feature
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SHARD_BYTES = 200 * 2**20
 # An episode is held in memory until it ends, and one part may be written while the next fills:
 # this bounds the logger's memory for endless episodes to about 1 GiB, far below the record
 # limit (2 GiB), which leaves room for the size estimate's error.
@@ -67,7 +66,7 @@ class WriterOptions:
         ``flush()`` and ``close()``.
     """
 
-    shard_bytes: int = DEFAULT_SHARD_BYTES
+    shard_bytes: int = layout.DEFAULT_SHARD_BYTES
     max_episodes_per_file: int | None = None
     queue_episodes: int = 4
     max_pending_frames: int = 64
@@ -197,7 +196,7 @@ class DatasetWriter:
         self.schema: Schema | None = None
         self._queue: queue.Queue = queue.Queue(maxsize=self.options.queue_episodes)
         self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
+        self.error: BaseException | None = None  # the thread's failure, until check() raises it
         self._fatal = False
         self._closed = False
         self._registration: layout.WriterRegistration | None = None
@@ -208,7 +207,7 @@ class DatasetWriter:
         self._shard_stats: stats.StatsSet | None = None
         self.committed_shards: list[str] = []
         self.episodes_written = 0
-        self.episodes_split = 0  # episodes ended early at the byte budget (set by the recorder)
+        self.episodes_split = 0  # episodes ended early at the byte budget (note_split)
         self.steps_written = 0
         self.bytes_written = 0
         self.nonfinite: dict[str, int] = {}
@@ -240,7 +239,7 @@ class DatasetWriter:
         features = spec_to_features_json(spec)
         with self.dir.lock():
             self.dir.ensure(features, description=description, version=version, metadata=metadata)
-            self.dir.update_metadata(lambda meta: layout.update_session(meta, self._session_json()))
+            self.dir.update_metadata(lambda meta: layout.update_session(meta, self.session_json()))
         self.schema = schema
         self._thread = threading.Thread(target=self._run, name="oxe-writer", daemon=True)
         self._thread.start()
@@ -266,14 +265,19 @@ class DatasetWriter:
             self.prepare_encoder(max(image.size for image, _ in images))
         return self.encoder.submit_many(images)
 
+    def note_split(self) -> None:
+        """Counts an episode that the recorder ended early at its byte budget (continued as a
+        next part), for the session's ``episodes_split``."""
+        self.episodes_split += 1
+
     def check(self) -> None:
         """Raises the writer thread's error, if any (once for per-episode errors)."""
         if self._closed:
             raise LoggerClosedError(f"the writer of {self.dir.path} is closed")
-        err = self._error
+        err = self.error
         if err is not None:
             if not self._fatal:
-                self._error = None
+                self.error = None
             if isinstance(err, RecordTooLargeError):
                 raise err
             raise WriterError(f"writing to {self.dir.path} failed: {err}") from err
@@ -356,8 +360,8 @@ class DatasetWriter:
                         log.warning("%s: could not remove the empty dataset directory: %s",
                                     self.dir.path, e)
         self._log_summary()
-        if self._error is not None:
-            err, self._error = self._error, None
+        if self.error is not None:
+            err, self.error = self.error, None
             raise WriterError(f"writing to {self.dir.path} failed: {err}") from err
         if commit_error is not None:
             raise WriterError(
@@ -405,10 +409,10 @@ class DatasetWriter:
             self._write_episode(item)
         except (RecordTooLargeError, ValueError) as e:
             log.error("episode %s not written: %s", item.episode_id, e)
-            self._error = e
+            self.error = e
         except BaseException as e:
             log.error("writer of %s failed: %s", self.dir.path, e)
-            self._error = e
+            self.error = e
             self._fatal = True
         return True
 
@@ -424,7 +428,7 @@ class DatasetWriter:
             # wrote is fsynced in staging, where recovery commits it)
             log.error("flushing %s failed: %s", self.dir.path, e)
             marker.error = e
-            self._error = e
+            self.error = e
             self._fatal = True
         finally:
             marker.done.set()
@@ -504,14 +508,16 @@ class DatasetWriter:
                                      {committed: self._shard_episodes})
                 else:
                     os.unlink(shard.path)
-            session = self._session_json()
+            session = self.session_json()
             if final:
                 session["closed"] = layout.now_iso()
-                session["ended"] = "error: " + str(self._error) if self._fatal else "closed"
+                session["ended"] = "error: " + str(self.error) if self._fatal else "closed"
             self.dir.update_metadata(lambda meta: layout.update_session(meta, session))
         self._shard_episodes = 0
 
-    def _session_json(self) -> dict[str, Any]:
+    def session_json(self) -> dict[str, Any]:
+        """This writer's session entry of ``oxe_envlogger.json``: its provenance and what it
+        wrote so far (episodes, steps, bytes, shards, stalls, counts of odd values)."""
         out = dict(self.session)
         out.update({
             "episodes": self.episodes_written,

@@ -67,7 +67,6 @@ from oxe_envlogger.format.specs import (
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SHARD_BYTES = 200 * 2**20
 MANIFEST = layout.RESHARD_MANIFEST
 dump_manifest = layout.dump_manifest  # recovery rewrites manifests too, so layout holds it
 MANIFEST_VERSION = 1
@@ -125,7 +124,7 @@ class ReshardOptions:
     """
 
     dataset_name: str | None = None
-    shard_bytes: int = DEFAULT_SHARD_BYTES
+    shard_bytes: int = layout.DEFAULT_SHARD_BYTES
     shard_episodes: int | None = None
     skip_episodes: tuple[int, ...] = ()
     drop_invalid: bool = False

@@ -70,6 +70,8 @@ APPEND_TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_INDEX}"
 DEFAULT_TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"
 DEFAULT_SPLIT = "train"
 DEFAULT_VERSION = "0.1.0"
+# The byte budget of a shard, for the logger and the resharder alike (TFDS aims at 200 MB too).
+DEFAULT_SHARD_BYTES = 200 * 2**20
 _NAME_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9_]*$")
 
 PathLike = str | os.PathLike

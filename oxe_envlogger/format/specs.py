@@ -264,6 +264,12 @@ def check_keys(spec: Spec, path: str = "") -> None:
         check_keys(sub, where)
 
 
+def step_key(key: str) -> str:
+    """A key path given from the episode's root (``steps/observation/x``) as it is within a step
+    (``observation/x``); a path already within a step is returned as it is."""
+    return key[len("steps/"):] if key.startswith("steps/") else key
+
+
 def join(prefix: str, key: str) -> str:
     return f"{prefix}/{key}" if prefix else key
 

@@ -20,7 +20,7 @@ FLOORS = [
     {"errors"},
     {"format"},
     {"datasets"},
-    {"spaces", "collect"},
+    {"spaces", "collect", "options"},
     {"envlogger", "rlds_logger", "vector", "dm_env_logger", "data_type", "envs"},
     {"cli"},
 ]
