@@ -23,7 +23,7 @@ DEMO_EPISODES ?= 100
 demo: venv
 	$(BIN)/python run_gym.py --env_name=Reacher-v5 --policy=scripted --num_episodes=$(DEMO_EPISODES) \
 		--enable_envlogger --output_dir=demo_out/reacher --overwrite
-	$(BIN)/python -m oxe_envlogger.tfds_summary demo_out/reacher
+	$(BIN)/python -m oxe_envlogger.datasets.tfds_summary demo_out/reacher
 	rm -rf demo_out/bc
 	$(BIN)/python tools/train_bc.py --config=openx_train/configs/bc/reacher_state.py \
 		--data=demo_out/reacher --path=demo_out/bc

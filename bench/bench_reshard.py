@@ -36,7 +36,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import gymnasium as gym
 
 import oxe_envlogger.envs  # noqa: F401
-from oxe_envlogger import AutoOXEEnvLogger, layout, record, reshard
+from oxe_envlogger import AutoOXEEnvLogger
+from oxe_envlogger.datasets import reshard
+from oxe_envlogger.format import layout, record
 
 
 def make_inputs(root: str, *, datasets: int, episodes: int, steps: int) -> list[str]:

@@ -61,7 +61,7 @@ from openx_train.eval.wrappers import (
     RecedingHorizon,
     TemporalEnsemble,
 )
-from oxe_envlogger.specs import Leaf
+from oxe_envlogger.format.specs import Leaf
 
 log = logging.getLogger(__name__)
 

@@ -142,7 +142,7 @@ class TqdmProgress:
 
 
 def main(argv: list[str]) -> int:
-    from oxe_envlogger import reshard
+    from oxe_envlogger.datasets import reshard
 
     extra = argv[1:]
     if extra and not FLAGS.runner:
@@ -178,7 +178,7 @@ def main(argv: list[str]) -> int:
                 print(f"error: --runner needs Apache Beam (pip install apache-beam): {e}",
                       file=sys.stderr)
                 return 2
-            from oxe_envlogger import reshard_beam
+            from oxe_envlogger.datasets import reshard_beam
 
             try:
                 report = reshard_beam.reshard_beam(FLAGS.rlds_dirs, FLAGS.output_rlds, options,

@@ -22,8 +22,8 @@ from openx_train.data import ops
 from openx_train.data.config import LANGUAGE_KEY, Camera, Normalization, Structure
 from openx_train.data.errors import ConfigError, MissingKeyError
 from openx_train.data.loading import is_image_leaf, step_leaves
-from oxe_envlogger import reader
-from oxe_envlogger.specs import Leaf
+from oxe_envlogger.format import reader
+from oxe_envlogger.format.specs import Leaf
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,8 +7,9 @@ import os
 
 import pytest
 
-from oxe_envlogger import layout, reader, reshard
-from oxe_envlogger.validate import validate
+from oxe_envlogger.datasets import reshard
+from oxe_envlogger.datasets.validate import validate
+from oxe_envlogger.format import layout, reader
 from tests.tools.datasets import add_user_files, assert_user_files, make_w1, make_w2, run_tool
 
 
@@ -96,7 +97,7 @@ def test_runner_without_beam_is_a_clear_error(inputs, tmp_path):
     import importlib.util
 
     if importlib.util.find_spec("apache_beam") is not None:
-        pytest.skip("apache-beam is installed here (tests/oxe_envlogger/test_reshard_beam.py)")
+        pytest.skip("apache-beam is installed here (tests/oxe_envlogger/datasets/test_reshard_beam.py)")
     res = run_tool("reshard_rlds", f"--rlds_dirs={inputs['a']}",
                    f"--output_rlds={tmp_path / 'out'}", "--runner=DirectRunner",
                    "--direct_num_workers=2")
