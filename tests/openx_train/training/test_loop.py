@@ -175,7 +175,8 @@ def test_summarize_weighs_dataset_losses_by_count():
 def _cli(path, data, *extra, env=None):
     return [sys.executable, TRAIN_BC, f"--config={CONFIG}", f"--path={path}", f"--data={data}",
             "--config.model.trunk.hidden_dims=(32,32)", "--config.batch_size=32",
-            "--config.compilation_cache=none", "--config.data.val_fraction=0.25", *extra]
+            "--config.compilation_cache=none", "--config.data.val_fraction=0.25",
+            "--config.optimizer.warmup_steps=4", *extra]
 
 
 def _env():
