@@ -623,6 +623,7 @@ def run_loop(setup: Setup, path: str, *, checkpointer: run_lib.Checkpointer,
                 if last["first_step_s"] is None and time_origin is not None:
                     jax.block_until_ready(metrics["loss"])
                     last["first_step_s"] = time.perf_counter() - time_origin
+                    last["first_step_unix"] = time.time()
                     log.info("first step after %.2f s", last["first_step_s"])
                 bar.update(block)
                 values: dict[str, Any] = {}
@@ -704,7 +705,8 @@ def train(config: Any, path: str | os.PathLike, *,
     Returns:
       The last logged metrics (``loss``, ``val_loss``, ``grad_norm``, ``learning_rate``,
       ``steps_per_sec``, ``data_wait_share``, per-dataset losses), ``step``, ``stopped_by``,
-      ``first_step_s`` (seconds from the call to the first step's result).
+      ``first_step_s`` (seconds from the call to the first step's result) and
+      ``first_step_unix`` (its wall-clock time).
 
     Raises:
       TrainConfigError, ConfigError, ModelConfigError: for a config that does not fit.
