@@ -36,6 +36,7 @@ import argparse
 import csv
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -80,8 +81,9 @@ def log_camera(directory: str, episodes: int) -> str:
 
 
 def run_cli(config: str, path: str, data: str, overrides: list[str], cache: str) -> dict:
-    """Runs tools/train_bc.py; returns its JSON result with ``command_to_first_step_s``,
-    ``peak_rss_mb`` and the metrics rows."""
+    """Runs tools/train_bc.py on a fresh ``path``; returns its JSON result with
+    ``command_to_first_step_s`` and the metrics rows."""
+    shutil.rmtree(path, ignore_errors=True)
     cmd = [sys.executable, TRAIN_BC, f"--config={config}", f"--path={path}",
            f"--data={data}", f"--config.compilation_cache={cache}", *overrides]
     t0 = time.time()
@@ -159,6 +161,7 @@ def _interval_figures(rows: list[dict]) -> tuple[float, float]:
 
 def peak_rss_mb(config: str, path: str, data: str, overrides: list[str], cache: str) -> float:
     """The command's peak resident memory (ru_maxrss of the child, from wait4)."""
+    shutil.rmtree(path, ignore_errors=True)
     cmd = [sys.executable, TRAIN_BC, f"--config={config}", f"--path={path}",
            f"--data={data}", f"--config.compilation_cache={cache}", *overrides]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -181,6 +184,7 @@ def bench_state(work: str, *, reps: int, steps: int, heads: list[str]) -> dict:
         loops, waits, singles, blocks, cold, warm, rss = [], [], [], [], [], [], []
         for r in range(reps):
             cache = os.path.join(work, f"xla_{head}_{r}")
+            shutil.rmtree(cache, ignore_errors=True)  # cold
             res = run_cli(STATE_CONFIG, os.path.join(work, f"run_{head}_{r}"), data, overrides,
                           cache)
             rate, wait = _interval_figures(res["rows"])
@@ -223,6 +227,7 @@ def bench_image(work: str, *, steps: int) -> dict:
                  "--config.model.task.language=none", "--config.optimizer.warmup_steps=1",
                  "--config.data.structure.images.image.size=(128,128)",
                  "--config.data.structure.images.image_wrist.size=(128,128)"]
+    shutil.rmtree(os.path.join(work, "xla_image"), ignore_errors=True)
     res = run_cli(CAMERA_CONFIG, os.path.join(work, "run_image"), data, overrides,
                   os.path.join(work, "xla_image"))
     rate, wait = _interval_figures(res["rows"])
