@@ -50,6 +50,7 @@ bench: venv
 	$(BIN)/python bench/bench_stats.py
 	$(BIN)/python bench/bench_eval.py
 	$(BIN)/python bench/bench_policy.py
+	$(BIN)/python bench/bench_train_loop.py
 
 clean:
 	rm -rf demo_out bench_out logs .pytest_cache
