@@ -299,6 +299,16 @@ class ActionDecoder:
             raise PolicyInputError(f"actions: the keys {self.shapes} have {sum(sizes)} values; "
                                    f"the policy predicts {action_dim}")
         self._bounds = np.cumsum(sizes)[:-1]
+        self._params = {}  # key: (scale, shift), flattened, of ops.normalization_params
+        for key in structure.action:
+            mode = structure.normalization_of(key)
+            if mode is not Normalization.NONE:
+                if statistics is None or key not in statistics:
+                    raise PolicyInputError(f"action key {key!r}: normalized ({mode.value}) but "
+                                           "the statistics lack it")
+                shift, scale, _ = ops.normalization_params(statistics[key], mode, key=key)
+                self._params[key] = (np.reshape(scale, -1).astype(np.float32),
+                                     np.reshape(shift, -1).astype(np.float32))
 
     def __call__(self, normalized: Any) -> Any:
         """``[..., A]`` to the unnormalized action: an array for one action key (``action``),
@@ -307,9 +317,9 @@ class ActionDecoder:
         out = {}
         for (key, shape), part in zip(self.shapes.items(),
                                       np.split(y, self._bounds, axis=-1)):
-            mode = self.structure.normalization_of(key)
-            if mode is not Normalization.NONE:
-                part = np.asarray(ops.unnormalize(part, self.statistics[key], mode, key=key))
+            if key in self._params:  # ops.unnormalize in numpy (no TensorFlow dispatch)
+                scale, shift = self._params[key]
+                part = part * scale + shift
             out[key] = part.reshape(*part.shape[:-1], *shape)
         if len(out) == 1:
             return next(iter(out.values()))
