@@ -109,8 +109,6 @@ def _measure(kind: str, *, reps: int, calls: int) -> dict:
     import jax
     import numpy as np
 
-    from openx_train.inference import _predict
-
     t0 = time.perf_counter()
     policy, window = _build(kind)
     policy(window)  # compile
@@ -119,7 +117,7 @@ def _measure(kind: str, *, reps: int, calls: int) -> dict:
     rng = jax.random.PRNGKey(0)
 
     def bare():
-        return _predict(policy.module, policy.params, inputs, rng).block_until_ready()
+        return policy.jitted_model(policy.params, inputs, rng, np.uint32(0)).block_until_ready()
 
     bare()
     out = {k: [] for k in ("full_p50", "full_p99", "bare_p50", "bare_p99", "pre_p50")}

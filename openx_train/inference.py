@@ -183,24 +183,24 @@ class Preprocessor:
         """State and camera images of raw observations with leading axes ``lead``, each
         ``[*lead, ...]`` as the batch has them."""
         n = int(np.prod(lead))
-        flat = tree.map_structure(lambda x: np.reshape(np.asarray(x), (n, *np.shape(x)[len(lead):])),
-                                  raw)
+        flat = tree.map_structure(
+            lambda x: np.reshape(np.asarray(x), (n, *np.shape(x)[len(lead):])), raw)
         steps = {OBSERVATION: flat, "is_first": np.zeros(n, bool)}
+        # Eager, not in a tf.function: grappler rewrites (x - shift) / scale and x / 255 in a
+        # function graph, which changes the last bit of some values (the no-skew test saw it;
+        # the loader's tf.data functions compute them as eager ops do).
         table = select_observation(steps, resolved, statistics=self.statistics)
         out = {}
         if table["state"] is not None:
-            state = np.asarray(table["state"])
-            out["state"] = state.reshape(*lead, state.shape[-1])
+            out["state"] = np.asarray(table["state"])
         for cam in resolved.cameras:
             dtype = _image_dtype(self.spec, cam.name)
             if cam.key is None:
-                images = np.zeros((n, *cam.size, 3), dtype)
+                out[cam.name] = np.zeros((n, *cam.size, 3), dtype)
             else:
-                pixels = np.asarray(table["images"][cam.name])
-                images = np.asarray(ops.preprocess_frames(tf.constant(pixels), cam.size,
-                                                          dtype=dtype))
-            out[cam.name] = images.reshape(*lead, *images.shape[1:])
-        return out
+                out[cam.name] = np.asarray(ops.preprocess_frames(
+                    tf.constant(table["images"][cam.name]), cam.size, dtype=dtype))
+        return {k: v.reshape(*lead, *v.shape[1:]) for k, v in out.items()}
 
     def __call__(self, observation: Any, *, instruction: Any = None, goal: Any = None,
                  language_embedding: Any = None) -> dict[str, Any]:
@@ -299,6 +299,16 @@ class ActionDecoder:
             raise PolicyInputError(f"actions: the keys {self.shapes} have {sum(sizes)} values; "
                                    f"the policy predicts {action_dim}")
         self._bounds = np.cumsum(sizes)[:-1]
+        self._params = {}  # key: (scale, shift), flattened, of ops.normalization_params
+        for key in structure.action:
+            mode = structure.normalization_of(key)
+            if mode is not Normalization.NONE:
+                if statistics is None or key not in statistics:
+                    raise PolicyInputError(f"action key {key!r}: normalized ({mode.value}) but "
+                                           "the statistics lack it")
+                shift, scale, _ = ops.normalization_params(statistics[key], mode, key=key)
+                self._params[key] = (np.reshape(scale, -1).astype(np.float32),
+                                     np.reshape(shift, -1).astype(np.float32))
 
     def __call__(self, normalized: Any) -> Any:
         """``[..., A]`` to the unnormalized action: an array for one action key (``action``),
@@ -307,9 +317,9 @@ class ActionDecoder:
         out = {}
         for (key, shape), part in zip(self.shapes.items(),
                                       np.split(y, self._bounds, axis=-1)):
-            mode = self.structure.normalization_of(key)
-            if mode is not Normalization.NONE:
-                part = np.asarray(ops.unnormalize(part, self.statistics[key], mode, key=key))
+            if key in self._params:  # ops.unnormalize in numpy (no TensorFlow dispatch)
+                scale, shift = self._params[key]
+                part = part * scale + shift
             out[key] = part.reshape(*part.shape[:-1], *shape)
         if len(out) == 1:
             return next(iter(out.values()))
@@ -323,9 +333,8 @@ class ActionDecoder:
         return nested
 
 
-@functools.partial(jax.jit, static_argnames=("module", "temperature"))
-def _predict(module: models.Policy, params: Any, inputs: Any, rng: jax.Array,
-             call: Any = 0, temperature: float | None = None) -> jax.Array:
+def _apply(module: models.Policy, params: Any, inputs: Any, rng: jax.Array, call: Any,
+           *, temperature: float | None = None) -> jax.Array:
     return module.apply({"params": params}, inputs, method=models.Policy.predict_action,
                         rngs={"sample": jax.random.fold_in(rng, call)},
                         temperature=temperature)
@@ -355,6 +364,8 @@ class EnvPolicy:
         self.step, self.dataset = step, dataset
         self._rng = jax.random.PRNGKey(seed)
         self._calls = 0
+        # Jitted once per policy: the module is closed over, not hashed at every call.
+        self.jitted_model = jax.jit(functools.partial(_apply, module, temperature=temperature))
 
     @property
     def spec(self) -> models.InputSpec:
@@ -377,8 +388,7 @@ class EnvPolicy:
         jitted call; a new ``sample`` key each call)."""
         call = np.uint32(self._calls)
         self._calls += 1
-        return np.asarray(_predict(self.module, self.params, inputs, self._rng, call,
-                                   temperature=self.temperature))
+        return np.asarray(self.jitted_model(self.params, inputs, self._rng, call))
 
     def __call__(self, observation: Any, **task: Any) -> Any:
         """Unnormalized action chunks ``[B, n_action, ...]`` (a dict of them for several action

@@ -134,6 +134,12 @@ def test_no_skew_state(reacher):
             if batch["action_pad_mask"][row, k]:
                 np.testing.assert_allclose(decoded[row, k], rec.actions[t + k], rtol=1e-5,
                                            atol=1e-6)
+    # The decoder is ops.unnormalize, to the bit.
+    from openx_train.data import ops
+
+    stats = loader.statistics["reacher"]
+    np.testing.assert_array_equal(decoded, np.asarray(ops.unnormalize(
+        batch["action"], stats["action"], structure.normalization_of("action"))))
     # And the whole call: raw windows in, unnormalized chunks out.
     history = ObservationHistory(3)
     window = with_pad_mask(*history(np.stack(rec.observations[:4]), np.ones(4, bool)))
