@@ -67,8 +67,6 @@ from oxe_envlogger.format.specs import (
 
 log = logging.getLogger(__name__)
 
-MANIFEST = layout.RESHARD_MANIFEST
-dump_manifest = layout.dump_manifest  # recovery rewrites manifests too, so layout holds it
 MANIFEST_VERSION = 1
 LANGUAGE_KEY = "steps/language_instruction"
 TMP_PREFIX = ".oxe-reshard-"
@@ -78,7 +76,6 @@ PROTECTED = ("steps", "steps/is_first", "steps/is_last", "steps/is_terminal")
 _INFO_CARRIED = ("description", "citation", "location", "releaseNotes", "redistributionInfo",
                  "version")
 _SMALL_RECORD = 256 * 1024  # records up to this size are scanned with one read
-_WINDOW = 64 * 1024
 _MAX_LANGUAGE_PAYLOAD = 1 << 20
 
 PathLike = str | os.PathLike
@@ -263,7 +260,7 @@ def discover(rlds_dirs: Sequence[PathLike], *, output_dir: PathLike | None = Non
     for i, directory in enumerate(sorted(found)):
         info = layout.read_json(os.path.join(directory, layout.DATASET_INFO))
         features = layout.read_json(os.path.join(directory, layout.FEATURES))
-        if info.get("fileFormat", layout.FILE_FORMAT) != layout.FILE_FORMAT:
+        if not layout.is_tfrecord(info):
             raise CorruptDatasetError(
                 f"{directory}: file format {info.get('fileFormat')!r}; only tfrecord datasets "
                 "can be resharded without TensorFlow")
@@ -563,85 +560,6 @@ def example_size(body: int) -> int:
     return 1 + _varint_len(body) + body
 
 
-class _Window:
-    """Reads small pieces of a file at arbitrary offsets through one read-ahead buffer."""
-
-    def __init__(self, fd: int, end: int):
-        self.fd, self.end = fd, end
-        self.start, self.buf = 0, b""
-
-    def get(self, pos: int, n: int) -> bytes:
-        if not (self.start <= pos and pos + n <= self.start + len(self.buf)):
-            self.start = pos
-            self.buf = os.pread(self.fd, max(n, min(_WINDOW, self.end - pos)), pos)
-        off = pos - self.start
-        return self.buf[off: off + n]
-
-    def varint(self, pos: int) -> tuple[int, int]:
-        chunk = self.get(pos, min(10, self.end - pos))
-        result = shift = 0
-        for i, b in enumerate(chunk):
-            result |= (b & 0x7F) << shift
-            if b < 0x80:
-                return result, pos + i + 1
-            shift += 7
-        raise CorruptDatasetError("bad varint")
-
-
-def _skip(win: _Window, pos: int, wire: int) -> int:
-    if wire == 0:
-        return win.varint(pos)[1]
-    if wire == 1:
-        return pos + 8
-    if wire == 2:
-        n, pos = win.varint(pos)
-        return pos + n
-    if wire == 5:
-        return pos + 4
-    raise CorruptDatasetError(f"unsupported protobuf wire type {wire}")
-
-
-def _example_entries(win: _Window, start: int, end: int) -> dict[str, tuple[int, int]]:
-    """``{key: (payload offset, payload length)}`` of an Example stored at [start, end)."""
-    out = {}
-    pos = start
-    while pos < end:
-        tag, pos = win.varint(pos)
-        if tag != 0x0A:  # not Example.features
-            pos = _skip(win, pos, tag & 7)
-            continue
-        n, pos = win.varint(pos)
-        fend = pos + n
-        while pos < fend:
-            tag, pos = win.varint(pos)
-            if tag != 0x0A:  # not Features.feature
-                pos = _skip(win, pos, tag & 7)
-                continue
-            n, pos = win.varint(pos)
-            eend = pos + n
-            key, value = None, (eend, 0)
-            while pos < eend:
-                tag, pos = win.varint(pos)
-                if tag == 0x0A:
-                    n, pos = win.varint(pos)
-                    key = win.get(pos, n).decode("utf-8")
-                    pos += n
-                elif tag == 0x12:
-                    n, pos = win.varint(pos)
-                    value = (pos, n)
-                    pos += n
-                else:
-                    pos = _skip(win, pos, tag & 7)
-            if key is not None:
-                out[key] = value
-            pos = eend
-        if pos != fend:
-            raise CorruptDatasetError("malformed Example")
-    if pos != end:
-        raise CorruptDatasetError("malformed Example")
-    return out
-
-
 def _int_value(payload: bytes) -> int | None:
     kind, values = record.decode_feature(payload)
     return int(values[0]) if kind == "int64" and len(values) else None
@@ -664,23 +582,17 @@ def scan_shard(shard: InputShard, transform: Transform) -> list[EpisodeRef]:
         size = os.fstat(fd).st_size
         offset = index = 0
         while offset < size:
-            header = os.pread(fd, 12, offset)
-            if len(header) < 12:
-                raise DamagedShardError(path, offset, "truncated record header")
-            length = int.from_bytes(header[:8], "little")
-            if int.from_bytes(header[8:12], "little") != record.masked_crc(header[:8]):
-                raise DamagedShardError(path, offset, "bad length CRC")
+            length = record.record_length(fd, offset, size, path)
             start, end = offset + 12, offset + 12 + length
-            if end + 4 > size:
-                raise DamagedShardError(path, offset, "truncated record")
-            win = _Window(fd, end)
+            win = record.FileWindow(fd, end)
             if length <= _SMALL_RECORD:  # one read; check the data CRC on the way
                 data = os.pread(fd, length + 4, start)
-                if int.from_bytes(data[length:], "little") != record.masked_crc(data[:length]):
+                if not record.data_crc_matches(data[length:], data[:length]):
                     raise DamagedShardError(path, offset, "bad data CRC")
-                win.start, win.buf = start, data[:length]
+                win = record.FileWindow(fd, end, start=start, buf=data[:length])
             try:
-                entries = _example_entries(win, start, end)
+                entries = {k: (s, e - s)  # (payload offset, payload length)
+                           for k, (s, e) in record.example_entries(win, start, end).items()}
             except (CorruptDatasetError, IndexError, UnicodeDecodeError) as e:
                 raise CorruptDatasetError(f"{path}: record {index} (byte {offset}) is not a "
                                           f"tf.train.Example: {e}") from e
@@ -996,29 +908,6 @@ class _StatsHelper:
                        len(self.reader.get_path(steps, "is_first")))
 
 
-def _crc32c_function() -> Callable[[Any], int]:
-    """crc32c of any buffer (a memoryview of a mapped file included), releasing the GIL.
-
-    google-crc32c (a base dependency) takes ``bytes`` only, which would mean copying every
-    record into fresh memory; the ``crc32c`` package reads buffers in place where installed."""
-    try:
-        import crc32c as fast  # the ICRAR package: hardware crc32c over any buffer
-    except ImportError:
-        fast = None
-    if fast is not None and hasattr(fast, "crc32c"):
-        return fast.crc32c
-    import google_crc32c
-
-    return lambda buf: google_crc32c.value(bytes(buf))
-
-
-_crc32c = _crc32c_function()
-
-
-def _mask(crc: int) -> int:
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
 class _MappedInput:
     """The input file being read, mapped into memory: records are hashed, checked and handed
     to ``copy_file_range`` without being copied into Python objects."""
@@ -1134,7 +1023,7 @@ def write_shard(task: ShardTask, staging: str, *, transform: Transform, features
                 raise CorruptDatasetError(f"{ref.path}: record {ref.index} changed while read")
             framed = view[start:end]
             data = framed[12: 12 + ref.length]
-            if options.verify and _mask(_crc32c(data)) != int.from_bytes(framed[-4:], "little"):
+            if options.verify and not record.data_crc_matches(framed[-4:], data):
                 raise DamagedShardError(ref.path, ref.offset, f"bad data CRC in record {ref.index}")
             if ep.changes:
                 data = transform_record(data, ref, transform, ep.language)
@@ -1275,15 +1164,12 @@ def _metadata_json(plan: Plan, results: Sequence[ShardResult], runner: str) -> d
         "bytes": sum(r.num_bytes for r in results),
         "shards": [r.filename for r in _ordered(plan, results)]})
     return {
-        "format_version": 1,
-        "dataset_name": plan.name,
-        "created": created,
-        "sessions": [session],
+        **layout.new_metadata(plan.name, created=created, sessions=[session]),
         "image_codecs": codecs,
         "resharded_from": [
             {"directory": s.directory, "name": s.name, "splits": list(s.splits),
              "metadata": plan.inputs.metadata[s.index]} for s in plan.inputs.sources],
-        "manifest": MANIFEST,
+        "manifest": layout.RESHARD_MANIFEST,
     }
 
 
@@ -1301,7 +1187,8 @@ def finalize(plan: Plan, results: Sequence[ShardResult], staging: str, runner: s
         layout.atomic_write_json(os.path.join(staging, layout.STATISTICS), stats_json)
     else:
         log.warning("no statistics.json: the TF-free reader does not know these features")
-    layout.atomic_write_bytes(os.path.join(staging, MANIFEST), dump_manifest(manifest))
+    layout.atomic_write_bytes(os.path.join(staging, layout.RESHARD_MANIFEST),
+                              layout.dump_manifest(manifest))
     layout.atomic_write_json(os.path.join(staging, layout.METADATA),
                              _metadata_json(plan, results, runner))
     layout.atomic_write_json(os.path.join(staging, layout.DATASET_INFO),

@@ -21,7 +21,6 @@ import os
 from collections.abc import Sequence
 
 from oxe_envlogger.datasets.reshard import (
-    MANIFEST,
     Inputs,
     Plan,
     ReshardOptions,
@@ -125,7 +124,7 @@ def reshard_beam(rlds_dirs: Sequence[PathLike], output_dir: PathLike,
                                           runner))
         if not layout.is_dataset(staging):
             raise RuntimeError(f"the pipeline finished without finalizing {staging}")
-        manifest = layout.read_json(os.path.join(staging, MANIFEST))
+        manifest = layout.read_json(os.path.join(staging, layout.RESHARD_MANIFEST))
         commit_output(staging, out, overwrite=options.overwrite, fsync=options.fsync)
     except BaseException:
         discard_staging(staging)

@@ -300,7 +300,6 @@ def validate(directory: str | os.PathLike, *, decode_images: bool = False,
         report.add("error", "metadata", layout.DATASET_INFO, f"{e}; {fix}")
         return report
     if info is None:
-
         shards = sum(len(v) for d in layout.shard_files(directory).values() for v in d.values())
         if not lost_features:
             problem = (f"missing, but {layout.FEATURES} and {shards} shard files are here: run "
@@ -312,7 +311,7 @@ def validate(directory: str | os.PathLike, *, decode_images: bool = False,
     if lost_features:
         report.add("error", "metadata", layout.FEATURES, lost_features)
         return report
-    fmt = info.get("fileFormat") or layout.FILE_FORMAT
+    fmt = layout.file_format(info)
     if fmt != layout.FILE_FORMAT:
         report.add("error", "metadata", layout.DATASET_INFO,
                    f"file format {fmt!r} is not checked here (tfrecord only)")
