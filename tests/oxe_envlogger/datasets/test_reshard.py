@@ -564,6 +564,7 @@ def test_exchange_paths(tmp_path):
 _PAUSED_RESHARD = """
 import os, sys, time
 from oxe_envlogger.datasets import reshard
+from oxe_envlogger.datasets.reshard import output
 from oxe_envlogger.format import layout
 
 def pause(*args):
@@ -574,7 +575,7 @@ where = sys.argv[3]
 if where == "before_swap":
     layout.exchange_paths = pause
 elif where == "after_swap":
-    reshard._retire = pause
+    output._retire = pause
 else:  # no RENAME_EXCHANGE: killed between the two renames
     layout.exchange_paths = lambda a, b: False
     rename = os.rename
@@ -762,7 +763,7 @@ def test_float64_conversion_of_a_tfds_written_dataset(tmp_path):
         for path in reshard.feature_paths(features):
             node = features
             for key in path.split("/"):
-                node = reshard._node_children(node)[key]
+                node = reshard.transform._node_children(node)[key]
             if "tensor" in node:
                 out[path] = node["tensor"]["encoding"]
         return out

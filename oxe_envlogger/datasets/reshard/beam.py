@@ -20,25 +20,20 @@ import logging
 import os
 from collections.abc import Sequence
 
-from oxe_envlogger.datasets.reshard import (
-    Inputs,
-    Plan,
-    ReshardOptions,
-    ReshardReport,
-    ShardResult,
-    ShardTask,
-    Transform,
-    build_plan,
+from oxe_envlogger.datasets.reshard import ReshardReport
+from oxe_envlogger.datasets.reshard.inputs import Inputs, discover
+from oxe_envlogger.datasets.reshard.options import ReshardOptions
+from oxe_envlogger.datasets.reshard.output import (
     check_output,
     commit_output,
     discard_staging,
-    discover,
     finalize,
     make_staging,
-    make_transform,
-    scan_shard,
-    write_shard,
 )
+from oxe_envlogger.datasets.reshard.plan import Plan, ShardTask, build_plan
+from oxe_envlogger.datasets.reshard.scan import scan_shard
+from oxe_envlogger.datasets.reshard.transform import Transform, make_transform
+from oxe_envlogger.datasets.reshard.write import ShardResult, write_shard
 from oxe_envlogger.format import layout
 
 log = logging.getLogger(__name__)
