@@ -355,13 +355,15 @@ def is_dataset(directory: PathLike) -> bool:
     return os.path.isfile(os.path.join(directory, DATASET_INFO))
 
 
+# A shard's file name, in either template: <name>-<split>.tfrecord-<index>[-of-<total>].
+_SHARD_NAME_RE = (r"^(?P<name>{name})-(?P<split>[^.]+)\." + FILE_FORMAT
+                  + r"-(?P<index>\d{{5,}})(?:-of-(?P<total>\d{{5,}}))?$")
+_SHARD_NAME = re.compile(_SHARD_NAME_RE.format(name="[a-zA-Z][a-zA-Z0-9_]*"))
+
+
 def shard_pattern(name: str) -> re.Pattern:
     """The file names of dataset ``name``'s shards, in either template, of any split."""
-    return re.compile(rf"^{re.escape(name)}-.+\.{FILE_FORMAT}-\d{{5,}}(-of-\d{{5,}})?$")
-
-
-_SHARD_NAME = re.compile(rf"^(?P<name>[a-zA-Z][a-zA-Z0-9_]*)-(?P<split>[^.]+)\.{FILE_FORMAT}"
-                         r"-(?P<index>\d{5,})(?:-of-(?P<total>\d{5,}))?$")
+    return re.compile(_SHARD_NAME_RE.format(name=re.escape(name)))
 
 
 def shard_files(directory: str) -> dict[str, dict[str, list[tuple[int, int | None, str]]]]:
