@@ -68,7 +68,7 @@ def make_inputs(root: str, *, datasets: int, episodes: int, steps: int) -> list[
 
 def byte_identical(out: str) -> bool:
     """Every output episode equals, byte for byte, the source record the manifest names."""
-    manifest = layout.read_json(os.path.join(out, reshard.MANIFEST))
+    manifest = layout.read_json(os.path.join(out, layout.RESHARD_MANIFEST))
     sources = {s["index"]: s["directory"] for s in manifest["sources"]}
     cols = manifest["episode_columns"]
     cache: dict[str, list[bytes]] = {}
@@ -139,7 +139,7 @@ def main() -> None:
         shutil.rmtree(out_dir, ignore_errors=True)
         copies.append(timed(cp, copy_cpu))
         reshards.append(timed(run, reshard_cpu))
-    manifest = layout.read_json(os.path.join(out_dir, reshard.MANIFEST))
+    manifest = layout.read_json(os.path.join(out_dir, layout.RESHARD_MANIFEST))
     splits = manifest["splits"]
     identical = byte_identical(out_dir)
     shutil.rmtree(copy_dir, ignore_errors=True)

@@ -147,12 +147,8 @@ class DmEnvLogger(dm_env.Environment, LoggerMixin):
         return self._env.discount_spec()
 
     def close(self) -> None:
-        try:
-            self.close_logger()
-        finally:
-            if not getattr(self, "_env_closed", False):
-                self._env_closed = True
-                self._env.close()
+        """Writes the last episode, commits the dataset, then closes the env. Idempotent."""
+        self._close_logger_and_env(self._env)
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):

@@ -84,6 +84,15 @@ class LoggerMixin:
         """
         self._recorder.flush(commit=commit)
 
+    def _close_logger_and_env(self, env: Any, **kwargs: Any) -> None:
+        """Closes the logger, then the env it wraps (once, even when closing the logger fails)."""
+        try:
+            self.close_logger()
+        finally:
+            if not getattr(self, "_env_closed", False):
+                self._env_closed = True
+                env.close(**kwargs)
+
     def close_logger(self) -> None:
         """Flushes and closes the logger (not the env). Idempotent."""
         rec = getattr(self, "_recorder", None)
@@ -122,12 +131,7 @@ class _GymLogger(gym.Wrapper, LoggerMixin):
 
     def close(self) -> None:
         """Writes the last episode, commits the dataset, then closes the env. Idempotent."""
-        try:
-            self.close_logger()
-        finally:
-            if not getattr(self, "_env_closed", False):
-                self._env_closed = True
-                self.env.close()
+        self._close_logger_and_env(self.env)
 
 
 class OXEEnvLogger(_GymLogger):

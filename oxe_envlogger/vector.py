@@ -128,9 +128,4 @@ class VectorOXEEnvLogger(gym.vector.VectorWrapper, LoggerMixin):
 
     def close(self, **kwargs) -> None:
         """Writes the episodes in progress, commits the dataset, closes the env. Idempotent."""
-        try:
-            self.close_logger()
-        finally:
-            if not getattr(self, "_env_closed", False):
-                self._env_closed = True
-                self.env.close(**kwargs)
+        self._close_logger_and_env(self.env, **kwargs)

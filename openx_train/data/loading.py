@@ -27,7 +27,7 @@ from openx_train.data.cache import shard_files
 from openx_train.data.errors import DatasetFormatError, MissingKeyError
 from oxe_envlogger.errors import OXEEnvLoggerError
 from oxe_envlogger.format import reader
-from oxe_envlogger.format.specs import Group, Leaf
+from oxe_envlogger.format.specs import Group, Leaf, is_image_shape
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +60,7 @@ def step_leaves(path: PathLike) -> dict[str, Leaf]:
 def is_image_leaf(leaf: Leaf) -> bool:
     """Encoded (PNG/JPEG) images, and raw uint8 HxWxC images stored as bytes."""
     return leaf.kind == "image" or (
-        leaf.kind == "tensor" and leaf.encoding == "bytes" and leaf.dtype == np.uint8
-        and len(leaf.shape) == 3 and leaf.shape[-1] in (1, 3, 4))
+        leaf.kind == "tensor" and leaf.encoding == "bytes" and is_image_shape(leaf.shape, leaf.dtype))
 
 
 def select_keys(leaves: Mapping[str, Leaf], keys: Sequence[str] | None, *, what: str) -> list[str]:

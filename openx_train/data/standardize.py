@@ -23,7 +23,7 @@ from openx_train.data.config import LANGUAGE_KEY, Camera, Normalization, Structu
 from openx_train.data.errors import ConfigError, MissingKeyError
 from openx_train.data.loading import is_image_leaf, step_leaves
 from oxe_envlogger.format import reader
-from oxe_envlogger.format.specs import Leaf
+from oxe_envlogger.format.specs import Leaf, is_image_shape
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,7 +137,7 @@ def leaves_from_element_spec(steps_spec: Mapping[str, Any]) -> dict[str, Leaf]:
         if node.dtype == tf.string:
             # Encoded images and text look alike here; the structure says which is which.
             out[prefix] = Leaf("text", (), np.dtype(object))
-        elif node.dtype == tf.uint8 and len(shape) == 3 and shape[-1] in (1, 3, 4):
+        elif is_image_shape(shape, node.dtype.as_numpy_dtype):
             out[prefix] = Leaf("tensor", shape, np.dtype(np.uint8), "bytes")
         else:
             out[prefix] = Leaf("tensor", shape, np.dtype(node.dtype.as_numpy_dtype))

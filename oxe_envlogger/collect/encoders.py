@@ -164,6 +164,10 @@ class ThreadEncodePool:
         """Encoder threads share the logger's process: their CPU time is not told apart."""
         return None
 
+    def worker_processes(self) -> list[subprocess.Popen]:
+        """The encoder worker processes: none, the encoders are threads."""
+        return []
+
     def shutdown(self) -> None:
         for _ in self._threads:
             self._queue.put(None)
@@ -458,6 +462,10 @@ class ProcessEncodePool:
             if w.proc.poll() is None:
                 threading.Thread(target=_reap, args=(w.proc,), daemon=True).start()
         self._workers = []
+
+    def worker_processes(self) -> list[subprocess.Popen]:
+        """The live encoder worker processes (for their ids, or to signal them in a test)."""
+        return [w.proc for w in self._workers]
 
     def cpu_seconds(self) -> float:
         """CPU time (user + system) the workers have used since they started."""

@@ -152,7 +152,7 @@ def summarize(directory: PathLike, split: str | None = None) -> dict[str, Any]:
         raise layout.no_dataset_error(directory)
     splits = [split] if split else layout.list_splits(info)
     try:
-        if (info.get("fileFormat") or layout.FILE_FORMAT) != layout.FILE_FORMAT:
+        if not layout.is_tfrecord(info):
             raise ValueError("not tfrecord")
         spec = reader.read_spec(directory)
         episodes = _scan_ours(directory, splits, spec)
@@ -308,7 +308,7 @@ def tfds_damage_reported(directory: str) -> Iterator[None]:
         yield
     except tf.errors.DataLossError as e:
         info = layout.read_json(os.path.join(directory, layout.DATASET_INFO)) or {}
-        if (info.get("fileFormat") or layout.FILE_FORMAT) == layout.FILE_FORMAT:
+        if layout.is_tfrecord(info):
             layout.verify_records(directory)  # raises, naming the file
         raise CorruptDatasetError(f"{directory}: tfds found a damaged shard: {e.message}") from e
 
@@ -354,7 +354,7 @@ def _scan_tfds(directory: str, splits: list[str]) -> dict[str, Any]:
     out["feature_rows"] = rows
     lang = language_keys([(r["key"], r["kind"]) for r in rows])
     info = layout.read_json(os.path.join(directory, layout.DATASET_INFO))
-    if (info.get("fileFormat") or layout.FILE_FORMAT) == layout.FILE_FORMAT:
+    if layout.is_tfrecord(info):
         try:  # payload sizes straight from the records, whatever the features
             for split in splits:
                 for _, _, data in layout.iter_serialized(directory, split):

@@ -38,7 +38,9 @@ from oxe_envlogger.format.layout import (
     check_directory,
     dataset_lock,
     features_problem,
+    file_format,
     holds_dataset_remains,
+    is_tfrecord,
     list_splits,
     now_iso,
     read_info_or_none,
@@ -158,7 +160,7 @@ def recover(directory: PathLike, *, verify: bool = True) -> dict:
             report["episodes"] += count
             touched = True
         if verify:
-            fmt = info.get("fileFormat") or FILE_FORMAT
+            fmt = file_format(info)
             if fmt != FILE_FORMAT:
                 problems.append(f"its shards are {fmt}, not checked here (tfrecord only)")
             else:
@@ -197,7 +199,7 @@ def recover(directory: PathLike, *, verify: bool = True) -> dict:
         # recovery did not change).
         keeps_stats = touched or os.path.exists(os.path.join(directory, STATISTICS))
         if (not lost_features and keeps_stats
-                and (info.get("fileFormat") or FILE_FORMAT) == FILE_FORMAT
+                and is_tfrecord(info)
                 and salvage.refresh_statistics(directory, upgrade=verify)):
             report["updated"].append(STATISTICS)
         repairs = {k: report[k] for k in ("salvaged_shards", "missing_shards", "relisted",

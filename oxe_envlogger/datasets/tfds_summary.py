@@ -31,7 +31,7 @@ def tfds_summary(directory: str, max_episodes: int = 3) -> str:
     if info is None:
         raise layout.no_dataset_error(directory)
     records = None
-    if (info.get("fileFormat") or layout.FILE_FORMAT) == layout.FILE_FORMAT:
+    if layout.is_tfrecord(info):
         records = layout.verify_records(directory)
     builder = inspection.tfds_builder(directory)
     lines = [f"tfds.builder_from_directory({directory!r}): {builder.info.name} "

@@ -286,11 +286,45 @@ def validate(directory: str | os.PathLike, *, decode_images: bool = False,
     directory = os.path.abspath(os.fspath(directory))
     report = ValidationReport(directory, max_per_check=max_per_check)
     report.checks.append("metadata")
+    info = _check_metadata(report, directory)
+    if info is None:
+        return report
+    spec, declared = _read_spec(report, directory)
+    manifest = layout.read_json(os.path.join(directory, layout.RESHARD_MANIFEST))
+    manifest_shards = {}
+    if manifest:
+        for split, entry in manifest.get("splits", {}).items():
+            for sh in entry.get("shards", []):
+                manifest_shards[sh["file"]] = (split, sh)
+    report.checks += ["records", "flags", "episode_id"]
+    if spec is not None:
+        report.checks.append("features")
+    if manifest:
+        report.checks.append("manifest")
+    ids: dict[str, str] = {}
+    for split in layout.list_splits(info):
+        _check_split(report, directory, info, split, spec, declared, decode_images=decode_images,
+                     ids=ids, manifest_shards=manifest_shards)
+    for name in sorted(manifest_shards):
+        report.add("error", "manifest", name, "in the manifest but not in dataset_info.json")
+    if not ids and report.episodes:
+        report.add("warning", "episode_id", directory, "no episode_id feature: uniqueness not "
+                   "checked")
+    report.checks.append("statistics")
+    _check_statistics(report, directory)
+    report.checks.append("leftovers")
+    _leftovers(report, directory, info)
+    return report
+
+
+def _check_metadata(report: ValidationReport, directory: str) -> dict | None:
+    """``dataset_info.json`` when it and ``features.json`` are there and readable and the shards
+    are TFRecord files; else None, with the reason in ``report``."""
     try:
         layout.check_directory(directory)
     except OSError as e:
         report.add("error", "metadata", directory, str(e).split(": ", 1)[-1])
-        return report
+        return None
     lost_features = layout.features_problem(directory)
     try:
         info = layout.read_json(os.path.join(directory, layout.DATASET_INFO))
@@ -298,9 +332,8 @@ def validate(directory: str | os.PathLike, *, decode_images: bool = False,
         fix = ("run tools/recover_rlds.py to rebuild it from features.json and the shards"
                if not lost_features else f"and {lost_features}")
         report.add("error", "metadata", layout.DATASET_INFO, f"{e}; {fix}")
-        return report
+        return None
     if info is None:
-
         shards = sum(len(v) for d in layout.shard_files(directory).values() for v in d.values())
         if not lost_features:
             problem = (f"missing, but {layout.FEATURES} and {shards} shard files are here: run "
@@ -308,15 +341,21 @@ def validate(directory: str | os.PathLike, *, decode_images: bool = False,
         else:
             problem = f"missing, and {lost_features}" if shards else "missing: not a dataset directory"
         report.add("error", "metadata", layout.DATASET_INFO, problem)
-        return report
+        return None
     if lost_features:
         report.add("error", "metadata", layout.FEATURES, lost_features)
-        return report
-    fmt = info.get("fileFormat") or layout.FILE_FORMAT
+        return None
+    fmt = layout.file_format(info)
     if fmt != layout.FILE_FORMAT:
         report.add("error", "metadata", layout.DATASET_INFO,
                    f"file format {fmt!r} is not checked here (tfrecord only)")
-        return report
+        return None
+    return info
+
+
+def _read_spec(report: ValidationReport, directory: str) -> tuple[Group | None, set[str]]:
+    """The dataset's spec (None where it cannot be read or is not RLDS, said in ``report``)
+    and the feature keys it declares."""
     spec = None
     try:
         spec = reader.read_spec(directory)
@@ -335,87 +374,77 @@ def validate(directory: str | os.PathLike, *, decode_images: bool = False,
     if spec is not None:
         declared = {f"steps/{p}" for p, _ in reader.step_leaves(spec)}
         declared |= {p for p, _ in reader.episode_leaves(spec)}
-    manifest = layout.read_json(os.path.join(directory, layout.RESHARD_MANIFEST))
-    manifest_shards = {}
-    if manifest:
-        for split, entry in manifest.get("splits", {}).items():
-            for sh in entry.get("shards", []):
-                manifest_shards[sh["file"]] = (split, sh)
-    report.checks += ["records", "flags", "episode_id"]
-    if spec is not None:
-        report.checks.append("features")
-    if manifest:
-        report.checks.append("manifest")
-    ids: dict[str, str] = {}
-    for split in layout.list_splits(info):
-        try:
-            shards = layout.shard_paths(directory, info, split)
-        except Exception as e:
-            report.add("error", "metadata", layout.DATASET_INFO, f"split {split!r}: {e}")
+    return spec, declared
+
+
+def _check_split(report: ValidationReport, directory: str, info: dict, split: str,
+                 spec: Group | None, declared: set[str], *, decode_images: bool,
+                 ids: dict[str, str], manifest_shards: dict) -> None:
+    """Reads every record of one split's shards (their counts, sizes and manifest entries
+    checked; each listed shard is taken out of ``manifest_shards``)."""
+    try:
+        shards = layout.shard_paths(directory, info, split)
+    except Exception as e:
+        report.add("error", "metadata", layout.DATASET_INFO, f"split {split!r}: {e}")
+        return
+    report.splits[split] = sum(n for _, n in shards)
+    entry = layout.split_entry(info, split) or {}
+    split_bytes = split_records = 0
+    for path, expected in shards:
+        name = os.path.basename(path)
+        report.shards += 1
+        if not os.path.isfile(path):
+            report.add("error", "records", name, "listed in dataset_info.json but missing")
             continue
-        report.splits[split] = sum(n for _, n in shards)
-        entry = layout.split_entry(info, split) or {}
-        split_bytes = split_records = 0
-        for path, expected in shards:
-            name = os.path.basename(path)
-            report.shards += 1
-            if not os.path.isfile(path):
-                report.add("error", "records", name, "listed in dataset_info.json but missing")
-                continue
-            split_bytes += os.path.getsize(path)
-            count, digest = 0, None
-            try:
-                with open(path, "rb", buffering=0) as f:
-                    hashing = _HashingFile(f)
-                    records = record.iter_records(io.BufferedReader(hashing, 1 << 20), path=path)
-                    for i, (_, data) in enumerate(records):
-                        count += 1
-                        _check_episode(report, f"{name}[{i}]", data, spec, declared,
-                                       decode_images, ids)
-                    # Read to the end of the file: the hash covers all of it.
-                    digest = hashing.digest.hexdigest()
-            except CorruptDatasetError as e:
-                report.add("error", "records", name, f"{e} (after {count} whole records); run "
-                           "tools/recover_rlds.py to keep every intact record")
-            split_records += count
-            if count != expected:
-                report.add("error", "records", name,
-                           f"{count} records, dataset_info.json lists {expected}")
-            if name in manifest_shards:
-                _, sh = manifest_shards.pop(name)
-                if digest is not None and digest != sh.get("sha256"):
-                    report.add("error", "manifest", name, "sha256 differs from the manifest")
-                if sh.get("episodes") != count:
-                    report.add("error", "manifest", name, f"{count} episodes, the manifest "
-                               f"lists {sh.get('episodes')}")
-        report.bytes += split_bytes
-        listed_bytes = int(entry.get("numBytes", 0) or 0)
-        # Ours count whole files; TFDS's writers count the serialized examples (no framing).
-        if listed_bytes and listed_bytes not in (split_bytes, split_bytes - 16 * split_records):
-            report.add("warning", "records", f"split {split}", f"numBytes {listed_bytes} in "
-                       f"dataset_info.json, shards hold {split_bytes}")
-    for name in sorted(manifest_shards):
-        report.add("error", "manifest", name, "in the manifest but not in dataset_info.json")
-    if not ids and report.episodes:
-        report.add("warning", "episode_id", directory, "no episode_id feature: uniqueness not "
-                   "checked")
-    report.checks.append("statistics")
-    if os.path.exists(os.path.join(directory, layout.STATISTICS)):
-        loaded = stats.load(directory)
-        if not stats.is_current(directory):
-            covers = loaded[1] if loaded else {}
-            report.add("error", "statistics", layout.STATISTICS,
-                       f"not current: covers {sum(len(v) for v in covers.values())} shards of "
-                       f"{report.shards}; run tools/recover_rlds.py (it catches up) or "
-                       "oxe_envlogger.format.stats.catch_up")
-        legacy = loaded[0].legacy_keys() if loaded else []
-        if legacy:
-            report.add("warning", "statistics", layout.STATISTICS,
-                       f"the quantiles of {legacy} come from an older logger's sample of at "
-                       "most 512 rows and are not used; run tools/recover_rlds.py to rebuild "
-                       "them")
-    else:
+        split_bytes += os.path.getsize(path)
+        count, digest = 0, None
+        try:
+            with open(path, "rb", buffering=0) as f:
+                hashing = _HashingFile(f)
+                records = record.iter_records(io.BufferedReader(hashing, 1 << 20), path=path)
+                for i, (_, data) in enumerate(records):
+                    count += 1
+                    _check_episode(report, f"{name}[{i}]", data, spec, declared,
+                                   decode_images, ids)
+                # Read to the end of the file: the hash covers all of it.
+                digest = hashing.digest.hexdigest()
+        except CorruptDatasetError as e:
+            report.add("error", "records", name, f"{e} (after {count} whole records); run "
+                       "tools/recover_rlds.py to keep every intact record")
+        split_records += count
+        if count != expected:
+            report.add("error", "records", name,
+                       f"{count} records, dataset_info.json lists {expected}")
+        if name in manifest_shards:
+            _, sh = manifest_shards.pop(name)
+            if digest is not None and digest != sh.get("sha256"):
+                report.add("error", "manifest", name, "sha256 differs from the manifest")
+            if sh.get("episodes") != count:
+                report.add("error", "manifest", name, f"{count} episodes, the manifest "
+                           f"lists {sh.get('episodes')}")
+    report.bytes += split_bytes
+    listed_bytes = int(entry.get("numBytes", 0) or 0)
+    # Ours count whole files; TFDS's writers count the serialized examples (no framing).
+    if listed_bytes and listed_bytes not in (split_bytes, split_bytes - 16 * split_records):
+        report.add("warning", "records", f"split {split}", f"numBytes {listed_bytes} in "
+                   f"dataset_info.json, shards hold {split_bytes}")
+
+
+def _check_statistics(report: ValidationReport, directory: str) -> None:
+    """``statistics.json`` covers exactly the committed shards, with sketched quantiles."""
+    if not os.path.exists(os.path.join(directory, layout.STATISTICS)):
         report.add("warning", "statistics", layout.STATISTICS, "missing")
-    report.checks.append("leftovers")
-    _leftovers(report, directory, info)
-    return report
+        return
+    loaded = stats.load(directory)
+    if not stats.is_current(directory):
+        covers = loaded[1] if loaded else {}
+        report.add("error", "statistics", layout.STATISTICS,
+                   f"not current: covers {sum(len(v) for v in covers.values())} shards of "
+                   f"{report.shards}; run tools/recover_rlds.py (it catches up) or "
+                   "oxe_envlogger.format.stats.catch_up")
+    legacy = loaded[0].legacy_keys() if loaded else []
+    if legacy:
+        report.add("warning", "statistics", layout.STATISTICS,
+                   f"the quantiles of {legacy} come from an older logger's sample of at "
+                   "most 512 rows and are not used; run tools/recover_rlds.py to rebuild "
+                   "them")

@@ -24,6 +24,7 @@ import numpy as np
 from oxe_envlogger.datasets import inspection
 from oxe_envlogger.errors import OXEEnvLoggerError
 from oxe_envlogger.format import layout, reader
+from oxe_envlogger.format.specs import is_image_shape
 
 PathLike = str | os.PathLike
 _MIN_WIDTH = 512
@@ -42,7 +43,7 @@ def _ours(directory: str) -> bool:
     info = layout.read_json(os.path.join(directory, layout.DATASET_INFO))
     if info is None:
         raise layout.no_dataset_error(directory)
-    if (info.get("fileFormat") or layout.FILE_FORMAT) != layout.FILE_FORMAT:
+    if not layout.is_tfrecord(info):
         return False
     try:
         reader.read_spec(directory)
@@ -90,8 +91,7 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
 def camera_keys(steps: dict[str, Any]) -> list[str]:
     """Step keys holding images: uint8 arrays of shape (T, H, W, 1|3|4)."""
     return [k for k, v in _flat(steps).items()
-            if isinstance(v, np.ndarray) and v.dtype == np.uint8 and v.ndim == 4
-            and v.shape[-1] in (1, 3, 4)]
+            if isinstance(v, np.ndarray) and v.ndim == 4 and is_image_shape(v.shape[1:], v.dtype)]
 
 
 def numeric_columns(steps: dict[str, Any], prefix: str) -> tuple[np.ndarray, list[str]]:

@@ -61,10 +61,6 @@ class ImageCodec:
         return f"jpeg:{self.quality}" if self.format == "jpeg" else self.format
 
 
-def png_backend() -> str:
-    return "fpng" if _fpng is not None else "pillow"
-
-
 def encode_png(image: np.ndarray, *, compress_level: int = 1) -> bytes:
     """Lossless PNG of a uint8 (H, W, C) image."""
     h, w, c = image.shape

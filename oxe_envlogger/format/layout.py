@@ -297,6 +297,28 @@ def new_dataset_info(name: str, *, version: str = DEFAULT_VERSION, description: 
     }
 
 
+def new_metadata(name: str, *, created: str | None = None,
+                 sessions: Sequence[Mapping[str, Any]] = ()) -> dict:
+    """An ``oxe_envlogger.json`` dict: the format version, the dataset's name, when it was made
+    (omitted when None) and its writer sessions."""
+    meta: dict[str, Any] = {"format_version": 1, "dataset_name": name}
+    if created is not None:
+        meta["created"] = created
+    meta["sessions"] = [dict(s) for s in sessions]
+    return meta
+
+
+def file_format(info: Mapping[str, Any]) -> str:
+    """The shards' file format a ``dataset_info.json`` records (tfrecord where it says none,
+    or null)."""
+    return info.get("fileFormat") or FILE_FORMAT
+
+
+def is_tfrecord(info: Mapping[str, Any]) -> bool:
+    """Whether a dataset's shards are TFRecord files, the only format read without TFDS."""
+    return file_format(info) == FILE_FORMAT
+
+
 def split_entry(info: dict, split: str, *, create: bool = False) -> dict | None:
     for entry in info.setdefault("splits", []):
         if entry.get("name") == split:
@@ -317,12 +339,11 @@ def shard_paths(directory: PathLike, info: dict, split: str) -> list[tuple[str, 
         raise KeyError(f"split {split!r} not in {os.fspath(directory)} (splits: {known})")
     lengths = [int(n) for n in entry.get("shardLengths", [])]
     template = entry.get("filepathTemplate") or DEFAULT_TEMPLATE
-    file_format = info.get("fileFormat") or FILE_FORMAT
-    if file_format != FILE_FORMAT:
-        raise OXEEnvLoggerError(f"{directory}: file format {file_format!r} is not read here; "
+    if not is_tfrecord(info):
+        raise OXEEnvLoggerError(f"{directory}: file format {file_format(info)!r} is not read here; "
                                 "use tfds.builder_from_directory")
     return [(os.path.join(directory, shard_filename(template, info["name"], split, i,
-                                                     len(lengths), file_format)), n)
+                                                     len(lengths), FILE_FORMAT)), n)
             for i, n in enumerate(lengths)]
 
 
@@ -334,13 +355,15 @@ def is_dataset(directory: PathLike) -> bool:
     return os.path.isfile(os.path.join(directory, DATASET_INFO))
 
 
+# A shard's file name, in either template: <name>-<split>.tfrecord-<index>[-of-<total>].
+_SHARD_NAME_RE = (r"^(?P<name>{name})-(?P<split>[^.]+)\." + FILE_FORMAT
+                  + r"-(?P<index>\d{{5,}})(?:-of-(?P<total>\d{{5,}}))?$")
+_SHARD_NAME = re.compile(_SHARD_NAME_RE.format(name="[a-zA-Z][a-zA-Z0-9_]*"))
+
+
 def shard_pattern(name: str) -> re.Pattern:
     """The file names of dataset ``name``'s shards, in either template, of any split."""
-    return re.compile(rf"^{re.escape(name)}-.+\.{FILE_FORMAT}-\d{{5,}}(-of-\d{{5,}})?$")
-
-
-_SHARD_NAME = re.compile(rf"^(?P<name>[a-zA-Z][a-zA-Z0-9_]*)-(?P<split>[^.]+)\.{FILE_FORMAT}"
-                         r"-(?P<index>\d{5,})(?:-of-(?P<total>\d{5,}))?$")
+    return re.compile(_SHARD_NAME_RE.format(name=re.escape(name)))
 
 
 def shard_files(directory: str) -> dict[str, dict[str, list[tuple[int, int | None, str]]]]:
@@ -517,8 +540,7 @@ class DatasetDir:
             return False
         os.makedirs(self.path, exist_ok=True)
         atomic_write_json(self.file(FEATURES), features_json)
-        meta = {"format_version": 1, "dataset_name": self.name, "created": now_iso(),
-                "sessions": []}
+        meta = new_metadata(self.name, created=now_iso())
         meta.update(metadata or {})
         atomic_write_json(self.file(METADATA), meta)
         atomic_write_json(self.file(DATASET_INFO),
@@ -553,8 +575,7 @@ class DatasetDir:
 
     def update_metadata(self, fn) -> dict:
         """Applies ``fn(meta) -> None`` to ``oxe_envlogger.json`` atomically. Caller holds the lock."""
-        meta = read_json(self.file(METADATA)) or {"format_version": 1, "dataset_name": self.name,
-                                                  "sessions": []}
+        meta = read_json(self.file(METADATA)) or new_metadata(self.name)
         fn(meta)
         atomic_write_json(self.file(METADATA), meta)
         return meta

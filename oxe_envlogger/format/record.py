@@ -23,7 +23,7 @@ import dataclasses
 import os
 import struct
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import BinaryIO, Literal
+from typing import Any, BinaryIO, Literal
 
 import google_crc32c
 import numpy as np
@@ -42,12 +42,31 @@ _FOOTER = 4
 Kind = Literal["bytes", "float", "int64"]
 
 
-def _mask(crc: int) -> int:
+def _crc32c_function() -> Callable[[Any], int]:
+    """crc32c of any buffer (a memoryview of a mapped file included), releasing the GIL.
+
+    google-crc32c (a base dependency) takes ``bytes`` only, which would mean copying every
+    record into fresh memory; the ``crc32c`` package reads buffers in place where installed."""
+    try:
+        import crc32c as fast  # the ICRAR package: hardware crc32c over any buffer
+    except ImportError:
+        fast = None
+    if fast is not None and hasattr(fast, "crc32c"):
+        return fast.crc32c
+    return lambda buf: google_crc32c.value(buf if isinstance(buf, bytes) else bytes(buf))
+
+
+crc32c = _crc32c_function()
+
+
+def mask(crc: int) -> int:
+    """TFRecord's masking of a crc32c (rotated right by 15 bits, plus a constant)."""
     return (((crc >> 15) | (crc << 17)) + _MASK_DELTA) & 0xFFFFFFFF
 
 
 def masked_crc(data: bytes | memoryview) -> int:
-    return _mask(google_crc32c.value(data))
+    """The masked crc32c that frames a TFRecord record's length and data."""
+    return mask(crc32c(data))
 
 
 def frame(data: bytes) -> bytes:
@@ -58,6 +77,29 @@ def frame(data: bytes) -> bytes:
 
 def framed_size(n: int) -> int:
     return n + _HEADER + _FOOTER
+
+
+def record_length(fd: int, offset: int, size: int, path: str) -> int:
+    """The data length of the record framed at ``offset`` of an open file of ``size`` bytes,
+    once its header's CRC is checked and the whole record is known to fit in the file.
+
+    Raises:
+      DamagedShardError: for a truncated header or record, or a bad length CRC.
+    """
+    header = os.pread(fd, _HEADER, offset)
+    if len(header) < _HEADER:
+        raise DamagedShardError(path, offset, "truncated record header")
+    (length,) = _U64.unpack_from(header)
+    if _U32.unpack_from(header, 8)[0] != masked_crc(header[:8]):
+        raise DamagedShardError(path, offset, "bad length CRC")
+    if offset + framed_size(length) > size:
+        raise DamagedShardError(path, offset, "truncated record")
+    return length
+
+
+def data_crc_matches(framed_tail: bytes | memoryview, data: bytes | memoryview) -> bool:
+    """Whether ``data`` has the masked CRC in the 4 bytes ``framed_tail`` (a record's footer)."""
+    return masked_crc(data) == _U32.unpack_from(framed_tail, 0)[0]
 
 
 def iter_records(f: BinaryIO, *, verify: bool = True, path: str = "") -> Iterator[tuple[int, bytes]]:
@@ -446,29 +488,80 @@ def encode_example(features: Mapping[str, Payload]) -> bytes:
 # Decoding
 
 
-def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        b = buf[pos]
-        pos += 1
-        result |= (b & 0x7F) << shift
-        if b < 0x80:
-            return result, pos
-        shift += 7
+_WINDOW = 64 * 1024  # what one read of a FileWindow fetches ahead
 
 
-def _field_spans(buf: memoryview, pos: int, end: int) -> Iterator[tuple[int, int, int, int]]:
-    """Yields ``(field number, wire type, start, end)`` of each field in ``buf[pos:end]``; for
-    varints, ``start`` is the value and ``end`` is -1."""
+class BufferSource:
+    """An in-memory serialized message, for :func:`field_spans`."""
+
+    def __init__(self, data: bytes | memoryview):
+        self.buf = memoryview(data)
+
+    def get(self, pos: int, n: int) -> memoryview:
+        return self.buf[pos: pos + n]
+
+    def varint(self, pos: int) -> tuple[int, int]:
+        buf = self.buf
+        result = shift = 0
+        while True:
+            b = buf[pos]
+            pos += 1
+            result |= (b & 0x7F) << shift
+            if b < 0x80:
+                return result, pos
+            shift += 7
+
+
+class FileWindow:
+    """A message inside a file, read in small pieces at any offset through one read-ahead
+    buffer (for :func:`field_spans` over a record too large to read whole)."""
+
+    def __init__(self, fd: int, end: int, *, start: int = 0, buf: bytes = b""):
+        self.fd, self.end = fd, end
+        self.start, self.buf = start, buf
+
+    def get(self, pos: int, n: int) -> bytes:
+        if not (self.start <= pos and pos + n <= self.start + len(self.buf)):
+            self.start = pos
+            self.buf = os.pread(self.fd, max(n, min(_WINDOW, self.end - pos)), pos)
+        off = pos - self.start
+        return self.buf[off: off + n]
+
+    def varint(self, pos: int) -> tuple[int, int]:
+        chunk = self.get(pos, min(10, self.end - pos))
+        result = shift = 0
+        for i, b in enumerate(chunk):
+            result |= (b & 0x7F) << shift
+            if b < 0x80:
+                return result, pos + i + 1
+            shift += 7
+        raise CorruptDatasetError("bad varint")
+
+
+Source = BufferSource | FileWindow
+
+
+def field_spans(src: Source, pos: int, end: int) -> Iterator[tuple[int, int, int, int]]:
+    """Yields ``(field number, wire type, start, end)`` of each protobuf field in ``[pos, end)``
+    of ``src``; for varints, ``start`` is the value and ``end`` is -1.
+
+    The one walker of the wire format: the reader, the loader's image index, the resharder and
+    the validator all read Examples through it, in memory or straight from a file.
+
+    Raises:
+      CorruptDatasetError: for a field that runs past ``end`` or an unknown wire type.
+    """
     while pos < end:
-        key, pos = _read_varint(buf, pos)
+        key, pos = src.varint(pos)
         field, wire = key >> 3, key & 7
         if wire == 2:
-            n, pos = _read_varint(buf, pos)
+            n, pos = src.varint(pos)
+            if pos + n > end:
+                raise CorruptDatasetError("malformed message: a field runs past its end")
             yield field, wire, pos, pos + n
             pos += n
         elif wire == 0:
-            v, pos = _read_varint(buf, pos)
+            v, pos = src.varint(pos)
             yield field, wire, v, -1
         elif wire == 5:
             yield field, wire, pos, pos + 4
@@ -478,11 +571,41 @@ def _field_spans(buf: memoryview, pos: int, end: int) -> Iterator[tuple[int, int
             pos += 8
         else:
             raise CorruptDatasetError(f"unsupported protobuf wire type {wire}")
+    if pos != end:
+        raise CorruptDatasetError("malformed message: a field runs past its end")
+
+
+def example_entries(src: Source, start: int, end: int) -> dict[str, tuple[int, int]]:
+    """``{feature key: (payload start, payload end)}`` of the Example at ``[start, end)`` of
+    ``src``, without reading any payload.
+
+    Raises:
+      CorruptDatasetError: for bytes that are not an Example.
+      UnicodeDecodeError: for a key that is not UTF-8.
+    """
+    out = {}
+    for field, wire, s, e in field_spans(src, start, end):
+        if field != 1 or wire != 2:  # not Example.features
+            continue
+        for f_entry, w_entry, es, ee in field_spans(src, s, e):
+            if f_entry != 1 or w_entry != 2:  # not Features.feature
+                continue
+            key, value = None, (ee, ee)
+            for f_kv, w_kv, ks, ke in field_spans(src, es, ee):
+                if w_kv != 2:
+                    continue
+                if f_kv == 1:
+                    key = bytes(src.get(ks, ke - ks)).decode("utf-8")
+                elif f_kv == 2:
+                    value = (ks, ke)
+            if key is not None:
+                out[key] = value
+    return out
 
 
 def _iter_fields(buf: memoryview) -> Iterator[tuple[int, int, memoryview | int]]:
     """Yields ``(field number, wire type, payload)``; payload is an int for varints."""
-    for field, wire, start, end in _field_spans(buf, 0, len(buf)):
+    for field, wire, start, end in field_spans(BufferSource(buf), 0, len(buf)):
         yield field, wire, (start if end < 0 else buf[start:end])
 
 
@@ -490,29 +613,18 @@ def bytes_value_ranges(data: bytes | memoryview, keys: Sequence[str]
                        ) -> dict[str, list[tuple[int, int]]]:
     """``{feature key: [(start, end)]}``: where each value of the BytesList features ``keys``
     lies inside a serialized Example (to read, say, one encoded image without the others)."""
-    buf = memoryview(data)
-    wanted = {k.encode("utf-8"): k for k in keys}
+    src = BufferSource(data)
+    wanted = set(keys)
     out: dict[str, list[tuple[int, int]]] = {}
-    for field, _, s, e in _field_spans(buf, 0, len(buf)):
-        if field != 1:
+    for name, (s, e) in example_entries(src, 0, len(src.buf)).items():
+        if name not in wanted or s == e:
             continue
-        for f_entry, _, es, ee in _field_spans(buf, s, e):
-            if f_entry != 1:
-                continue
-            name = value = None
-            for f_kv, _, ks, ke in _field_spans(buf, es, ee):
-                if f_kv == 1:
-                    name = wanted.get(bytes(buf[ks:ke]))
-                elif f_kv == 2:
-                    value = (ks, ke)
-            if name is None or value is None:
-                continue
-            ranges: list[tuple[int, int]] = []
-            for f_kind, _, ls, le in _field_spans(buf, *value):
-                if f_kind != 1:
-                    raise CorruptDatasetError(f"{name}: expected a bytes list, found field {f_kind}")
-                ranges.extend((vs, ve) for f_v, _, vs, ve in _field_spans(buf, ls, le) if f_v == 1)
-            out[name] = ranges
+        ranges: list[tuple[int, int]] = []
+        for f_kind, _, ls, le in field_spans(src, s, e):
+            if f_kind != 1:
+                raise CorruptDatasetError(f"{name}: expected a bytes list, found field {f_kind}")
+            ranges.extend((vs, ve) for f_v, _, vs, ve in field_spans(src, ls, le) if f_v == 1)
+        out[name] = ranges
     return out
 
 
@@ -520,22 +632,8 @@ def split_example(data: bytes | memoryview) -> dict[str, memoryview]:
     """``{key: raw Feature payload}`` of a serialized Example, without decoding the values.
 
     Used to rewrite a few features of a record and keep the others' bytes as they are."""
-    out = {}
-    for field, _, features in _iter_fields(memoryview(data)):
-        if field != 1:
-            continue
-        for f2, _, entry in _iter_fields(features):
-            if f2 != 1:
-                continue
-            key, value = None, memoryview(b"")
-            for f3, _, part in _iter_fields(entry):
-                if f3 == 1:
-                    key = bytes(part).decode("utf-8")
-                elif f3 == 2:
-                    value = part
-            if key is not None:
-                out[key] = value
-    return out
+    src = BufferSource(data)
+    return {k: src.buf[s:e] for k, (s, e) in example_entries(src, 0, len(src.buf)).items()}
 
 
 def decode_feature(payload: bytes | memoryview) -> tuple[Kind, list[bytes] | np.ndarray]:
@@ -555,11 +653,6 @@ def decode_feature(payload: bytes | memoryview) -> tuple[Kind, list[bytes] | np.
                 parts.append(decode_varints(v) if wire == 2 else np.array([v], np.uint64).view(np.int64))
             return "int64", np.concatenate(parts) if parts else np.zeros(0, np.int64)
     return "bytes", []  # an empty Feature: no kind set
-
-
-def decode_example(data: bytes | memoryview) -> dict[str, tuple[Kind, list[bytes] | np.ndarray]]:
-    """``{key: (kind, values)}`` of a serialized Example."""
-    return {k: decode_feature(v) for k, v in split_example(data).items()}
 
 
 # The first byte of a Feature payload: which of its lists it holds (the field tag).
@@ -647,7 +740,7 @@ class RecordWriter:
                     _writev_all(self._fd, batch)
                     batch, pending = [], 0
             assert n == length, (n, length)
-            batch.append(_U32.pack(_mask(crc)))
+            batch.append(_U32.pack(mask(crc)))
             _writev_all(self._fd, batch)
         except BaseException:
             self.truncate(start)

@@ -199,7 +199,7 @@ def image(shape: tuple[int, ...], codec: str | ImageCodec = "png", doc: str = ""
     """A uint8 HxWxC image leaf (C in 1, 3, 4); ``codec="raw"`` gives a bytes-encoded tensor."""
     codec = ImageCodec.parse(codec)
     shape = tuple(int(d) for d in shape)
-    if len(shape) != 3 or shape[-1] not in (1, 3, 4):
+    if not is_image_shape(shape, np.uint8):
         raise UnsupportedSpaceError(f"image shape must be (H, W, 1|3|4), given {shape}")
     if codec.format == "raw":
         return Leaf("tensor", shape, np.dtype(np.uint8), "bytes", None, doc)
@@ -214,7 +214,8 @@ def text(doc: str = "") -> Leaf:
 
 
 def is_image_shape(shape: tuple[int, ...], dtype: Any) -> bool:
-    """Whether a Box of this shape and dtype is logged as an image by default."""
+    """Whether an array of this shape and dtype is an image: uint8 HxWx{1,3,4}, the one rule
+    the logger, the readers, the tools and the trainer share."""
     return np.dtype(dtype) == np.uint8 and len(shape) == 3 and shape[-1] in (1, 3, 4)
 
 

@@ -36,9 +36,11 @@ def _modules() -> list[tuple[str, str]]:
     out = []
     for dirpath, _, files in os.walk(PACKAGE):
         for f in files:
-            if f.endswith(".py") and f != "__init__.py":
-                rel = os.path.relpath(os.path.join(dirpath, f), PACKAGE)[:-3]
-                out.append((rel.replace(os.sep, "."), os.path.join(dirpath, f)))
+            path = os.path.join(dirpath, f)
+            if not f.endswith(".py") or path == os.path.join(PACKAGE, "__init__.py"):
+                continue  # (the package's lazy __init__ names every public module)
+            rel = os.path.relpath(path, PACKAGE)[:-3].removesuffix("/__init__")
+            out.append((rel.replace(os.sep, "."), path))
     return sorted(out)
 
 

@@ -23,7 +23,7 @@ def inputs(tmp_path_factory):
 
 
 def rows(directory):
-    m = layout.read_json(os.path.join(directory, reshard.MANIFEST))
+    m = layout.read_json(os.path.join(directory, layout.RESHARD_MANIFEST))
     return [dict(zip(m["episode_columns"], r)) for r in m["episodes"]]
 
 
@@ -65,7 +65,7 @@ def test_new_flags(inputs, tmp_path):
     by_index = {r["global_index"]: r for r in got}
     assert by_index[0]["changes"] == "features+language"
     assert all(os.path.getsize(os.path.join(out, s["file"])) <= 20_000 or s["episodes"] == 1
-               for split in json.load(open(os.path.join(out, reshard.MANIFEST)))["splits"].values()
+               for split in json.load(open(os.path.join(out, layout.RESHARD_MANIFEST)))["splits"].values()
                for s in split["shards"])
     assert validate(out).ok
 

@@ -51,8 +51,9 @@ def action(ep: int, t: int) -> np.ndarray:
 def main(directory: str, mode: str) -> None:
     episode_len = 10**9 if mode == "long" else EPISODE_LEN
     env = OXEEnvLogger(Deterministic(episode_len), "crash", directory, max_episodes_per_file=2)
-    workers = getattr(env._recorder.writer.encoder, "_workers", [])
-    print("workers " + " ".join(str(w.proc.pid) for w in workers), flush=True)
+    encoder = env._recorder.writer.encoder
+    workers = encoder.worker_processes() if encoder is not None else []
+    print("workers " + " ".join(str(proc.pid) for proc in workers), flush=True)
     for ep in range(100000):
         if mode.startswith("flush") and ep == 3:
             env.flush(commit=mode == "flush_commit")  # episode 2 has ended: handed over here

@@ -226,14 +226,14 @@ def test_encoder_workers_outlive_a_terminal_interrupt(dataset_dir):
     env = OXEEnvLogger(RecordingEnv(space, BOX, episode_len=5), "sig", dataset_dir,
                        writer_options=WriterOptions(encode_processes=1, max_pending_frames=8))
     run_episodes(env, 1)
-    workers = env._recorder.writer.encoder._workers
+    workers = env._recorder.writer.encoder.worker_processes()
     assert len(workers) == 1
-    for w in workers:
-        w.proc.send_signal(signal.SIGINT)
-        w.proc.send_signal(signal.SIGTERM)
-    for w in workers:
+    for proc in workers:
+        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGTERM)
+    for proc in workers:
         with pytest.raises(subprocess.TimeoutExpired):
-            w.proc.wait(timeout=1.0)
+            proc.wait(timeout=1.0)
     run_episodes(env, 2, seed=10)
     env.close()
     episodes = read_tfds(dataset_dir)
@@ -252,8 +252,8 @@ def test_encoder_worker_death_is_reported(dataset_dir):
 
     while env._recorder.writer.episodes_written < 1:
         time.sleep(0.01)
-    for w in env._recorder.writer.encoder._workers:
-        w.proc.kill()
+    for proc in env._recorder.writer.encoder.worker_processes():
+        proc.kill()
     with pytest.raises(oxe_envlogger.WriterError, match="encod"):
         for _ in range(50):
             env.step(BOX.sample())
@@ -485,7 +485,7 @@ def test_a_forked_child_does_not_keep_the_encoders_alive(dataset_dir):
                        writer_options=WriterOptions(encode_processes=1))
     run_episodes(env, 2)
     pool = env._recorder.writer.encoder
-    procs = [w.proc for w in pool._workers]
+    procs = pool.worker_processes()
     r, w = os.pipe()
     child = os.fork()
     if child == 0:  # pragma: no cover - the child reports through its exit code

@@ -81,7 +81,7 @@ def output_records(directory: str) -> dict[tuple[str, int, int], bytes]:
 
 
 def manifest_rows(directory: str) -> list[dict]:
-    m = layout.read_json(os.path.join(directory, reshard.MANIFEST))
+    m = layout.read_json(os.path.join(directory, layout.RESHARD_MANIFEST))
     return [dict(zip(m["episode_columns"], row)) for row in m["episodes"]]
 
 
@@ -106,7 +106,7 @@ def test_merge_copies_every_episode_byte_for_byte(sources, merged):
     assert report.episodes == len(src) == len(got) == 9
     # In order: inputs sorted by path, stable order inside each.
     assert [got[k] for k in sorted(got)] == [r[3] for r in src]
-    manifest = layout.read_json(os.path.join(out, reshard.MANIFEST))
+    manifest = layout.read_json(os.path.join(out, layout.RESHARD_MANIFEST))
     sources_by_index = {s["index"]: s["directory"] for s in manifest["sources"]}
     assert sorted(sources_by_index.values()) == layout.find_datasets(sources)
     for row in manifest_rows(out):
@@ -200,7 +200,7 @@ def test_skip_indices_drop_invalid_and_shard_size(sources, tmp_path):
     invalid = [i for i, r in enumerate(src)
                if reader.decode_episode(r[3], reader.read_spec(r[0]), keys=())["invalid"]]
     assert invalid == [8]
-    manifest = layout.read_json(os.path.join(out, reshard.MANIFEST))
+    manifest = layout.read_json(os.path.join(out, layout.RESHARD_MANIFEST))
     skipped = {row[0]: row[-1] for row in manifest["skipped"]}
     assert skipped == {0: "skip_episodes", 4: "skip_episodes", 8: "invalid"}
     kept = [i for i in range(len(src)) if i not in skipped]
@@ -544,7 +544,7 @@ def test_logger_overwrite_removes_the_reshard_files_and_keeps_the_user_files(mer
     run_episodes(env, 2, seed=0)
     env.close()
     assert_user_files(existing)
-    assert not os.path.exists(os.path.join(existing, reshard.MANIFEST))
+    assert not os.path.exists(os.path.join(existing, layout.RESHARD_MANIFEST))
     assert not os.path.exists(os.path.join(existing, "dataset_statistics_0123abcd.json"))
     report = validate(existing)
     assert report.ok and report.episodes == 2, report.format()
@@ -564,6 +564,7 @@ def test_exchange_paths(tmp_path):
 _PAUSED_RESHARD = """
 import os, sys, time
 from oxe_envlogger.datasets import reshard
+from oxe_envlogger.datasets.reshard import output
 from oxe_envlogger.format import layout
 
 def pause(*args):
@@ -574,7 +575,7 @@ where = sys.argv[3]
 if where == "before_swap":
     layout.exchange_paths = pause
 elif where == "after_swap":
-    reshard._retire = pause
+    output._retire = pause
 else:  # no RENAME_EXCHANGE: killed between the two renames
     layout.exchange_paths = lambda a, b: False
     rename = os.rename
@@ -762,7 +763,7 @@ def test_float64_conversion_of_a_tfds_written_dataset(tmp_path):
         for path in reshard.feature_paths(features):
             node = features
             for key in path.split("/"):
-                node = reshard._node_children(node)[key]
+                node = reshard.transform._node_children(node)[key]
             if "tensor" in node:
                 out[path] = node["tensor"]["encoding"]
         return out

@@ -83,10 +83,10 @@ def test_beam_direct_runner_equals_single_process(sources, tmp_path):
     assert a.keys() == b.keys()
     assert len([n for n in a if ".tfrecord-" in n]) > 2
     for name in a:
-        if name not in (layout.METADATA, reshard.MANIFEST):
+        if name not in (layout.METADATA, layout.RESHARD_MANIFEST):
             assert a[name] == b[name], name
-    ma = layout.read_json(os.path.join(local, reshard.MANIFEST))
-    mb = layout.read_json(os.path.join(beam, reshard.MANIFEST))
+    ma = layout.read_json(os.path.join(local, layout.RESHARD_MANIFEST))
+    mb = layout.read_json(os.path.join(beam, layout.RESHARD_MANIFEST))
     assert ma.pop("runner") == "local" and mb.pop("runner") == "beam:DirectRunner"
     assert ma == mb
     changes = {row[-1] for row in ma["episodes"]}
@@ -183,9 +183,9 @@ def test_beam_float64_conversion_equals_single_process(tmp_path):
     a, b = files(local), files(beam)
     assert a.keys() == b.keys()
     for name in a:
-        if name not in (layout.METADATA, reshard.MANIFEST):
+        if name not in (layout.METADATA, layout.RESHARD_MANIFEST):
             assert a[name] == b[name], name
-    manifest = layout.read_json(os.path.join(beam, reshard.MANIFEST))
+    manifest = layout.read_json(os.path.join(beam, layout.RESHARD_MANIFEST))
     assert [row[-1] for row in manifest["episodes"]] == ["float64", "float64", ""]
     assert manifest["options"]["float64"] == "float32"
     assert validate(beam).ok

@@ -176,10 +176,10 @@ def test_manifest_of_a_resharded_dataset(w2, tmp_path):
     out = str(tmp_path / "out")
     reshard.reshard([w2], out, reshard.ReshardOptions(shard_episodes=2))
     assert validate(out).ok
-    path = os.path.join(out, reshard.MANIFEST)
+    path = os.path.join(out, layout.RESHARD_MANIFEST)
     manifest = json.loads(open(path).read())
     manifest["splits"]["train"]["shards"][1]["sha256"] = "0" * 64
-    layout.atomic_write_bytes(path, reshard.dump_manifest(manifest))
+    layout.atomic_write_bytes(path, layout.dump_manifest(manifest))
     report = validate(out)
     assert checks(report) == {"manifest"} and "sha256 differs" in report.format()
 

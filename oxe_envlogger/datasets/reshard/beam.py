@@ -20,26 +20,20 @@ import logging
 import os
 from collections.abc import Sequence
 
-from oxe_envlogger.datasets.reshard import (
-    MANIFEST,
-    Inputs,
-    Plan,
-    ReshardOptions,
-    ReshardReport,
-    ShardResult,
-    ShardTask,
-    Transform,
-    build_plan,
+from oxe_envlogger.datasets.reshard import ReshardReport
+from oxe_envlogger.datasets.reshard.inputs import Inputs, discover
+from oxe_envlogger.datasets.reshard.options import ReshardOptions
+from oxe_envlogger.datasets.reshard.output import (
     check_output,
     commit_output,
     discard_staging,
-    discover,
     finalize,
     make_staging,
-    make_transform,
-    scan_shard,
-    write_shard,
 )
+from oxe_envlogger.datasets.reshard.plan import Plan, ShardTask, build_plan
+from oxe_envlogger.datasets.reshard.scan import scan_shard
+from oxe_envlogger.datasets.reshard.transform import Transform, make_transform
+from oxe_envlogger.datasets.reshard.write import ShardResult, write_shard
 from oxe_envlogger.format import layout
 
 log = logging.getLogger(__name__)
@@ -125,7 +119,7 @@ def reshard_beam(rlds_dirs: Sequence[PathLike], output_dir: PathLike,
                                           runner))
         if not layout.is_dataset(staging):
             raise RuntimeError(f"the pipeline finished without finalizing {staging}")
-        manifest = layout.read_json(os.path.join(staging, MANIFEST))
+        manifest = layout.read_json(os.path.join(staging, layout.RESHARD_MANIFEST))
         commit_output(staging, out, overwrite=options.overwrite, fsync=options.fsync)
     except BaseException:
         discard_staging(staging)
