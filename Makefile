@@ -41,6 +41,7 @@ bench: venv
 	$(BIN)/python bench/bench_loader.py
 	$(BIN)/python bench/bench_stats.py
 	$(BIN)/python bench/bench_eval.py
+	$(BIN)/python bench/bench_remix.py
 
 clean:
 	rm -rf demo_out bench_out logs .pytest_cache
