@@ -5,7 +5,7 @@ axis, the reference's parameters replicated and never donated).
 ::
 
     state = create_remix_state(proxy_train_state, initial_alpha, reference_policy=ref_policy,
-                               options=RemixOptions(eta=0.2, smoothing=0.05))
+                               options=RemixOptions(eta=0.2, smoothing=0.05))  # a TrainState
     state = training.put_state(state, mesh)
     reference_params = training.put_state(reference_params, mesh)
     step = jit_remix_step(mesh)
@@ -38,6 +38,7 @@ Metrics (on the device; fetch them at log intervals): ``loss`` (the proxy object
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -46,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from openx_train.data.errors import ConfigError
 from openx_train.models.errors import InputSpecError
@@ -60,7 +61,7 @@ from openx_train.remix.weights import (
     proxy_objective,
     update_weights,
 )
-from openx_train.training.sharding import batch_sharding, replicated_sharding
+from openx_train.training.sharding import BATCH_AXIS, batch_sharding, replicated_sharding
 from openx_train.training.state import TrainState
 
 #: The batch key of each example's domain (``DataLoader.domain_names`` index).
@@ -68,34 +69,34 @@ DOMAIN_ID = "domain_id"
 
 
 @flax.struct.dataclass
-class RemixState:
-    """The Re-Mix train state: the proxy's BC train state and the domain weights (one pytree,
-    saved and restored whole), plus the static parts of the step.
+class RemixState(TrainState):
+    """The Re-Mix train state: the proxy policy's train state (every
+    :class:`~openx_train.training.TrainState` field: ``step`` is the number of Re-Mix updates
+    made) plus the domain weights, one pytree saved and restored whole, and the static parts of
+    the step. The weights are the field ``extra`` (what :mod:`openx_train.run`'s checkpointer
+    saves besides a train state's fields); :attr:`weights` names it.
 
     Attributes:
-      proxy: the proxy policy's :class:`~openx_train.training.TrainState` (its ``step`` is the
-        Re-Mix step: the number of updates made).
-      weights: :class:`~openx_train.remix.RemixWeights` (``alpha``, ``average_alpha``,
+      extra: :class:`~openx_train.remix.RemixWeights` (``alpha``, ``average_alpha``,
         ``initial_alpha``).
       reference_policy: the reference's policy module (static; its parameters are an argument
         of the step).
       options: the update's :class:`~openx_train.remix.RemixOptions` (static).
     """
 
-    proxy: TrainState
-    weights: RemixWeights
+    extra: RemixWeights
     reference_policy: Policy = flax.struct.field(pytree_node=False)
     options: RemixOptions = flax.struct.field(pytree_node=False)
 
     @property
-    def step(self) -> jax.Array:
-        """The number of updates made."""
-        return self.proxy.step
+    def weights(self) -> RemixWeights:
+        """The domain weights (``extra``)."""
+        return self.extra
 
     @property
     def num_domains(self) -> int:
         """K, the number of domains."""
-        return int(self.weights.alpha.shape[0])
+        return int(self.extra.alpha.shape[0])
 
 
 def create_remix_state(proxy: TrainState, initial_alpha: Sequence[float] | np.ndarray, *,
@@ -126,8 +127,8 @@ def create_remix_state(proxy: TrainState, initial_alpha: Sequence[float] | np.nd
     # init_weights gives one array for all three fields: separate buffers, since the step
     # donates the state and a buffer cannot be donated twice.
     weights = jax.tree.map(lambda x: np.array(x, copy=True), init_weights(initial_alpha))
-    return RemixState(proxy=proxy, weights=weights,
-                      reference_policy=reference_policy,
+    fields = {f.name: getattr(proxy, f.name) for f in dataclasses.fields(TrainState)}
+    return RemixState(**fields, extra=weights, reference_policy=reference_policy,
                       options=options if options is not None else RemixOptions())
 
 
@@ -148,9 +149,8 @@ def remix_step(state: RemixState, reference_params: Any, batch: Mapping[str, Any
     Returns:
       ``(new_state, metrics)`` (see the module docstring).
     """
-    proxy = state.proxy
     k = state.num_domains
-    dropout_rng, sample_rng = jax.random.split(jax.random.fold_in(proxy.rng, proxy.step))
+    dropout_rng, sample_rng = jax.random.split(jax.random.fold_in(state.rng, state.step))
     weights = example_weights(batch)
     valid = weights > 0
     ids = batch[DOMAIN_ID]
@@ -159,36 +159,35 @@ def remix_step(state: RemixState, reference_params: Any, batch: Mapping[str, Any
         rngs={"sample": sample_rng}))
 
     def loss_fn(params):
-        proxy_loss = proxy.policy.apply(
+        proxy_loss = state.policy.apply(
             {"params": params}, batch, train=True, method=Policy.loss,
             rngs={"dropout": dropout_rng, "sample": sample_rng})
         excess = proxy_loss - reference_loss
         stats = domain_statistics(jax.lax.stop_gradient(excess), ids, k, valid=valid)
-        new_weights = update_weights(state.weights, stats, proxy.step, state.options)
+        new_weights = update_weights(state.weights, stats, state.step, state.options)
         objective = proxy_objective(excess, ids, new_weights.alpha, valid=valid,
                                     counts=stats.count)
         return objective, (proxy_loss, stats, new_weights)
 
     (objective, (proxy_loss, stats, new_weights)), grads = jax.value_and_grad(
-        loss_fn, has_aux=True)(proxy.params)
-    updates, opt_state = proxy.tx.update(grads, proxy.opt_state, proxy.params)
-    params = optax.apply_updates(proxy.params, updates)
-    ema_params = proxy.ema_params
-    if proxy.ema_decay is not None:
-        ema_params = optax.incremental_update(params, proxy.ema_params, 1.0 - proxy.ema_decay)
+        loss_fn, has_aux=True)(state.params)
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema_params = state.ema_params
+    if state.ema_decay is not None:
+        ema_params = optax.incremental_update(params, state.ema_params, 1.0 - state.ema_decay)
     proxy_mean = masked_mean(proxy_loss, weights)
     reference_mean = masked_mean(reference_loss, weights)
     metrics = {
         "loss": objective, "proxy_loss": proxy_mean, "reference_loss": reference_mean,
         "excess": proxy_mean - reference_mean, "grad_norm": optax.global_norm(grads),
-        "learning_rate": jnp.asarray(proxy.schedule(proxy.step), jnp.float32),
+        "learning_rate": jnp.asarray(state.schedule(state.step), jnp.float32),
         "alpha": new_weights.alpha, "average_alpha": new_weights.average_alpha,
         "domain_excess": stats.mean_excess(), "domain_positive_excess": stats.positive_mean(),
         "domain_count": stats.count,
     }
-    new_proxy = proxy.replace(step=proxy.step + 1, params=params, opt_state=opt_state,
-                              ema_params=ema_params)
-    return state.replace(proxy=new_proxy, weights=new_weights), metrics
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                         ema_params=ema_params, extra=new_weights), metrics
 
 
 def jit_remix_step(mesh: Mesh) -> Callable[[RemixState, Any, Mapping[str, Any]],
@@ -198,6 +197,24 @@ def jit_remix_step(mesh: Mesh) -> Callable[[RemixState, Any, Mapping[str, Any]],
     replicated. Call it once per run: it compiles once per state structure and batch shapes."""
     replicated = replicated_sharding(mesh)
     return jax.jit(remix_step, in_shardings=(replicated, replicated, batch_sharding(mesh)),
+                   out_shardings=(replicated, replicated), donate_argnums=0)
+
+
+def remix_block_step(state: RemixState, reference_params: Any, batches: Mapping[str, Any]
+                     ) -> tuple[RemixState, dict[str, jax.Array]]:
+    """:func:`remix_step` over a stacked block of batches (``[block, B, ...]``) with
+    ``lax.scan``; the metrics come stacked ``[block, ...]``."""
+    return jax.lax.scan(lambda s, b: remix_step(s, reference_params, b), state, batches)
+
+
+def jit_remix_block_step(mesh: Mesh) -> Callable[[RemixState, Any, Mapping[str, Any]],
+                                                 tuple[RemixState, dict[str, jax.Array]]]:
+    """:func:`remix_block_step` jitted for ``mesh`` (the training loop's block of batches per
+    call, one transfer per block): state replicated and donated, reference parameters
+    replicated, batches split along their second axis."""
+    replicated = replicated_sharding(mesh)
+    blocks = NamedSharding(mesh, PartitionSpec(None, BATCH_AXIS))
+    return jax.jit(remix_block_step, in_shardings=(replicated, replicated, blocks),
                    out_shardings=(replicated, replicated), donate_argnums=0)
 
 

@@ -34,7 +34,7 @@ def run(devices) -> dict[str, np.ndarray]:
         average.append(np.asarray(state.weights.average_alpha))
         loss.append(np.asarray(metrics["loss"]))
     params = np.concatenate([np.ravel(x) for x in jax.tree.leaves(
-        jax.device_get(state.proxy.params))])
+        jax.device_get(state.params))])
     return {"alpha": np.stack(alpha), "average": np.stack(average), "loss": np.stack(loss),
             "params": params}
 

@@ -21,8 +21,10 @@ from openx_train.models import InputSpecError, Policy
 from openx_train.remix import (
     RemixOptions,
     create_remix_state,
+    jit_remix_block_step,
     jit_remix_step,
     put_remix_batch,
+    remix_inputs,
 )
 from openx_train.remix import step as step_module
 from tests.openx_train.model_helpers import fit
@@ -54,8 +56,8 @@ def test_the_step_follows_the_numpy_rules():
     step = jit_remix_step(mesh)
     alpha, average = a0.copy(), a0.copy()
     for t, batch in enumerate(batches):
-        params = jax.device_get(state.proxy.params)
-        opt_state = jax.device_get(state.proxy.opt_state)
+        params = jax.device_get(state.params)
+        opt_state = jax.device_get(state.opt_state)
         excess = _losses(policy, params, batch, spec) - _losses(policy, ref_host, batch, spec)
         ids, valid = batch["domain_id"], np.ones(len(excess), bool)
         alpha = numpy_update(excess, ids, valid, alpha, a0, options.eta, options.smoothing)
@@ -71,7 +73,7 @@ def test_the_step_follows_the_numpy_rules():
             return jnp.sum(coef * policy.apply({"params": p}, inputs, method=Policy.loss))
 
         grads = jax.grad(objective)(params)
-        updates, _ = state.proxy.tx.update(grads, opt_state, params)
+        updates, _ = state.tx.update(grads, opt_state, params)
         expected_params = optax.apply_updates(params, updates)
 
         state, metrics = step(state, ref, put_remix_batch(batch, spec, mesh, num_domains=K))
@@ -81,7 +83,7 @@ def test_the_step_follows_the_numpy_rules():
         np.testing.assert_allclose(metrics["loss"], expected_loss, rtol=1e-4, atol=1e-6)
         np.testing.assert_array_equal(metrics["domain_count"], counts)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-                     jax.device_get(state.proxy.params), expected_params)
+                     jax.device_get(state.params), expected_params)
         assert int(state.step) == t + 1
     assert abs(float(np.sum(state.weights.alpha)) - 1) < 1e-6
     assert float(metrics["grad_norm"]) > 0
@@ -197,3 +199,23 @@ def test_a_reference_with_other_inputs_is_refused():
                                         rng=jax.random.PRNGKey(0), total_steps=10**4)
     with pytest.raises(ConfigError, match=r"remix reference: expected the proxy's input spec"):
         create_remix_state(proxy, np.full(K, 0.25), reference_policy=other)
+
+
+def test_a_block_of_steps_is_the_steps_one_by_one():
+    config = tiny_config(head="discrete", dropout=0.1)
+    batches = [domain_batch(8, K, seed=s) for s in range(4)]
+    mesh = training.make_mesh(jax.devices()[:1])
+    spec, _, one, ref = make_state(config, batches[0], np.full(K, 0.25), mesh=mesh)
+    _, _, block, _ = make_state(config, batches[0], np.full(K, 0.25), mesh=mesh)
+    step = jit_remix_step(mesh)
+    for b in batches:
+        one, _ = step(one, ref, put_remix_batch(b, spec, mesh))
+    host = [remix_inputs(b, spec) for b in batches]
+    stacked = jax.tree.map(lambda *x: np.stack(x), *host)
+    block, metrics = jit_remix_block_step(mesh)(block, ref, stacked)
+    assert metrics["alpha"].shape == (4, K) and int(block.step) == 4
+    np.testing.assert_allclose(block.weights.alpha, one.weights.alpha, rtol=1e-6)
+    np.testing.assert_allclose(block.weights.average_alpha, one.weights.average_alpha,
+                               rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 jax.device_get(block.params), jax.device_get(one.params))
