@@ -154,6 +154,43 @@ class Structure:
         return [k for k in (*self.state, *self.action)
                 if self.normalization_of(k) is not Normalization.NONE]
 
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-serializable description; :meth:`from_json` reads it back."""
+        return {"state": list(self.state),
+                "images": {n: {"key": c.key, "size": list(c.size)}
+                           for n, c in self.images.items()},
+                "action": list(self.action), "language": self.language,
+                "normalization": {k: v.value for k, v in self.normalization.items()},
+                "state_normalization": Normalization(self.state_normalization).value,
+                "action_normalization": Normalization(self.action_normalization).value}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Structure:
+        """The structure :meth:`to_json` described.
+
+        Raises:
+          ConfigError: for a description that is not a structure (naming the field).
+        """
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"structure: expected a JSON object, given {data!r}")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - fields)
+        if unknown:
+            raise ConfigError(f"structure: unknown fields {unknown}; expected fields among "
+                              f"{sorted(fields)}")
+        kwargs = dict(data)
+        images = kwargs.get("images", {})
+        if not isinstance(images, Mapping):
+            raise ConfigError(f"structure images: expected {{name: {{'key', 'size'}}}}, given "
+                              f"{images!r}")
+        try:
+            kwargs["images"] = {n: Camera(c["key"], tuple(c.get("size", (128, 128))))
+                                for n, c in images.items()}
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ConfigError(f"structure images: expected {{name: {{'key', 'size'}}}}, given "
+                              f"{images!r}") from e
+        return cls(**kwargs)
+
 
 @dataclasses.dataclass(frozen=True)
 class AugmentConfig:
@@ -291,6 +328,9 @@ class LoaderConfig:
         when that leaves no batch).
       prefetch: batches prepared ahead.
       num_parallel_calls: parallelism of image decoding; -1 lets tf.data tune it.
+      start_batch: the training stream starts at this batch number (a resumed run passes its
+        step): the batches are those an uninterrupted stream gives from there on (the batches
+        before are drawn but not gathered, a few microseconds each).
     """
 
     batch_size: int = 256
@@ -309,8 +349,11 @@ class LoaderConfig:
     remainder: str = "partial"
     prefetch: int = 2
     num_parallel_calls: int = -1
+    start_batch: int = 0
 
     def __post_init__(self):
+        if int(self.start_batch) < 0:
+            raise ConfigError(f"loader start_batch: expected >= 0, given {self.start_batch!r}")
         for name in ("batch_size", "n_obs", "n_action", "process_count", "prefetch"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"loader {name}: expected >= 1, given {getattr(self, name)!r}")

@@ -698,6 +698,8 @@ def make_dataloader(
     table, files, frames = _concat_tables(tables)
     if split == "train":
         indices = _train_indices(config, domains, frames, counts.tolist())
+        if config.start_batch:
+            indices = indices.skip(config.start_batch)
         num_batches = None
     else:
         indices, num_batches = _validation_indices(config, frames, counts, names,

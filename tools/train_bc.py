@@ -1,0 +1,105 @@
+#!/usr/bin/env python3
+"""Train a behaviour-cloning policy on logged RLDS datasets.
+
+    python tools/train_bc.py --config=openx_train/configs/bc/reacher_state.py --path=runs/bc
+    python tools/train_bc.py --config=openx_train/configs/bc/reacher_state.py --path=runs/bc \\
+        --data=logs/reacher,logs/more_reacher --config.steps=2000 --config.batch_size=64
+
+Every config field can be overridden (``--config.model.head.kind=l1``). ``--data`` replaces
+the config's datasets with logged dataset directories, one dataset each, mixed by the config's
+weights. Rerunning the same command on the same ``--path`` resumes from the latest checkpoint;
+SIGTERM/SIGINT save a checkpoint before exiting. The last line printed is one JSON object of the
+final metrics.
+
+Several processes (``jax.distributed``): run one command per process with
+``--num_processes=N --process_id=I --coordinator_address=HOST:PORT`` (or the env vars
+``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``, ``JAX_COORDINATOR_ADDRESS``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging as std_logging
+import math
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "A get_config() file (e.g. "
+                                "openx_train/configs/bc/reacher_state.py).", lock_config=True)
+flags.DEFINE_string("path", None, "The run directory (checkpoints, metrics, config, statistics).")
+flags.DEFINE_list("data", None, "Logged dataset directories replacing the config's datasets, "
+                  "one dataset each.")
+flags.DEFINE_string("name", None, "wandb run name (wandb is used only with --project and when "
+                    "installed).")
+flags.DEFINE_string("project", None, "wandb project: log the metrics to wandb too.")
+flags.DEFINE_enum("wandb_mode", "offline", ["offline", "online", "disabled"], "wandb mode.")
+flags.DEFINE_string("coordinator_address", None, "jax.distributed coordinator HOST:PORT.")
+flags.DEFINE_integer("num_processes", None, "jax.distributed: number of processes.")
+flags.DEFINE_integer("process_id", None, "jax.distributed: this process's index.")
+flags.mark_flags_as_required(["config", "path"])
+
+
+def apply_flags(config, *, data=None, name=None, project=None, wandb_mode="offline",
+                coordinator_address=None, num_processes=None, process_id=None):
+    """The config with the command line's ``--data``, wandb and distributed flags applied."""
+    from openx_train.run import _plain
+
+    with config.unlocked():
+        if data:
+            structure = _plain(config.data.get("structure"))
+            if structure is None:
+                given = [_plain(d).get("structure") if isinstance(_plain(d), dict) else None
+                         for d in config.data.datasets]
+                if given and given[0] is not None and all(g == given[0] for g in given):
+                    structure = given[0]
+            entries = []
+            for d in data:
+                entry = {"path": os.path.abspath(d)}
+                if structure is not None:
+                    entry["structure"] = structure
+                entries.append(entry)
+            config.data.datasets = entries
+        if project:
+            config.wandb.project = project
+            config.wandb.mode = wandb_mode
+        if name:
+            config.wandb.name = name
+        if coordinator_address:
+            config.distributed.coordinator_address = coordinator_address
+        if num_processes:
+            config.distributed.num_processes = num_processes
+        if process_id is not None:
+            config.distributed.process_id = process_id
+    return config
+
+
+class _QuietOrbax(std_logging.Filter):
+    """Orbax logs every file it writes at INFO; keep its warnings only."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return record.levelno >= std_logging.WARNING or "orbax" not in record.pathname
+
+
+def main(argv):
+    del argv
+    std_logging.getLogger("absl").addFilter(_QuietOrbax())
+    from openx_train.training import loop
+
+    config = apply_flags(FLAGS.config, data=FLAGS.data, name=FLAGS.name, project=FLAGS.project,
+                         wandb_mode=FLAGS.wandb_mode,
+                         coordinator_address=FLAGS.coordinator_address,
+                         num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+    result = loop.train(config, FLAGS.path)
+    if result.get("stopped_by"):
+        logging.warning("stopped by %s at step %d; rerun the same command to resume",
+                        result["stopped_by"], result["step"])
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+             for k, v in result.items()}
+    print(json.dumps(clean), flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)
