@@ -51,9 +51,8 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     std_logging.getLogger("absl").addFilter(_QuietOrbax())
-    from openx_train.training.loop import apply_flags
-
     from openx_train.remix.train import train_remix
+    from openx_train.training.loop import apply_flags
 
     config = apply_flags(FLAGS.config, data=FLAGS.data, name=FLAGS.name, project=FLAGS.project,
                          wandb_mode=FLAGS.wandb_mode,

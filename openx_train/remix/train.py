@@ -331,8 +331,12 @@ def train_remix(config: Any, reference: str | os.PathLike, path: str | os.PathLi
             alphas.write(0, state)
         else:
             alphas.last = start
+        final = {"state": state}
 
         def on_log(step, s, values):
+            # The loop logs at its last step (the end, or a signal), so the last state seen
+            # here is the final one (earlier ones were donated to the next step).
+            final["state"] = s
             alphas.write(step, s)
 
         def summarize(metrics, names):
@@ -340,9 +344,8 @@ def train_remix(config: Any, reference: str | os.PathLike, path: str | os.PathLi
 
         result = loop.run_loop(setup, path, checkpointer=checkpointer, block_step=block_step,
                                state=state, block=block, on_log=on_log, time_origin=t0,
-                               put_fn=put_remix_block, summarize_fn=summarize,
-                               return_state=True)
-        state = result.pop("state")
+                               put_fn=put_remix_block, summarize_fn=summarize)
+        state = final["state"]
     finally:
         checkpointer.close()
     weights = jax.device_get(state.weights)
