@@ -51,6 +51,7 @@ bench: venv
 	$(BIN)/python bench/bench_eval.py
 	$(BIN)/python bench/bench_policy.py
 	$(BIN)/python bench/bench_train_loop.py
+	$(BIN)/python bench/bench_remix.py
 
 clean:
 	rm -rf demo_out bench_out logs .pytest_cache
