@@ -559,4 +559,4 @@ def test_encoder_workers_start_in_the_directory_holding_the_package():
     once made it)."""
     from oxe_envlogger.collect import encoders
 
-    assert encoders._PACKAGE_PARENT == os.path.dirname(os.path.dirname(oxe_envlogger.__file__))
+    assert os.path.dirname(os.path.dirname(oxe_envlogger.__file__)) == encoders._PACKAGE_PARENT
