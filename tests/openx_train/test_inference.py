@@ -147,6 +147,21 @@ def test_no_skew_state(reacher):
     assert chunks.shape == (4, 2, 2) and np.isfinite(chunks).all()
     np.testing.assert_array_equal(
         chunks, policy.decode(policy.predict(policy.model_inputs(window))))
+    # One action per call from raw observations (a robot loop): the chunk's actions in turn,
+    # then a new chunk from the window of the last 3 observations.
+    step = policy.stepwise()
+    step.reset(np.arange(1))
+    history = ObservationHistory(3)
+    got, want = [], []
+    for t in range(4):
+        obs = rec.observations[t][None]
+        window = with_pad_mask(*history(obs, np.array([t == 0])))
+        if t % 2 == 0:
+            chunk = policy(window)[0]
+        want.append(chunk[t % 2])
+        got.append(step(obs))
+    assert got[0].shape == (1, 2)
+    np.testing.assert_allclose(np.concatenate(got), np.stack(want), rtol=1e-6)
 
 
 def test_no_skew_cameras_language_goal(camera):
