@@ -51,7 +51,7 @@ _FORMATS = {"png": 0, "jpeg": 1}
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _MIN_SLOTS = 4  # frames the ring holds at least
 _RING_MAX_BYTES = 256 << 20  # and at most this much memory: fewer slots for large frames
-_PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _PIPE_BYTES = 1 << 20
 
 

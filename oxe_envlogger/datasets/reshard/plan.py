@@ -122,6 +122,18 @@ def build_plan(inputs: Inputs, refs: Iterable[EpisodeRef], options: ReshardOptio
     """
     order = {(s.source, s.split, s.shard): i for i, s in enumerate(inputs.shards)}
     refs = sorted(refs, key=lambda r: (order[(r.source, r.split, r.shard)], r.index))
+    kept, skipped, unmatched = _select(refs, options, transform)
+    splits = _split_validation(kept, options)
+    name = options.dataset_name or inputs.sources[0].name
+    tasks = _pack(splits, name, options)
+    return Plan(name, inputs, transform, features, tuple(splits), tuple(tasks), tuple(skipped),
+                options, unmatched)
+
+
+def _select(refs: list[EpisodeRef], options: ReshardOptions, transform: Transform
+            ) -> tuple[list[PlannedEpisode], list[tuple[int, EpisodeRef, str]], tuple[str, ...]]:
+    """``(kept, skipped, unmatched language_map keys)``: the episodes (in the merged order) left
+    after ``skip_episodes`` and ``drop_invalid``, each with its new language and output size."""
     total = len(refs)
     skip = {int(i) for i in options.skip_episodes}
     beyond = sorted(i for i in skip if i >= total)
@@ -166,6 +178,13 @@ def build_plan(inputs: Inputs, refs: Iterable[EpisodeRef], options: ReshardOptio
     if unmatched:
         log.warning("language_map: %d keys match no episode id or index: %s", len(unmatched),
                     list(unmatched[:10]))
+    return kept, skipped, unmatched
+
+
+def _split_validation(kept: list[PlannedEpisode], options: ReshardOptions
+                      ) -> dict[str, list[PlannedEpisode]]:
+    """``{split: episodes}``: all in the default split, or ``validation_fraction`` of them (by
+    episode group, seeded) in the validation split."""
     splits: dict[str, list[PlannedEpisode]] = {layout.DEFAULT_SPLIT: kept}
     k = int(options.validation_fraction * len(kept) + 0.5)
     if options.validation_fraction > 0 and k == 0:
@@ -177,7 +196,13 @@ def build_plan(inputs: Inputs, refs: Iterable[EpisodeRef], options: ReshardOptio
                   options.validation_split: [e for i, e in enumerate(kept) if i in chosen]}
         if not splits[layout.DEFAULT_SPLIT]:
             raise ValueError("validation_fraction leaves no training episode")
-    name = options.dataset_name or inputs.sources[0].name
+    return splits
+
+
+def _pack(splits: dict[str, list[PlannedEpisode]], name: str, options: ReshardOptions
+          ) -> list[ShardTask]:
+    """Each split's episodes, in order, packed into shards by ``shard_bytes`` (and
+    ``shard_episodes``); an episode above the budget gets a shard of its own."""
     tasks = []
     for split, episodes in splits.items():
         groups: list[list[PlannedEpisode]] = []
@@ -194,7 +219,6 @@ def build_plan(inputs: Inputs, refs: Iterable[EpisodeRef], options: ReshardOptio
         for i, group in enumerate(groups):
             filename = layout.shard_filename(layout.DEFAULT_TEMPLATE, name, split, i, len(groups))
             tasks.append(ShardTask(split, i, filename, tuple(group)))
-    return Plan(name, inputs, transform, features, tuple(splits), tuple(tasks), tuple(skipped),
-                options, unmatched)
+    return tasks
 
 

@@ -79,7 +79,6 @@ def scan_shard(shard: InputShard, transform: Transform) -> list[EpisodeRef]:
     """
     out = []
     path = shard.path
-    lang_key = transform.language_key
     float64_rows = {k: n for k, n in transform.float64_keys if transform.output_key(k) is not None}
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -87,59 +86,10 @@ def scan_shard(shard: InputShard, transform: Transform) -> list[EpisodeRef]:
         offset = index = 0
         while offset < size:
             length = record.record_length(fd, offset, size, path)
-            start, end = offset + 12, offset + 12 + length
-            win = record.FileWindow(fd, end)
-            if length <= _SMALL_RECORD:  # one read; check the data CRC on the way
-                data = os.pread(fd, length + 4, start)
-                if not record.data_crc_matches(data[length:], data[:length]):
-                    raise DamagedShardError(path, offset, "bad data CRC")
-                win = record.FileWindow(fd, end, start=start, buf=data[:length])
-            try:
-                entries = {k: (s, e - s)  # (payload offset, payload length)
-                           for k, (s, e) in record.example_entries(win, start, end).items()}
-            except (CorruptDatasetError, IndexError, UnicodeDecodeError) as e:
-                raise CorruptDatasetError(f"{path}: record {index} (byte {offset}) is not a "
-                                          f"tf.train.Example: {e}") from e
-
-            def value(key: str, limit: int = _MAX_LANGUAGE_PAYLOAD, _e=entries, _w=win) -> bytes | None:
-                if key not in _e or _e[key][1] > limit:
-                    return None
-                pos, n = _e[key]
-                return _w.get(pos, n)
-
-            first = value("steps/is_first", 1 << 28)
-            if first is None:
-                raise CorruptDatasetError(f"{path}: record {index} has no steps/is_first; "
-                                          "not an RLDS episode")
-            _, flags = record.decode_feature(first)
-            ep_id = value("episode_id", 4096)
-            if ep_id is not None:
-                kind_id, ids = record.decode_feature(ep_id)
-                ep_id = ids[0].decode("utf-8", "replace") if kind_id == "bytes" and ids else None
-            invalid = value("invalid", 64)
-            base, touched, converted = 0, [], []
-            for key, (pos, n) in entries.items():
-                out_n = None
-                if key in float64_rows:  # its payload's first byte says how it is stored
-                    out_n = _converted_size(transform, key, float64_rows[key],
-                                            n and win.get(pos, 1)[0], len(flags))
-                if out_n is not None:
-                    converted.append((key, out_n))
-                elif transform.touches(key):
-                    touched.append((key, n))
-                else:
-                    base += entry_size(key, n)
-            language = None
-            if lang_key is not None:
-                src = [k for k in entries if transform.output_key(k) == lang_key]
-                language = value(src[0]) if src else b""
-            out.append(EpisodeRef(
-                source=shard.source, split=shard.split, shard=shard.shard, path=path, index=index,
-                offset=offset, length=length, episode_id=ep_id,
-                invalid=bool(_int_value(invalid)) if invalid is not None else False,
-                num_steps=len(flags), base_size=base, touched=tuple(touched), language=language,
-                float64=tuple(converted)))
-            offset = end + 4
+            win, entries = _record_entries(fd, path, offset, length, index)
+            out.append(_episode_ref(shard, index, offset, length, win, entries, transform,
+                                    float64_rows))
+            offset += record.framed_size(length)
             index += 1
     finally:
         os.close(fd)
@@ -147,6 +97,72 @@ def scan_shard(shard: InputShard, transform: Transform) -> list[EpisodeRef]:
         raise CorruptDatasetError(f"{path}: {index} records, but dataset_info.json lists "
                                   f"{shard.num_episodes}")
     return out
+
+
+def _record_entries(fd: int, path: str, offset: int, length: int, index: int
+                    ) -> tuple[record.FileWindow, dict[str, tuple[int, int]]]:
+    """The window over the record framed at ``offset`` and ``{key: (payload offset, payload
+    length)}`` of its Example; a small record is read at once, its data CRC checked."""
+    start, end = offset + 12, offset + 12 + length
+    win = record.FileWindow(fd, end)
+    if length <= _SMALL_RECORD:  # one read; check the data CRC on the way
+        data = os.pread(fd, length + 4, start)
+        if not record.data_crc_matches(data[length:], data[:length]):
+            raise DamagedShardError(path, offset, "bad data CRC")
+        win = record.FileWindow(fd, end, start=start, buf=data[:length])
+    try:
+        return win, {k: (s, e - s)
+                     for k, (s, e) in record.example_entries(win, start, end).items()}
+    except (CorruptDatasetError, IndexError, UnicodeDecodeError) as e:
+        raise CorruptDatasetError(f"{path}: record {index} (byte {offset}) is not a "
+                                  f"tf.train.Example: {e}") from e
+
+
+def _episode_ref(shard: InputShard, index: int, offset: int, length: int,
+                 win: record.FileWindow, entries: dict[str, tuple[int, int]],
+                 transform: Transform, float64_rows: dict[str, int]) -> EpisodeRef:
+    """What the plan needs of one record: its id, flags, step count, language payload and the
+    sizes of the entries a transformation keeps, changes or converts."""
+    path = shard.path
+
+    def value(key: str, limit: int = _MAX_LANGUAGE_PAYLOAD) -> bytes | None:
+        if key not in entries or entries[key][1] > limit:
+            return None
+        pos, n = entries[key]
+        return win.get(pos, n)
+
+    first = value("steps/is_first", 1 << 28)
+    if first is None:
+        raise CorruptDatasetError(f"{path}: record {index} has no steps/is_first; "
+                                  "not an RLDS episode")
+    _, flags = record.decode_feature(first)
+    ep_id = value("episode_id", 4096)
+    if ep_id is not None:
+        kind_id, ids = record.decode_feature(ep_id)
+        ep_id = ids[0].decode("utf-8", "replace") if kind_id == "bytes" and ids else None
+    invalid = value("invalid", 64)
+    base, touched, converted = 0, [], []
+    for key, (pos, n) in entries.items():
+        out_n = None
+        if key in float64_rows:  # its payload's first byte says how it is stored
+            out_n = _converted_size(transform, key, float64_rows[key],
+                                    n and win.get(pos, 1)[0], len(flags))
+        if out_n is not None:
+            converted.append((key, out_n))
+        elif transform.touches(key):
+            touched.append((key, n))
+        else:
+            base += entry_size(key, n)
+    language = None
+    if transform.language_key is not None:
+        src = [k for k in entries if transform.output_key(k) == transform.language_key]
+        language = value(src[0]) if src else b""
+    return EpisodeRef(
+        source=shard.source, split=shard.split, shard=shard.shard, path=path, index=index,
+        offset=offset, length=length, episode_id=ep_id,
+        invalid=bool(_int_value(invalid)) if invalid is not None else False,
+        num_steps=len(flags), base_size=base, touched=tuple(touched), language=language,
+        float64=tuple(converted))
 
 
 def _converted_size(transform: Transform, key: str, per_row: int, tag: int, num_steps: int

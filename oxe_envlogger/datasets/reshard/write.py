@@ -174,6 +174,42 @@ def _write_all(fd: int, data) -> None:
         view = view[os.write(fd, view):]
 
 
+def _read_record(src: _MappedInput, ref: EpisodeRef, *, verify: bool
+                 ) -> tuple[memoryview, memoryview]:
+    """``(framed record, its data)`` of an input episode, viewed in the mapped input shard
+    (the data's CRC checked with ``verify``)."""
+    view = src.open(ref.path)
+    start, end = ref.offset, ref.offset + record.framed_size(ref.length)
+    if end > len(view):
+        raise CorruptDatasetError(f"{ref.path}: record {ref.index} changed while read")
+    framed = view[start:end]
+    data = framed[12: 12 + ref.length]
+    if verify and not record.data_crc_matches(framed[-4:], data):
+        raise DamagedShardError(ref.path, ref.offset, f"bad data CRC in record {ref.index}")
+    return framed, data
+
+
+def _copy_record(src: _MappedInput, out: int, ref: EpisodeRef, framed: memoryview, *,
+                 kernel_copy: bool) -> bool:
+    """Appends an unchanged framed record to ``out``: with ``copy_file_range`` (in the kernel,
+    as ``cp`` does) while that works, else from the mapped input. Returns whether the kernel
+    copy still works."""
+    end = ref.offset + len(framed)
+    n = len(framed)
+    while kernel_copy and n:
+        try:
+            done = os.copy_file_range(src.fd, out, n, end - n)
+        except OSError:  # e.g. across file systems on older kernels
+            kernel_copy = False
+            break
+        if done == 0:
+            raise CorruptDatasetError(f"{ref.path}: record {ref.index} changed while read")
+        n -= done
+    if n:
+        _write_all(out, framed[len(framed) - n:])
+    return kernel_copy
+
+
 def write_shard(task: ShardTask, staging: str, *, transform: Transform, features: dict,
                 options: ReshardOptions, progress: Callable[[int, int], None] | None = None
                 ) -> ShardResult:
@@ -206,14 +242,7 @@ def write_shard(task: ShardTask, staging: str, *, transform: Transform, features
     try:
         for ep in task.episodes:
             ref = ep.ref
-            view = src.open(ref.path)
-            start, end = ref.offset, ref.offset + record.framed_size(ref.length)
-            if end > len(view):
-                raise CorruptDatasetError(f"{ref.path}: record {ref.index} changed while read")
-            framed = view[start:end]
-            data = framed[12: 12 + ref.length]
-            if options.verify and not record.data_crc_matches(framed[-4:], data):
-                raise DamagedShardError(ref.path, ref.offset, f"bad data CRC in record {ref.index}")
+            framed, data = _read_record(src, ref, verify=options.verify)
             if ep.changes:
                 data = transform_record(data, ref, transform, ep.language)
                 framed = record.frame(data)
@@ -221,26 +250,14 @@ def write_shard(task: ShardTask, staging: str, *, transform: Transform, features
                     raise AssertionError(f"planned {ep.size} bytes, wrote {len(framed)}")
                 _write_all(out, framed)
             else:
-                n = len(framed)
-                while kernel_copy and n:
-                    try:
-                        done = os.copy_file_range(src.fd, out, n, end - n)
-                    except OSError:  # e.g. across file systems on older kernels
-                        kernel_copy = False
-                        break
-                    if done == 0:
-                        raise CorruptDatasetError(f"{ref.path}: record {ref.index} changed "
-                                                  "while read")
-                    n -= done
-                if n:
-                    _write_all(out, framed[len(framed) - n:])
+                kernel_copy = _copy_record(src, out, ref, framed, kernel_copy=kernel_copy)
             if hasher is None:
                 digest.update(framed)
             written += len(framed)
             helper.add(st, data)
-            del framed, data
             if progress is not None:
-                progress(1, end - start if not ep.changes else ep.size)
+                progress(1, len(framed))
+            del framed, data
         if options.fsync:
             os.fsync(out)
         sha256 = hasher.result() if hasher is not None else digest.hexdigest()

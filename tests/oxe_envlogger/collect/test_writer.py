@@ -551,3 +551,12 @@ def test_a_run_without_a_step_leaves_a_readable_dataset_or_none(tmp_path):
     env = AutoOXEEnvLogger(RecordingEnv(BOX, BOX), "empty", str(kept))
     env.close()
     assert os.listdir(kept) == ["notes.txt"]
+
+
+def test_encoder_workers_start_in_the_directory_holding_the_package():
+    """``python -m`` looks in the working directory first: the workers run from the directory
+    that holds this very ``oxe_envlogger`` (not from inside it, which a move into collect/
+    once made it)."""
+    from oxe_envlogger.collect import encoders
+
+    assert os.path.dirname(os.path.dirname(oxe_envlogger.__file__)) == encoders._PACKAGE_PARENT
