@@ -159,7 +159,7 @@ def load_reference(path: str | os.PathLike, which: str | int = "latest") -> Refe
     """
     path = os.path.abspath(os.fspath(path))
     info = run_lib.read_run(path)
-    params, step = run_lib.restore_params(path, which)
+    params, step = run_lib.restore_params(path, which, local=True)  # every process reads
     return Reference(path=path, info=info, params=params, step=int(step))
 
 
@@ -282,6 +282,8 @@ def train_remix(config: Any, reference: str | os.PathLike, path: str | os.PathLi
     t0 = time.perf_counter()
     path = os.path.abspath(os.fspath(path))
     options = remix_options(config)
+    # before anything touches JAX (restoring the reference does)
+    process_index, process_count = loop.initialize_distributed(config)
     ref = load_reference(reference, _reference_checkpoint(config))
     datasets = loop.dataset_configs(config)
     planned = _planned_info(config, datasets)
@@ -292,8 +294,6 @@ def train_remix(config: Any, reference: str | os.PathLike, path: str | os.PathLi
         check_reference({**ref_json, "input_spec": None}, {**planned, "input_spec": None},
                         path=ref.path)
     datasets = with_reference_statistics(datasets, ref)
-
-    process_index, process_count = loop.initialize_distributed(config)
     loop.enable_compilation_cache(str(config.get("compilation_cache", "")))
     os.makedirs(path, exist_ok=True)
     checkpointer = run_lib.Checkpointer(path, keep=int(config.keep))

@@ -13,7 +13,6 @@ import socket
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 
@@ -213,21 +212,39 @@ def test_final_bc_with_weights_and_a_data_budget(operators_dir, reference_dir, t
     assert selection.per_dataset() == kept
 
 
-@pytest.mark.slow
-def test_two_processes_learn_the_one_process_weights(operators_dir, reference_dir, tmp_path):
-    args = ("--config.steps=8", "--config.log_freq=8", "--config.save_freq=8",
-            "--config.val_freq=8", "--config.deterministic=true",
-            f"--reference={reference_dir}", f"--data={operators_dir}")
-    single = subprocess.run(_cli(TRAIN_REMIX, f"--path={tmp_path / 'one'}", *args),
-                            capture_output=True, text=True, env=_env(), timeout=600)
-    assert single.returncode == 0, single.stderr[-3000:]
+def _free_address() -> str:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        address = f"127.0.0.1:{s.getsockname()[1]}"
-    procs = [subprocess.Popen(
-        _cli(TRAIN_REMIX, f"--path={tmp_path / 'two'}", *args, "--num_processes=2",
-             f"--process_id={i}", f"--coordinator_address={address}"),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env()) for i in (0, 1)]
+        return f"127.0.0.1:{s.getsockname()[1]}"
+
+
+@pytest.mark.slow
+def test_two_processes_learn_the_one_process_weights(tmp_path):
+    """The Re-Mix step as two jax.distributed processes (gloo), each feeding its half of the
+    same global batches, learns the one-process weights and parameters."""
+    module = "tests.openx_train.remix.distributed_step"
+    env = dict(_env(), XLA_FLAGS="--xla_backend_optimization_level=0")
+    one = subprocess.run([sys.executable, "-m", module, str(tmp_path / "one.npz"), "1", "0",
+                          "none"], cwd=ROOT, capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    address = _free_address()
+    procs = [subprocess.Popen([sys.executable, "-m", module, str(tmp_path / f"two{i}.npz"), "2",
+                               str(i), address], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for i in (0, 1)]
+    _wait(procs)
+    r1 = np.load(tmp_path / "one.npz")
+    for i in (0, 1):
+        r2 = np.load(tmp_path / f"two{i}.npz")
+        assert int(r2["processes"]) == 2 and int(r1["processes"]) == 1
+        np.testing.assert_allclose(r2["alpha"], r1["alpha"], rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(r2["average"], r1["average"], rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(r2["loss"], r1["loss"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(r2["params"], r1["params"], rtol=1e-5, atol=1e-6)
+    assert np.abs(r1["alpha"][-1] - r1["alpha"][0]).max() > 1e-3  # the weights moved
+
+
+def _wait(procs) -> list[str]:
     outs = []
     try:
         for p in procs:
@@ -238,13 +255,31 @@ def test_two_processes_learn_the_one_process_weights(operators_dir, reference_di
                 p.kill()
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
+    return [out for out, _ in outs]
+
+
+@pytest.mark.slow
+def test_the_cli_as_two_processes(operators_dir, reference_dir, tmp_path):
+    """tools/train_remix.py as two jax.distributed processes: every process reads the
+    reference, both end with the same weights and process 0 writes the run's files. (The
+    loader gives each process its own draws of domains, so the global batches are not those of
+    one process with a batch twice as large: the weights are close to the one-process run's,
+    not equal; the exact comparison is the step's, above.)"""
+    args = ("--config.steps=8", "--config.log_freq=8", "--config.save_freq=8",
+            "--config.val_freq=8", f"--reference={reference_dir}", f"--data={operators_dir}")
+    single = subprocess.run(_cli(TRAIN_REMIX, f"--path={tmp_path / 'one'}", *args),
+                            capture_output=True, text=True, env=_env(), timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    address = _free_address()
+    procs = [subprocess.Popen(
+        _cli(TRAIN_REMIX, f"--path={tmp_path / 'two'}", *args, "--num_processes=2",
+             f"--process_id={i}", f"--coordinator_address={address}"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env()) for i in (0, 1)]
+    outs = [_last_json(out) for out in _wait(procs)]
+    assert outs[0]["alpha"] == outs[1]["alpha"]
+    assert outs[0]["average_alpha"] == outs[1]["average_alpha"]
     one = _last_json(single.stdout)
-    for out, _ in outs:
-        two = _last_json(out)
-        np.testing.assert_allclose(two["alpha"], one["alpha"], rtol=1e-4)
-        np.testing.assert_allclose(two["average_alpha"], one["average_alpha"], rtol=1e-4)
-    w1 = load_mixture_weights(tmp_path / "one" / "mixture_weights.json")
+    np.testing.assert_allclose(outs[0]["average_alpha"], one["average_alpha"], atol=5e-3)
+    assert outs[0]["weights_file"] and outs[1]["weights_file"] is None
     w2 = load_mixture_weights(tmp_path / "two" / "mixture_weights.json")
-    np.testing.assert_allclose([w2[d] for d in OPERATORS], [w1[d] for d in OPERATORS],
-                               rtol=1e-4)
-    assert jax.process_count() == 1
+    np.testing.assert_allclose([w2[d] for d in OPERATORS], outs[0]["average_alpha"], rtol=1e-6)
