@@ -58,7 +58,7 @@ import numpy as np
 from openx_train.eval.rollout import t_interval
 from oxe_envlogger import AutoOXEEnvLogger
 from oxe_envlogger.envs import make_policy
-from oxe_envlogger.layout import DATASET_INFO, atomic_write_json
+from oxe_envlogger.format.layout import DATASET_INFO, atomic_write_json
 
 log = logging.getLogger(__name__)
 

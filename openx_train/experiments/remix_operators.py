@@ -45,7 +45,7 @@ import numpy as np
 from openx_train.data.mixture import resolve_mixture_weights, save_mixture_weights
 from openx_train.eval.rollout import t_interval
 from openx_train.experiments import operators as ops
-from oxe_envlogger.layout import atomic_write_json
+from oxe_envlogger.format.layout import atomic_write_json
 
 log = logging.getLogger(__name__)
 

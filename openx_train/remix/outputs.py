@@ -22,7 +22,7 @@ import numpy as np
 
 from openx_train.data.errors import ConfigError
 from openx_train.data.mixture import save_mixture_weights
-from oxe_envlogger import layout
+from oxe_envlogger.format import layout
 
 ALPHA_FILE = "alpha_{step}.json"
 WEIGHTS_FILE = "mixture_weights.json"

@@ -667,6 +667,7 @@ def run_loop(setup: Setup, path: str, *, checkpointer: run_lib.Checkpointer,
                 if last["first_step_s"] is None and time_origin is not None:
                     jax.block_until_ready(metrics["loss"])
                     last["first_step_s"] = time.perf_counter() - time_origin
+                    last["first_step_unix"] = time.time()
                     log.info("first step after %.2f s", last["first_step_s"])
                 bar.update(block)
                 values: dict[str, Any] = {}
@@ -692,18 +693,20 @@ def run_loop(setup: Setup, path: str, *, checkpointer: run_lib.Checkpointer,
                                 values[f"val_loss/{n}"] = float(v["dataset_loss"][i])
                     last["val_loss"] = val_loss
                     t_interval += time.perf_counter() - t_val  # not train time
-                if eval_fn is not None and config.get("eval_freq") and (
-                        step % config.eval_freq == 0 or step == steps):
-                    t_eval = time.perf_counter()
-                    values.update({f"eval/{k}": v for k, v in eval_fn(state, step).items()})
-                    t_interval += time.perf_counter() - t_eval
+                evaluate = eval_fn is not None and bool(config.get("eval_freq")) and (
+                    step % config.eval_freq == 0 or step == steps) and not stop.signal
                 better = val_loss is not None and np.isfinite(val_loss) and (
                     best is None or val_loss < best)
                 if better:
                     best = val_loss
-                if (better or step == steps or stop.signal
+                if (better or step == steps or stop.signal or evaluate
                         or (config.save_freq and step % config.save_freq == 0)):
                     checkpointer.save(state, val_loss=val_loss)
+                if evaluate:  # from the checkpoint just saved, as a user would load it
+                    t_eval = time.perf_counter()
+                    checkpointer.wait()
+                    values.update({f"eval/{k}": v for k, v in eval_fn(state, step).items()})
+                    t_interval += time.perf_counter() - t_eval
                 if values:
                     writer.write(step, values)
                     last.update(values)
@@ -749,7 +752,8 @@ def train(config: Any, path: str | os.PathLike, *,
     Returns:
       The last logged metrics (``loss``, ``val_loss``, ``grad_norm``, ``learning_rate``,
       ``steps_per_sec``, ``data_wait_share``, per-dataset losses), ``step``, ``stopped_by``,
-      ``first_step_s`` (seconds from the call to the first step's result).
+      ``first_step_s`` (seconds from the call to the first step's result) and
+      ``first_step_unix`` (its wall-clock time).
 
     Raises:
       TrainConfigError, ConfigError, ModelConfigError: for a config that does not fit.
@@ -783,24 +787,25 @@ def train(config: Any, path: str | os.PathLike, *,
 
 
 def _default_eval_fn(config: Any, path: str, setup: Setup):
-    """Evaluation through ``openx_train.eval.evaluate`` with the policy the run directory
-    loads (``load_policy``), when that is available."""
+    """Rollouts of the checkpoint just saved, through ``openx_train.inference.evaluate_run``
+    (the policy exactly as ``load_policy`` gives it), on process 0; None when that module is
+    not available."""
     try:
-        from openx_train.eval import load_policy  # type: ignore[attr-defined]
+        from openx_train.inference import evaluate_run  # type: ignore[import-not-found]
     except ImportError:
-        log.warning("eval_freq: openx_train.eval.load_policy is not available; no evaluation "
-                    "during training")
+        log.warning("eval_freq: openx_train.inference.evaluate_run is not available; no "
+                    "evaluation during training")
         return None
-    from openx_train.eval import evaluate
 
     def eval_fn(state: TrainState, step: int) -> dict[str, float]:
-        policy = load_policy(path, params=jax.device_get(state.params))
+        if jax.process_index() != 0:
+            return {}
         e = config.eval
-        result = evaluate(policy, e.env_name, num_episodes=int(e.num_episodes),
-                          num_envs=int(e.num_envs) or None, seed=int(config.seed),
-                          max_episode_steps=int(e.max_episode_steps) or None)
-        return {k: float(result[k]) for k in ("return_mean", "success_rate", "length_mean")
-                if result.get(k) is not None}
+        result = evaluate_run(path, e.env_name, which=step, num_episodes=int(e.num_episodes),
+                              num_envs=int(e.num_envs) or None, seed=int(config.seed),
+                              max_episode_steps=int(e.max_episode_steps) or None)
+        return {k: float(result[k]) for k in ("return_mean", "return_ci95", "success_rate",
+                                              "length_mean") if result.get(k) is not None}
 
     return eval_fn
 

@@ -175,7 +175,8 @@ def test_summarize_weighs_dataset_losses_by_count():
 def _cli(path, data, *extra, env=None):
     return [sys.executable, TRAIN_BC, f"--config={CONFIG}", f"--path={path}", f"--data={data}",
             "--config.model.trunk.hidden_dims=(32,32)", "--config.batch_size=32",
-            "--config.compilation_cache=none", "--config.data.val_fraction=0.25", *extra]
+            "--config.compilation_cache=none", "--config.data.val_fraction=0.25",
+            "--config.optimizer.warmup_steps=4", *extra]
 
 
 def _env():
@@ -301,3 +302,21 @@ def test_two_processes_give_the_single_process_loss(reacher_dir, tmp_path):
         assert t["loss"] == pytest.approx(one["loss"], rel=1e-4)
         assert t["val_loss"] == pytest.approx(one["val_loss"], rel=1e-4)
     assert run.read_run(tmp_path / "two").names == ("reacher",)
+
+
+def test_eval_fn_runs_on_the_checkpoint_saved_at_its_step(reacher_dir, tmp_path):
+    calls = []
+
+    def eval_fn(state, step):
+        params, saved = run.restore_params(tmp_path / "e", step, ema=False)
+        assert saved == step == int(state.step)
+        _assert_bitwise(params, jax.device_get(state.params))
+        calls.append(step)
+        return {"return_mean": -float(step)}
+
+    config = small_config(reacher_dir, eval_freq=16, save_freq=0, val_freq=0)
+    loop.train(config, tmp_path / "e", eval_fn=eval_fn)
+    assert calls == [16, 24]
+    with open(tmp_path / "e" / "metrics.csv") as f:
+        rows = {int(r["step"]): r for r in csv.DictReader(f)}
+    assert float(rows[16]["eval/return_mean"]) == -16.0 and rows[8]["eval/return_mean"] == ""

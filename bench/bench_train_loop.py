@@ -1,0 +1,262 @@
+"""W5 of WORKLOADS.md: the real training loop (``tools/train_bc.py``: loader, block step,
+metrics, checkpoints) against the same jitted step on one device-resident batch. Prints one
+JSON line.
+
+State BC (``openx_train/configs/bc/reacher_state.py``: MLP 512x512x512, batch 256, one
+observation, one action) on 100 scripted Reacher-v5 episodes logged by our SDK, per head
+(``--heads``, default MSE, the config's, and the 48-bin discretized head the OpenX figures
+are for):
+
+* ``loop_steps_per_s``: the loop's steps/s (median over its log intervals after the first,
+  median of ``--reps`` runs), and ``over_bare_step``: that over the bare jitted step
+  (``jit_train_step``, one call per step) on one device-resident batch, measured between the
+  runs in this process; ``over_bare_block``: over the loop's own jitted block step (K=8 steps
+  per call through ``lax.scan``) on a device-resident block, which is what the loop adds to
+  its step (loading, transfer, metrics, checkpoint).
+* ``data_wait_share``: the share of the loop's time spent waiting for the next block (reading,
+  model inputs, transfer), median over intervals and runs.
+* ``first_step_s``: from starting the command to the end of the first step, with a cold and a
+  warm persistent compilation cache (the warm run is a rerun on a fresh path).
+* ``peak_rss_mb``: the command's peak resident memory.
+
+For scale (issue 13): the OpenX/Re-Mix trainer's ``train_bc.py`` here runs about 21 steps/s
+(48-bin head), takes 38 s to its first step and peaks at about 1 GB.
+
+Image BC (``--image``): ResNet-18, 2 cameras at 128x128, history 2, chunk 4, batch 64, on the
+synthetic camera env: steps/s and data wait share (a few steps; slow on 2 CPUs).
+
+Usage::
+
+    python bench/bench_train_loop.py [--reps 3] [--steps 1600] [--heads mse,discrete] [--image]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+TRAIN_BC = os.path.join(ROOT, "tools", "train_bc.py")
+STATE_CONFIG = os.path.join(ROOT, "openx_train", "configs", "bc", "reacher_state.py")
+CAMERA_CONFIG = os.path.join(ROOT, "openx_train", "configs", "bc", "synthetic_camera.py")
+
+
+def log_reacher(directory: str, episodes: int) -> str:
+    if os.path.exists(os.path.join(directory, "dataset_info.json")):
+        return directory
+    import gymnasium as gym
+
+    from oxe_envlogger import AutoOXEEnvLogger
+    from oxe_envlogger.envs import make_policy, run_episodes
+
+    env = gym.make("Reacher-v5")
+    with AutoOXEEnvLogger(env, "reacher", directory) as logged:
+        run_episodes(logged, episodes, policy=make_policy("scripted", env), seed=0)
+    return directory
+
+
+def log_camera(directory: str, episodes: int) -> str:
+    if os.path.exists(os.path.join(directory, "dataset_info.json")):
+        return directory
+    import gymnasium as gym
+
+    from oxe_envlogger import AutoOXEEnvLogger
+    from oxe_envlogger.envs import ENV_ID, make_policy, run_episodes
+
+    env = gym.make(ENV_ID, image_size=128, wrist_size=128, max_episode_steps=40)
+    with AutoOXEEnvLogger(env, "camera", directory) as logged:
+        run_episodes(logged, episodes, policy=make_policy("scripted", env), seed=0)
+    return directory
+
+
+def run_cli(config: str, path: str, data: str, overrides: list[str], cache: str) -> dict:
+    """Runs tools/train_bc.py on a fresh ``path``; returns its JSON result with
+    ``command_to_first_step_s`` and the metrics rows."""
+    shutil.rmtree(path, ignore_errors=True)
+    cmd = [sys.executable, TRAIN_BC, f"--config={config}", f"--path={path}",
+           f"--data={data}", f"--config.compilation_cache={cache}", *overrides]
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"train_bc failed:\n{err[-3000:]}")
+    result = json.loads(out.strip().splitlines()[-1])
+    result["command_to_first_step_s"] = result["first_step_unix"] - t0
+    with open(os.path.join(path, "metrics.csv")) as f:
+        result["rows"] = list(csv.DictReader(f))
+    return result
+
+
+def bare_rates(head: str, steps: int, block: int = 8) -> tuple[float, float]:
+    """Steps/s of the jitted step and of the loop's block step on device-resident data, for
+    the reacher config's model with ``head`` (Reacher shapes: state 10, action 2)."""
+    import jax
+    import numpy as np
+
+    from openx_train import models, training
+    from openx_train.configs.bc import reacher_state
+    from openx_train.training import loop
+
+    config = reacher_state.get_config()
+    config.model.head.kind = head
+    rs = np.random.default_rng(0)
+    b = config.batch_size
+    batch = {"observation": {"state": rs.normal(size=(b, 1, 10)).astype(np.float32),
+                             "pad_mask": np.ones((b, 1), bool),
+                             "pad_mask_dict": {"state": np.ones((b, 1), bool)}},
+             "action": rs.uniform(-1, 1, (b, 1, 2)).astype(np.float32),
+             "action_pad_mask": np.ones((b, 1), bool), "dataset_id": np.zeros(b, np.int32)}
+    spec = models.input_spec(config.model, batch)
+    policy = models.make_policy(config.model, spec)
+    mesh = training.make_mesh()
+
+    def fresh():
+        return training.put_state(training.create_train_state(
+            policy, config.optimizer, rng=jax.random.PRNGKey(0), total_steps=10**6), mesh)
+
+    step = training.jit_train_step(mesh)
+    state = fresh()
+    device = training.put_batch(batch, spec, mesh)
+    for _ in range(20):
+        state, metrics = step(state, device)
+    jax.block_until_ready(metrics)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        state, metrics = step(state, device)
+    jax.block_until_ready(metrics)
+    single = steps / (time.perf_counter() - t0)
+
+    block_step = loop.jit_block_step(mesh)
+    state = fresh()
+    stacked = loop.put_block({k: (np.stack([v] * block) if not isinstance(v, dict) else
+                                  jax.tree.map(lambda x: np.stack([x] * block), v))
+                              for k, v in batch.items()}, spec, mesh)
+    for _ in range(3):
+        state, metrics = block_step(state, stacked)
+    jax.block_until_ready(metrics)
+    t0 = time.perf_counter()
+    for _ in range(steps // block):
+        state, metrics = block_step(state, stacked)
+    jax.block_until_ready(metrics)
+    blocked = (steps // block) * block / (time.perf_counter() - t0)
+    return single, blocked
+
+
+def _interval_figures(rows: list[dict]) -> tuple[float, float]:
+    rows = [r for r in rows if r.get("steps_per_sec")][1:]  # the first holds the compile
+    return (statistics.median(float(r["steps_per_sec"]) for r in rows),
+            statistics.median(float(r["data_wait_share"]) for r in rows))
+
+
+def peak_rss_mb(config: str, path: str, data: str, overrides: list[str], cache: str) -> float:
+    """The command's peak resident memory (ru_maxrss of the child, from wait4)."""
+    shutil.rmtree(path, ignore_errors=True)
+    cmd = [sys.executable, TRAIN_BC, f"--config={config}", f"--path={path}",
+           f"--data={data}", f"--config.compilation_cache={cache}", *overrides]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError("train_bc failed (peak RSS run)")
+    return usage.ru_maxrss / 1024.0
+
+
+def bench_state(work: str, *, reps: int, steps: int, heads: list[str]) -> dict:
+    data = log_reacher(os.path.join(work, "reacher100"), 100)
+    out: dict = {}
+    for head in heads:
+        # decay_steps fixed: the short warm-cache run compiles the same program.
+        common = ["--config.log_freq=200", "--config.val_freq=0",
+                  f"--config.optimizer.decay_steps={steps}", f"--config.model.head.kind={head}"]
+        overrides = [f"--config.steps={steps}", f"--config.save_freq={steps}", *common]
+        short = ["--config.steps=16", "--config.save_freq=16", *common]
+        loops, waits, singles, blocks, cold, warm, rss = [], [], [], [], [], [], []
+        for r in range(reps):
+            cache = os.path.join(work, f"xla_{head}_{r}")
+            shutil.rmtree(cache, ignore_errors=True)  # cold
+            res = run_cli(STATE_CONFIG, os.path.join(work, f"run_{head}_{r}"), data, overrides,
+                          cache)
+            rate, wait = _interval_figures(res["rows"])
+            loops.append(rate)
+            waits.append(wait)
+            cold.append(res["command_to_first_step_s"])
+            again = run_cli(STATE_CONFIG, os.path.join(work, f"run_{head}_{r}_warm"), data,
+                            short, cache)
+            warm.append(again["command_to_first_step_s"])
+            single, blocked = bare_rates(head, 400)
+            singles.append(single)
+            blocks.append(blocked)
+        rss.append(peak_rss_mb(STATE_CONFIG, os.path.join(work, f"run_{head}_rss"), data,
+                               overrides, os.path.join(work, f"xla_{head}_0")))
+        out[head] = {
+            "loop_steps_per_s": round(statistics.median(loops), 1),
+            "bare_step_per_s": round(statistics.median(singles), 1),
+            "bare_block_per_s": round(statistics.median(blocks), 1),
+            "over_bare_step": round(statistics.median(a / b for a, b in zip(loops, singles)), 3),
+            "over_bare_block": round(statistics.median(a / b for a, b in zip(loops, blocks)), 3),
+            "data_wait_share": round(statistics.median(waits), 4),
+            "first_step_s_cold_cache": round(statistics.median(cold), 2),
+            "first_step_s_warm_cache": round(statistics.median(warm), 2),
+            "peak_rss_mb": round(max(rss), 1),
+            "over_openx_21_per_s": round(statistics.median(loops) / 21.0, 2),
+        }
+    return {"config": {"batch": 256, "trunk": [512, 512, 512], "n_obs": 1, "n_action": 1,
+                       "data": "Reacher-v5, 100 scripted episodes", "steps_per_run": steps,
+                       "reps": reps}, "heads": out}
+
+
+def bench_image(work: str, *, steps: int) -> dict:
+    data = log_camera(os.path.join(work, "camera128"), 20)
+    overrides = [f"--config.steps={steps}", "--config.log_freq=4", "--config.val_freq=0",
+                 f"--config.save_freq={steps}", "--config.batch_size=64",
+                 "--config.data.loader.n_obs=2", "--config.data.loader.n_action=4",
+                 "--config.model.image_encoder.kind=resnet18",
+                 "--config.model.image_encoder.width=64",
+                 "--config.model.image_encoder.num_keypoints=64",
+                 "--config.model.task.language=none", "--config.optimizer.warmup_steps=1",
+                 "--config.data.structure.images.image.size=(128,128)",
+                 "--config.data.structure.images.image_wrist.size=(128,128)"]
+    shutil.rmtree(os.path.join(work, "xla_image"), ignore_errors=True)
+    res = run_cli(CAMERA_CONFIG, os.path.join(work, "run_image"), data, overrides,
+                  os.path.join(work, "xla_image"))
+    rate, wait = _interval_figures(res["rows"])
+    return {"config": {"batch": 64, "cameras": 2, "image": 128, "n_obs": 2, "n_action": 4,
+                       "encoder": "resnet18, one per camera", "steps": steps},
+            "steps_per_s": round(rate, 3), "data_wait_share": round(wait, 4),
+            "first_step_s_cold_cache": round(res["command_to_first_step_s"], 2)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=1600)
+    parser.add_argument("--heads", default="mse,discrete")
+    parser.add_argument("--image", action="store_true")
+    parser.add_argument("--image_steps", type=int, default=12)
+    parser.add_argument("--work", default=None, help="Where to log the data and write runs "
+                        "(default: a temporary directory).")
+    args = parser.parse_args()
+    work = args.work or tempfile.mkdtemp(prefix="bench_train_loop_")
+    os.makedirs(work, exist_ok=True)
+    out = {"bench": "train_loop", "workload": "W5: tools/train_bc.py against its jitted step",
+           "cpus": os.cpu_count()}
+    out["state"] = bench_state(work, reps=args.reps, steps=args.steps,
+                               heads=args.heads.split(","))
+    if args.image:
+        out["image"] = bench_image(work, steps=args.image_steps)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
