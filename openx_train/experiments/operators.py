@@ -318,7 +318,11 @@ def main(argv: Sequence[str]) -> None:
 
     f = flags.FLAGS
     if len(argv) == 2 and argv[1] == "run":
+        import logging as std_logging
+
         from openx_train.experiments import remix_operators as exp
+
+        std_logging.getLogger("absl").addFilter(exp.QuietOrbax())
 
         options = exp.ExperimentOptions(
             size=f.size, data_seed=f.seed, seeds=tuple(int(s) for s in f.seeds),

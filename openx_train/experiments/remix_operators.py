@@ -56,6 +56,13 @@ EVAL_FILE = "eval.json"
 EVAL_SEED = 100_000  # evaluation episodes reset with seeds apart from the collection's
 
 
+class QuietOrbax(logging.Filter):
+    """Orbax logs every checkpoint it reads or writes at INFO; keep its warnings only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or "orbax" not in record.pathname
+
+
 @dataclasses.dataclass(frozen=True)
 class ExperimentOptions:
     """What the experiment runs.
