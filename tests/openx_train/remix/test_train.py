@@ -283,3 +283,23 @@ def test_the_cli_as_two_processes(operators_dir, reference_dir, tmp_path):
     assert outs[0]["weights_file"] and outs[1]["weights_file"] is None
     w2 = load_mixture_weights(tmp_path / "two" / "mixture_weights.json")
     np.testing.assert_allclose([w2[d] for d in OPERATORS], outs[0]["average_alpha"], rtol=1e-6)
+
+
+def test_the_config_file_and_the_bridge_setting():
+    from openx_train.configs.remix.reacher_operators import get_config
+    from openx_train.remix.train import remix_options
+
+    robomimic, bridge = remix_options(get_config()), remix_options(get_config("bridge"))
+    assert (robomimic.eta, robomimic.smoothing) == (0.2, 5e-2)
+    assert (bridge.eta, bridge.smoothing) == (1.0, 5e-3)
+    config = get_config()
+    assert (config.model.head.kind, config.model.head.num_bins,
+            config.model.head.bin_type) == ("discrete", 48, "gaussian")
+    config.remix.absent = "drop"
+    with pytest.raises(ConfigError, match=r"remix.absent: expected one of \['keep', "
+                       r"'zero_excess'\], given 'drop'"):
+        remix_options(config)
+    config.remix.absent = "keep"
+    config.remix.smoothing = 2.0
+    with pytest.raises(ConfigError, match="smoothing: expected in"):
+        remix_options(config)
