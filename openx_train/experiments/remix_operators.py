@@ -155,7 +155,7 @@ def _evaluate(run: str, options: ExperimentOptions) -> dict[str, Any]:
                           num_envs=options.num_envs, seed=EVAL_SEED, vectorization="sync")
     keep = {k: result.get(k) for k in ("return_mean", "return_ci95", "length_mean",
                                         "num_episodes", "checkpoint_step")}
-    keep["returns"] = [float(r) for r in result.get("returns", [])]
+    keep["returns"] = [float(e["return"]) for e in result.get("episodes", [])]
     atomic_write_json(out, keep)
     return keep
 

@@ -77,7 +77,9 @@ def test_the_experiment_end_to_end_at_a_tiny_size(tmp_path):
     kept = load_kept_episodes(tmp_path / "final" / "remix_25_s1" / "kept_episodes.json")
     assert kept
     with open(tmp_path / "final" / "remix_25_s1" / "eval.json") as f:
-        assert json.load(f)["num_episodes"] == 2
+        evaluation = json.load(f)
+    assert evaluation["num_episodes"] == 2 and len(evaluation["returns"]) == 2
+    assert np.mean(evaluation["returns"]) == pytest.approx(evaluation["return_mean"])
     with open(tmp_path / exp.RESULTS_TEXT) as f:
         assert f.read().startswith("weights per domain")
     assert os.path.getsize(tmp_path / exp.RESULTS_PLOT) > 5000
