@@ -21,7 +21,7 @@ from openx_train.data import ConfigError, load_mixture_weights
 from openx_train.experiments import operators as ops
 from openx_train.remix import load_kept_episodes, read_alpha_history
 from openx_train.remix.final import apply_weights_and_budget
-from openx_train.remix.train import train_remix
+from openx_train.remix.train import logged_history, train_remix
 from openx_train.training import loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
@@ -107,6 +107,9 @@ def test_train_remix_writes_the_run_and_resumes(operators_dir, reference_dir, tm
                                rtol=1e-6)
     np.testing.assert_allclose(result["average_alpha"], history.average_alpha[-1], rtol=1e-6)
     assert os.path.getsize(os.path.join(path, "weights.png")) > 1000
+    logged = logged_history(path, OPERATORS)  # what weights.png draws: every logged step
+    assert logged.steps.tolist() == [0, 8, 16]
+    np.testing.assert_allclose(logged.alpha, history.alpha, rtol=1e-5)
     # the run directory: kind remix, the reference named, statistics the reference's
     assert info.kind == "remix" and info.extra["reference"] == os.path.abspath(reference_dir)
     ref = run_lib.read_run(reference_dir)
