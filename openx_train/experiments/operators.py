@@ -317,22 +317,30 @@ def main(argv: Sequence[str]) -> None:
     from absl import app, flags
 
     f = flags.FLAGS
-    if len(argv) == 2 and argv[1] == "run":
+    if len(argv) == 2 and argv[1] in ("run", "table"):
+        import logging as std_logging
+
         from openx_train.experiments import remix_operators as exp
+
+        std_logging.getLogger("absl").addFilter(exp.QuietOrbax())
 
         options = exp.ExperimentOptions(
             size=f.size, data_seed=f.seed, seeds=tuple(int(s) for s in f.seeds),
             budgets=tuple(float(b) for b in f.budgets), weightings=tuple(f.weightings),
             episodes=f.episodes, steps=f.steps, remix_steps=f.remix_steps,
             batch_size=f.batch_size, num_envs=f.num_envs)
+        if argv[1] == "table":  # the finished runs so far
+            print(exp.format_results(exp.collect_results(f.path, options)))
+            return
         results = exp.run_experiment(f.path, options)
         print(exp.format_results(results))
         print(f"results: {os.path.join(f.path, exp.RESULTS_JSON)}, "
               f"{os.path.join(f.path, exp.RESULTS_PLOT)}")
         return
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {list(argv[1:])} (the only command is "
-                             "'run': the whole Re-Mix experiment)")
+        raise app.UsageError(f"unexpected arguments {list(argv[1:])} (the commands are "
+                             "'run': the whole Re-Mix experiment, and 'table': its finished "
+                             "runs so far)")
     results = run_collection(f.path, size=f.size, seed=f.seed, overwrite=f.overwrite)
     print(format_table(results))
     print(f"dataset: {os.path.join(f.path, DATA_DIR)}; summary: "

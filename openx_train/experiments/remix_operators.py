@@ -4,6 +4,7 @@ weightings, each over several seeds and evaluated in Reacher-v5::
 
     python -m openx_train.experiments.operators run --path=runs/remix_experiment \\
         [--size=full|tiny] [--seeds=0,1,2] [--episodes=50] [--steps=N] [--remix_steps=N]
+    python -m openx_train.experiments.operators table --path=runs/remix_experiment  # so far
 
 Into ``--path``: ``data/`` and ``operators.json`` (the collection, reused when present),
 ``ref/`` (the reference BC run), ``remix/`` (the Re-Mix run: ``mixture_weights.json``,
@@ -42,7 +43,11 @@ from typing import Any
 
 import numpy as np
 
-from openx_train.data.mixture import resolve_mixture_weights, save_mixture_weights
+from openx_train.data.mixture import (
+    load_mixture_weights,
+    resolve_mixture_weights,
+    save_mixture_weights,
+)
 from openx_train.eval.rollout import t_interval
 from openx_train.experiments import operators as ops
 from oxe_envlogger.format.layout import atomic_write_json
@@ -54,6 +59,13 @@ BUDGETS = (1.0, 0.25)
 RESULTS_JSON, RESULTS_TEXT, RESULTS_PLOT = "results.json", "results.txt", "results.png"
 EVAL_FILE = "eval.json"
 EVAL_SEED = 100_000  # evaluation episodes reset with seeds apart from the collection's
+
+
+class QuietOrbax(logging.Filter):
+    """Orbax logs every checkpoint it reads or writes at INFO; keep its warnings only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or "orbax" not in record.pathname
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,7 +155,7 @@ def _evaluate(run: str, options: ExperimentOptions) -> dict[str, Any]:
                           num_envs=options.num_envs, seed=EVAL_SEED, vectorization="sync")
     keep = {k: result.get(k) for k in ("return_mean", "return_ci95", "length_mean",
                                         "num_episodes", "checkpoint_step")}
-    keep["returns"] = [float(r) for r in result.get("returns", [])]
+    keep["returns"] = [float(e["return"]) for e in result.get("episodes", [])]
     atomic_write_json(out, keep)
     return keep
 
@@ -180,7 +192,8 @@ def format_results(results: Mapping[str, Any]) -> str:
     if results.get("reference_return") is not None:
         lines.append(f"{'reference':<12}{results['reference_return']:>22.2f}   (BC on every "
                      "episode, sampled by size, seed 0)")
-    lines.append(f"wall time: {results['wall_s']:.0f} s")
+    if results.get("wall_s") is not None:
+        lines.append(f"wall time: {results['wall_s']:.0f} s")
     return "\n".join(lines)
 
 
@@ -247,7 +260,7 @@ def run_experiment(path: str | os.PathLike, options: ExperimentOptions | None = 
     ref_dir, remix_dir = os.path.join(path, "ref"), os.path.join(path, "remix")
     log.info("reference BC -> %s", ref_dir)
     train(experiment_config(data_dir, options, seed=first, steps=options.steps), ref_dir)
-    reference_eval = _evaluate(ref_dir, options)
+    _evaluate(ref_dir, options)
     log.info("Re-Mix -> %s", remix_dir)
     remix = train_remix(experiment_config(data_dir, options, seed=first,
                                           steps=options.remix_steps or options.steps),
@@ -256,16 +269,14 @@ def run_experiment(path: str | os.PathLike, options: ExperimentOptions | None = 
     frames = _domain_frames(data_dir, options, domains, seed=first)
     weights_dir = os.path.join(path, "weights")
     os.makedirs(weights_dir, exist_ok=True)
-    weight_files, weights = {}, {}
+    weight_files = {}
     for w in options.weightings:
         values = _weights_for(w, domains, frames, remix["weights_file"])
-        weights[w] = {d: float(v) for d, v in zip(domains, values)}
         weight_files[w] = os.path.join(weights_dir, f"{w}.json")
-        save_mixture_weights(weight_files[w], weights[w], metadata={"weighting": w})
-    returns: dict[str, dict[str, Any]] = {}
+        save_mixture_weights(weight_files[w], {d: float(v) for d, v in zip(domains, values)},
+                             metadata={"weighting": w})
     for budget in options.budgets:
         for w in options.weightings:
-            per_seed = []
             for seed in options.seeds:
                 run = os.path.join(path, "final", _run_name(w, budget, seed))
                 log.info("final BC %s", run)
@@ -273,22 +284,55 @@ def run_experiment(path: str | os.PathLike, options: ExperimentOptions | None = 
                 config, _ = apply_weights_and_budget(config, run, weights=weight_files[w],
                                                      data_budget=budget)
                 train(config, run)
-                per_seed.append(_evaluate(run, options)["return_mean"])
-            mean, ci = _summary(per_seed)
-            returns.setdefault(w, {})[f"{round(100 * budget)}%"] = {
-                "mean": mean, "ci95": ci, "seeds": [float(x) for x in per_seed]}
-    results = {"env_id": ops.ENV_ID, "domains": domains, "weights": weights,
-               "returns": returns, "reference_return": reference_eval["return_mean"],
-               "budgets": list(options.budgets), "seeds": list(options.seeds),
-               "episodes": options.episodes, "remix_run": remix_dir,
-               "options": {k: v for k, v in dataclasses.asdict(options).items()},
-               "wall_s": time.perf_counter() - t0}
+                _evaluate(run, options)
+    results = collect_results(path, options, wall_s=time.perf_counter() - t0)
     atomic_write_json(os.path.join(path, RESULTS_JSON), results)
     text = format_results(results)
     with open(os.path.join(path, RESULTS_TEXT), "w") as f:
         f.write(text + "\n")
     plot_results(results, os.path.join(path, RESULTS_PLOT))
     return results
+
+
+def collect_results(path: str | os.PathLike, options: ExperimentOptions, *,
+                    wall_s: float | None = None) -> dict[str, Any]:
+    """The results of the runs of ``path`` that have finished (their ``eval.json``): what
+    :func:`run_experiment` returns at the end, or a partial table while it runs (cells without
+    a finished seed are left out).
+
+    Raises:
+      FileNotFoundError: before the Re-Mix run has written its weights.
+    """
+    path = os.path.abspath(os.fspath(path))
+    remix_dir = os.path.join(path, "remix")
+    domains = list(load_mixture_weights(os.path.join(remix_dir, "mixture_weights.json")))
+    weights = {}
+    for w in options.weightings:
+        file = os.path.join(path, "weights", f"{w}.json")
+        if os.path.exists(file):
+            weights[w] = dict(load_mixture_weights(file))
+    returns: dict[str, dict[str, Any]] = {}
+    for budget in options.budgets:
+        for w in options.weightings:
+            per_seed = []
+            for seed in options.seeds:
+                file = os.path.join(path, "final", _run_name(w, budget, seed), EVAL_FILE)
+                if os.path.exists(file):
+                    with open(file) as f:
+                        per_seed.append(float(json.load(f)["return_mean"]))
+            if per_seed:
+                mean, ci = _summary(per_seed)
+                returns.setdefault(w, {})[f"{round(100 * budget)}%"] = {
+                    "mean": mean, "ci95": ci, "seeds": per_seed}
+    reference = None
+    if os.path.exists(os.path.join(path, "ref", EVAL_FILE)):
+        with open(os.path.join(path, "ref", EVAL_FILE)) as f:
+            reference = json.load(f)["return_mean"]
+    return {"env_id": ops.ENV_ID, "domains": domains, "weights": weights, "returns": returns,
+            "reference_return": reference, "budgets": list(options.budgets),
+            "seeds": list(options.seeds), "episodes": options.episodes,
+            "remix_run": remix_dir, "options": dataclasses.asdict(options),
+            "wall_s": wall_s}
 
 
 def _domain_frames(data_dir: str, options: ExperimentOptions, domains: Sequence[str], *,

@@ -23,15 +23,17 @@ the proxy, metrics and progress bar, with the Re-Mix block step in place of BC's
   (``"size"``: each domain's share of frames, ``"uniform"``, or given);
 * in the run directory: ``alpha_<step>.json`` at step 0 and then every ``save_freq`` steps (at
   the first log step at or after each multiple), ``mixture_weights.json`` (``average_alpha`` in
-  the loader's weights-file format, for ``train_bc.py --weights``) and ``weights.png`` at the
-  end; in metrics.csv and TensorBoard, every domain's ``alpha/<domain>``,
+  the loader's weights-file format, for ``train_bc.py --weights``) and ``weights.png`` (the
+  weights at every logged step) at the end; in metrics.csv and TensorBoard, every domain's ``alpha/<domain>``,
   ``average_alpha/<domain>`` and ``excess/<domain>`` (its mean excess loss over the log
   interval), besides the loop's metrics and ``proxy_loss``, ``reference_loss``, ``excess``.
 """
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import json
 import logging
 import os
 import time
@@ -48,7 +50,12 @@ from openx_train.data.errors import ConfigError
 from openx_train.data.loader import dataset_name
 from openx_train.models import make_policy, resolve_model_config
 from openx_train.models.spec import InputSpec
-from openx_train.remix.outputs import plot_weights, write_alpha, write_final_weights
+from openx_train.remix.outputs import (
+    AlphaHistory,
+    plot_weights,
+    write_alpha,
+    write_final_weights,
+)
 from openx_train.remix.reference import check_reference, reference_differences
 from openx_train.remix.step import (
     RemixState,
@@ -159,7 +166,7 @@ def load_reference(path: str | os.PathLike, which: str | int = "latest") -> Refe
     """
     path = os.path.abspath(os.fspath(path))
     info = run_lib.read_run(path)
-    params, step = run_lib.restore_params(path, which)
+    params, step = run_lib.restore_params(path, which, local=True)  # every process reads
     return Reference(path=path, info=info, params=params, step=int(step))
 
 
@@ -232,6 +239,34 @@ def summarize_remix(metrics: Sequence[Mapping[str, Any]], names: Sequence[str],
     return out
 
 
+def logged_history(path: str | os.PathLike, domains: Sequence[str]) -> AlphaHistory | None:
+    """Every domain's ``alpha`` and ``average_alpha`` at every logged step (metrics.csv),
+    after the initial weights (``alpha_0.json``); None when nothing was logged."""
+    path = os.fspath(path)
+    metrics = os.path.join(path, run_lib.METRICS_FILE)
+    first = os.path.join(path, "alpha_0.json")
+    if not (os.path.exists(metrics) and os.path.exists(first)):
+        return None
+    with open(first) as f:
+        a0 = json.load(f)["alpha"]
+    steps, alpha, average = [0], [[a0[d] for d in domains]], [[a0[d] for d in domains]]
+    with open(metrics, newline="") as f:
+        for row in csv.DictReader(f):
+            try:
+                a = [float(row[f"alpha/{d}"]) for d in domains]
+                m = [float(row[f"average_alpha/{d}"]) for d in domains]
+            except (KeyError, TypeError, ValueError):
+                continue
+            steps.append(int(float(row["step"])))
+            alpha.append(a)
+            average.append(m)
+    if len(steps) < 2:
+        return None
+    return AlphaHistory(steps=np.asarray(steps, np.int64), domains=tuple(domains),
+                        alpha=np.asarray(alpha, np.float64),
+                        average_alpha=np.asarray(average, np.float64))
+
+
 class _AlphaWriter:
     """``alpha_<step>.json`` at step 0, then at the first log step at or after every multiple of
     ``save_freq`` (and at the end), on process 0."""
@@ -282,6 +317,8 @@ def train_remix(config: Any, reference: str | os.PathLike, path: str | os.PathLi
     t0 = time.perf_counter()
     path = os.path.abspath(os.fspath(path))
     options = remix_options(config)
+    # before anything touches JAX (restoring the reference does)
+    process_index, process_count = loop.initialize_distributed(config)
     ref = load_reference(reference, _reference_checkpoint(config))
     datasets = loop.dataset_configs(config)
     planned = _planned_info(config, datasets)
@@ -292,8 +329,6 @@ def train_remix(config: Any, reference: str | os.PathLike, path: str | os.PathLi
         check_reference({**ref_json, "input_spec": None}, {**planned, "input_spec": None},
                         path=ref.path)
     datasets = with_reference_statistics(datasets, ref)
-
-    process_index, process_count = loop.initialize_distributed(config)
     loop.enable_compilation_cache(str(config.get("compilation_cache", "")))
     os.makedirs(path, exist_ok=True)
     checkpointer = run_lib.Checkpointer(path, keep=int(config.keep))
@@ -359,13 +394,15 @@ def train_remix(config: Any, reference: str | os.PathLike, path: str | os.PathLi
             metadata={"step": int(result["step"]), "domain_key": setup.loader.domain_key,
                       "reference": ref.path, "eta": options.eta,
                       "smoothing": options.smoothing})
-        result["weights_plot"] = plot_weights(path, os.path.join(path, WEIGHTS_PLOT))
+        result["weights_plot"] = plot_weights(path, os.path.join(path, WEIGHTS_PLOT),
+                                              history=logged_history(path, domains))
     return result
 
 
 __all__ = [
     "Reference",
     "load_reference",
+    "logged_history",
     "put_remix_block",
     "remix_config",
     "remix_options",

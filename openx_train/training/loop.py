@@ -90,8 +90,8 @@ def train_config() -> ml_collections.ConfigDict:
       data.image_size: camera size of inferred structures (None: as logged).
       data.val_fraction: episodes held out for validation, where a dataset does not say.
       data.loader: :class:`~openx_train.data.LoaderConfig` fields (``n_obs``, ``n_action``,
-        ``goal_relabeling``, ``weights``, ``domain_key``, ``augment`` (True: the default
-        augmentation, False: none, or a dict of :class:`AugmentConfig` fields),
+        ``goal_relabeling``, ``weights``, ``domain_key``, ``augment`` (the
+        :class:`AugmentConfig` fields, by default its defaults; None: no augmentation),
         ``image_dtype``, ``prefetch``, ``num_parallel_calls``, ``drop_final_step``).
       model, optimizer: see :func:`~openx_train.models.model_config` and
         :func:`~openx_train.training.optimizer_config`.
@@ -124,7 +124,8 @@ def train_config() -> ml_collections.ConfigDict:
             "val_fraction": 0.05,
             "loader": {"n_obs": 1, "n_action": 1, "goal_relabeling": False,
                        "drop_final_step": True, "weights": "uniform", "domain_key": "dataset",
-                       "augment": True, "image_dtype": "uint8", "prefetch": 2,
+                       "augment": dataclasses.asdict(AugmentConfig()), "image_dtype": "uint8",
+                       "prefetch": 2,
                        "num_parallel_calls": -1},
         },
         "model": model_config(),

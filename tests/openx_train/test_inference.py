@@ -147,6 +147,21 @@ def test_no_skew_state(reacher):
     assert chunks.shape == (4, 2, 2) and np.isfinite(chunks).all()
     np.testing.assert_array_equal(
         chunks, policy.decode(policy.predict(policy.model_inputs(window))))
+    # One action per call from raw observations (a robot loop): the chunk's actions in turn,
+    # then a new chunk from the window of the last 3 observations.
+    step = policy.stepwise()
+    step.reset(np.arange(1))
+    history = ObservationHistory(3)
+    got, want = [], []
+    for t in range(4):
+        obs = rec.observations[t][None]
+        window = with_pad_mask(*history(obs, np.array([t == 0])))
+        if t % 2 == 0:
+            chunk = policy(window)[0]
+        want.append(chunk[t % 2])
+        got.append(step(obs))
+    assert got[0].shape == (1, 2)
+    np.testing.assert_allclose(np.concatenate(got), np.stack(want), rtol=1e-6)
 
 
 def test_no_skew_cameras_language_goal(camera):
@@ -320,3 +335,29 @@ def test_evaluate_run_with_language(camera, tmp_path):
     episodes = read_tfds(os.fspath(tmp_path / "log"))
     assert len(episodes) == 3
     assert all(e["steps"]["language_instruction"][0].startswith(b"put the") for e in episodes)
+
+
+def test_training_evaluates_every_eval_freq(reacher, tmp_path):
+    """train()'s eval_freq rolls out the checkpoint just saved through evaluate_run."""
+    loop = pytest.importorskip("openx_train.training.loop")
+    import csv
+
+    path, _ = reacher
+    config = loop.train_config()
+    config.data.datasets = [{"path": path}]
+    config.data.structure = {"state": ["observation"], "action": ["action"]}
+    config.data.val_fraction = 0.0
+    config.data.loader.augment = False
+    config.model.trunk.hidden_dims = (16,)
+    config.optimizer.warmup_steps = 1
+    config.steps, config.batch_size, config.steps_per_call = 4, 8, 1
+    config.log_freq, config.val_freq, config.save_freq = 2, 0, 0
+    config.eval_freq = 2
+    config.eval.env_name = "Reacher-v5"
+    config.eval.num_episodes, config.eval.num_envs, config.eval.max_episode_steps = 2, 1, 5
+    config.compilation_cache = "none"
+    out = loop.train(config, os.fspath(tmp_path / "run"))
+    assert np.isfinite(out["eval/return_mean"]) and out["eval/length_mean"] == 5.0
+    with open(tmp_path / "run" / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("eval/return_mean")]
+    assert [int(r["step"]) for r in rows] == [2, 4]

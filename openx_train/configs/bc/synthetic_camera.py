@@ -1,5 +1,5 @@
 """BC with images and language on ``oxe_envlogger/SyntheticCamera-v0``: a small CNN per camera
-(64x64 main, 32x32 wrist), hashed-token language by FiLM, MSE head, one observation, one action.
+(48x48 main, 24x24 wrist), hashed-token language by FiLM, MSE head, one observation, one action.
 
 ::
 
@@ -21,17 +21,18 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.datasets = [{"path": "demo_out/camera"}]
     config.data.structure = {
         "state": ["observation/state"],
-        "images": {"image": {"key": "observation/image", "size": [64, 64]},
-                   "image_wrist": {"key": "observation/wrist_image", "size": [32, 32]}},
+        "images": {"image": {"key": "observation/image", "size": [48, 48]},
+                   "image_wrist": {"key": "observation/wrist_image", "size": [24, 24]}},
         "action": ["action"],
         "language": "language_instruction",
     }
-    config.data.loader.augment = {"crop_scale": [0.9, 1.0], "brightness": 0.05,
-                                  "contrast": None, "saturation": None, "hue": 0.0}
+    augment = config.data.loader.augment
+    augment.crop_scale, augment.brightness, augment.hue = (0.9, 1.0), 0.05, 0.0
+    augment.contrast = augment.saturation = None
     config.model.image_encoder.kind = "conv"
-    config.model.image_encoder.width = 32
+    config.model.image_encoder.width = 16
     config.model.image_encoder.pooling = "spatial_softmax"
-    config.model.image_encoder.num_keypoints = 32
+    config.model.image_encoder.num_keypoints = 16
     config.model.task.language = "tokens"
     config.model.task.conditioning = "film"
     config.model.head.kind = "mse"

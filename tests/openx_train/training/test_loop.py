@@ -320,3 +320,26 @@ def test_eval_fn_runs_on_the_checkpoint_saved_at_its_step(reacher_dir, tmp_path)
     with open(tmp_path / "e" / "metrics.csv") as f:
         rows = {int(r["step"]): r for r in csv.DictReader(f)}
     assert float(rows[16]["eval/return_mean"]) == -16.0 and rows[8]["eval/return_mean"] == ""
+
+
+def test_images_and_language_train_in_blocks(camera_dir, tmp_path):
+    from openx_train.configs.bc import synthetic_camera
+
+    config = synthetic_camera.get_config()
+    config.data.datasets = [{"path": camera_dir}]
+    config.data.val_fraction = 0.0
+    for cam in ("image", "image_wrist"):
+        config.data.structure["images"][cam]["size"] = [16, 16]
+    config.model.image_encoder.width = 8
+    config.model.image_encoder.num_keypoints = 4
+    config.model.trunk.hidden_dims = (16,)
+    config.optimizer.warmup_steps = 1
+    config.batch_size, config.steps, config.steps_per_call = 4, 4, 2
+    config.log_freq = config.save_freq = 2
+    config.compilation_cache = "none"
+    result = loop.train(config, tmp_path / "cam")
+    assert result["step"] == 4 and np.isfinite(result["loss"])
+    info = run.read_run(tmp_path / "cam")
+    assert info.input_spec.language == "tokens"
+    assert info.input_spec.get("observation/image").shape == (1, 16, 16, 3)
+    assert set(info.dataset().structure.images) == {"image", "image_wrist"}
