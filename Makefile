@@ -16,11 +16,19 @@ $(STAMP): pyproject.toml setup.py
 
 venv: $(STAMP)
 
-# The main job on a small default: log a MuJoCo task to RLDS, then summarise what tfds reads back.
+# The whole path on a small default (a few minutes on 2 CPUs): log scripted Reacher-v5 episodes
+# as RLDS, summarise what tfds reads back, train BC on them, and evaluate the policy on 50 seeded
+# episodes next to the scripted expert and random actions on the same episodes.
+DEMO_EPISODES ?= 100
 demo: venv
-	$(BIN)/python run_gym.py --env_name=HalfCheetah-v5 --num_episodes=3 --max_episode_steps=200 \
-		--enable_envlogger --output_dir=demo_out/half_cheetah --overwrite
-	$(BIN)/python -m oxe_envlogger.tfds_summary demo_out/half_cheetah
+	$(BIN)/python run_gym.py --env_name=Reacher-v5 --policy=scripted --num_episodes=$(DEMO_EPISODES) \
+		--enable_envlogger --output_dir=demo_out/reacher --overwrite
+	$(BIN)/python -m oxe_envlogger.datasets.tfds_summary demo_out/reacher
+	rm -rf demo_out/bc
+	$(BIN)/python tools/train_bc.py --config=openx_train/configs/bc/reacher_state.py \
+		--data=demo_out/reacher --path=demo_out/bc
+	$(BIN)/python tools/eval_policy.py --path=demo_out/bc --env_name=Reacher-v5 --num_episodes=50 \
+		--baselines=scripted,random --video=demo_out/bc/eval.mp4
 
 test: venv
 	$(BIN)/python -m pytest -q
@@ -41,7 +49,9 @@ bench: venv
 	$(BIN)/python bench/bench_loader.py
 	$(BIN)/python bench/bench_stats.py
 	$(BIN)/python bench/bench_eval.py
+	$(BIN)/python bench/bench_policy.py
 	$(BIN)/python bench/bench_train_loop.py
+	$(BIN)/python bench/bench_remix.py
 
 clean:
 	rm -rf demo_out bench_out logs .pytest_cache

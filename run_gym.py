@@ -19,9 +19,9 @@ from absl import app, flags, logging
 from tqdm import tqdm
 
 from oxe_envlogger import AutoOXEEnvLogger, DatasetExistsError, FeatureMismatchError, SpecError
+from oxe_envlogger.datasets.inspection import format_summary, summarize
 from oxe_envlogger.envs import make_policy, run_episodes  # registers SyntheticCamera-v0 too
-from oxe_envlogger.inspection import format_summary, summarize
-from oxe_envlogger.layout import DATASET_INFO, read_json, snake_name
+from oxe_envlogger.format.layout import DATASET_INFO, read_json, snake_name
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("env_name", "HalfCheetah-v5", "Any gymnasium env id.")

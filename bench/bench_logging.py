@@ -45,7 +45,8 @@ import gymnasium as gym
 import numpy as np
 
 import oxe_envlogger.envs
-from oxe_envlogger import AutoOXEEnvLogger, WriterOptions, encoding
+from oxe_envlogger import AutoOXEEnvLogger, WriterOptions
+from oxe_envlogger.collect import encoders
 
 
 def dir_bytes(path: str) -> int:
@@ -395,7 +396,7 @@ def bench_w2(reps: int, episodes: int, steps: int, codec: str) -> dict:
     raw_cpu = statistics.median(x["cpu_s"] for x in raw) / steps_n
     encode_cpu = w2_encode_seconds_per_step(codec)
     cpus = len(os.sched_getaffinity(0))
-    workers = max(1, encoding.default_processes())  # threads on one CPU: one encoder
+    workers = max(1, encoders.default_processes())  # threads on one CPU: one encoder
     return {
         "bench": f"W2 camera logging (2 cameras + state, 10x200 steps), codec {codec}",
         "reps": reps,
@@ -447,7 +448,7 @@ def w2_frames(steps: int) -> list[tuple[np.ndarray, np.ndarray]]:
 def w2_encode_seconds_per_step(codec: str, steps: int = 60) -> float:
     """CPU seconds to encode one W2 step's frames (both cameras) with ``codec``, in this
     process with nothing else running: the encoders' own cost, without any logging."""
-    from oxe_envlogger import codecs
+    from oxe_envlogger.format import codecs
 
     codec_ = codecs.ImageCodec.parse(codec)
     frames = w2_frames(steps)
@@ -465,7 +466,7 @@ def bench_codecs(n: int = 200) -> dict:
     """Encode time per W2 frame for each codec, ours next to every other encoder here."""
     import io
 
-    from oxe_envlogger import codecs
+    from oxe_envlogger.format import codecs
 
     frames = [image for image, _ in w2_frames(8)]
 
@@ -510,8 +511,8 @@ def bench_codecs(n: int = 200) -> dict:
     except ImportError:
         pass
     out = {"bench": "encode time per 256x256x3 W2 frame (ms)"}
-    for codec, encoders in candidates.items():
-        times = {name: per_frame(fn) for name, fn in encoders.items()}
+    for codec, fns in candidates.items():
+        times = {name: per_frame(fn) for name, fn in fns.items()}
         ours = next(v for k, v in times.items() if k.startswith("ours"))
         fastest = min(times.values())
         out[codec] = {k: round(v * 1e3, 3) for k, v in times.items()}
@@ -640,7 +641,7 @@ def _time_steps(env, steps: int, actions: np.ndarray, on_first_step=None,
 def _long_state_child(config: str) -> dict:
     """One ``steps:budget`` configuration: the raw loop, then the logged loop, in this process.
     Peak memory is the kernel's high-water mark, reset at the logged loop's first step."""
-    from oxe_envlogger import layout, record
+    from oxe_envlogger.format import layout, record
 
     steps, budget = int(config.split(":")[0]), int(config.split(":")[1])
     actions = np.random.default_rng(0).uniform(-1, 1, (4096, 6)).astype(np.float32)

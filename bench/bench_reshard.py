@@ -36,7 +36,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import gymnasium as gym
 
 import oxe_envlogger.envs  # noqa: F401
-from oxe_envlogger import AutoOXEEnvLogger, layout, record, reshard
+from oxe_envlogger import AutoOXEEnvLogger
+from oxe_envlogger.datasets import reshard
+from oxe_envlogger.format import layout, record
 
 
 def make_inputs(root: str, *, datasets: int, episodes: int, steps: int) -> list[str]:
@@ -66,7 +68,7 @@ def make_inputs(root: str, *, datasets: int, episodes: int, steps: int) -> list[
 
 def byte_identical(out: str) -> bool:
     """Every output episode equals, byte for byte, the source record the manifest names."""
-    manifest = layout.read_json(os.path.join(out, reshard.MANIFEST))
+    manifest = layout.read_json(os.path.join(out, layout.RESHARD_MANIFEST))
     sources = {s["index"]: s["directory"] for s in manifest["sources"]}
     cols = manifest["episode_columns"]
     cache: dict[str, list[bytes]] = {}
@@ -137,7 +139,7 @@ def main() -> None:
         shutil.rmtree(out_dir, ignore_errors=True)
         copies.append(timed(cp, copy_cpu))
         reshards.append(timed(run, reshard_cpu))
-    manifest = layout.read_json(os.path.join(out_dir, reshard.MANIFEST))
+    manifest = layout.read_json(os.path.join(out_dir, layout.RESHARD_MANIFEST))
     splits = manifest["splits"]
     identical = byte_identical(out_dir)
     shutil.rmtree(copy_dir, ignore_errors=True)

@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import gymnasium as gym
 import numpy as np
 
-from oxe_envlogger import stats
+from oxe_envlogger.format import stats
 
 SHAPES = {"observation": (17,), "action": (6,)}
 

@@ -51,7 +51,7 @@ def replicate(source: str, directory: str, copies: int) -> str:
     links across file systems). Its episodes repeat; its files and fingerprint are its own."""
     if os.path.isfile(os.path.join(directory, "dataset_info.json")):
         return directory
-    from oxe_envlogger import layout
+    from oxe_envlogger.format import layout
 
     info = layout.read_json(os.path.join(source, layout.DATASET_INFO))
     entry = layout.split_entry(info, "train")

@@ -315,10 +315,13 @@ class Checkpointer:
         kept besides.
       async_save: write in a background thread (the next steps run meanwhile).
       read_only: open for restoring only.
+      local: this process alone reads (no barrier with the other processes of a
+        ``jax.distributed`` run): for reading another run's checkpoint, e.g. Re-Mix's
+        reference, in every process independently. Needs ``read_only``.
     """
 
     def __init__(self, path: str | os.PathLike, *, keep: int = 3, async_save: bool = True,
-                 read_only: bool = False):
+                 read_only: bool = False, local: bool = False):
         if not isinstance(keep, int) or keep < 1:
             raise RunError(f"checkpoints keep: expected an int >= 1, given {keep!r}")
         ocp = _import_ocp()
@@ -326,11 +329,26 @@ class Checkpointer:
         self.directory = os.path.join(self.path, CHECKPOINT_DIR)
         self.keep = keep
         self._ocp = ocp
+        if local and not read_only:
+            raise RunError("checkpoints local: only for reading (read_only=True)")
+        self._local = local
+        multiprocessing = {}
+        if local and jax.process_count() > 1:
+            index = jax.process_index()
+            multiprocessing["multiprocessing_options"] = ocp.options.MultiprocessingOptions(
+                primary_host=index, active_processes={index},
+                barrier_sync_key_prefix=f"local{index}")
         options = ocp.CheckpointManagerOptions(
             max_to_keep=None, create=not read_only, read_only=read_only,
-            enable_async_checkpointing=async_save, cleanup_tmp_directories=not read_only)
-        self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                              item_names=(_PARAMS, _EMA, _REST, _META))
+            enable_async_checkpointing=async_save, cleanup_tmp_directories=not read_only,
+            **multiprocessing)
+        if local:  # handlers given: the items' metadata can be read before restoring them
+            self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers={
+                _PARAMS: ocp.StandardCheckpointHandler(), _EMA: ocp.StandardCheckpointHandler(),
+                _REST: ocp.StandardCheckpointHandler(), _META: ocp.JsonCheckpointHandler()})
+        else:
+            self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                                  item_names=(_PARAMS, _EMA, _REST, _META))
         self._val_loss: dict[int, float | None] = {}
         for step in self._manager.all_steps():
             self._val_loss[step] = self._read_meta(step).get("val_loss")
@@ -503,8 +521,16 @@ class Checkpointer:
             raise RunError(f"checkpoint {step} of {self.path!r}: no EMA parameters were saved "
                            "(optimizer.ema_decay was not set)")
         item = _EMA if (has_ema if ema is None else ema) else _PARAMS
-        out = self._manager.restore(step, args=ocp.args.Composite(
-            **{item: ocp.args.StandardRestore()}))
+        if self._local:
+            # onto this process's first device: the saved sharding may name another
+            # process's device
+            device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            restore = ocp.args.StandardRestore(jax.tree.map(
+                lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                self._manager.item_metadata(step)[item]))
+        else:
+            restore = ocp.args.StandardRestore()
+        out = self._manager.restore(step, args=ocp.args.Composite(**{item: restore}))
         params = jax.tree.map(np.asarray, out[item])
         return params, step
 
@@ -525,7 +551,7 @@ class Checkpointer:
 
 
 def restore_params(path: str | os.PathLike, which: str | int = "latest", *,
-                   ema: bool | None = None) -> tuple[Any, int]:
+                   ema: bool | None = None, local: bool = False) -> tuple[Any, int]:
     """The parameters of a run's checkpoint, with no optimizer, dataset or config needed.
 
     Args:
@@ -533,6 +559,8 @@ def restore_params(path: str | os.PathLike, which: str | int = "latest", *,
       which: ``"latest"``, ``"best"`` (lowest validation loss) or a step number.
       ema: take the EMA parameters (an error when the run kept none); None: the EMA
         parameters when the run kept them, else the parameters.
+      local: read in this process alone, without synchronizing with the other processes of
+        a ``jax.distributed`` run (each process reads the same files).
 
     Returns:
       ``(params, step)``: params as nested dicts of numpy arrays.
@@ -546,7 +574,7 @@ def restore_params(path: str | os.PathLike, which: str | int = "latest", *,
         raise RunNotFoundError(f"run directory {path!r}: expected {CHECKPOINT_DIR}/ in it, "
                                f"which training writes at its first save; missing: "
                                f"{os.path.join(path, CHECKPOINT_DIR)}")
-    ckpt = Checkpointer(path, read_only=True, async_save=False)
+    ckpt = Checkpointer(path, read_only=True, async_save=False, local=local)
     try:
         return ckpt.restore_params(which, ema=ema)
     finally:

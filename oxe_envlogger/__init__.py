@@ -11,30 +11,32 @@ from typing import TYPE_CHECKING
 __version__ = "0.2.0"
 
 # Names are imported on first use, so that ``import oxe_envlogger`` (and the image encoder
-# processes, which import only ``oxe_envlogger.codecs``) stay light: gymnasium alone takes
+# processes, which import only ``oxe_envlogger.format.codecs``) stay light: gymnasium alone takes
 # a quarter second, the dm_env/envlogger front as much again.
 _ERRORS = ("CorruptDatasetError", "DatasetExistsError", "FeatureMismatchError",
            "LoggerClosedError", "NonFiniteError", "OXEEnvLoggerError", "OutOfBoundsError",
            "RecordTooLargeError", "SpecError", "StepOrderError", "UnknownKeyError",
-           "UnsupportedSpaceError", "WriterError")
+           "UnknownOptionError", "UnsupportedSpaceError", "WriterError")
 _WHERE = {
     "AutoOXEEnvLogger": "envlogger",
     "OXEEnvLogger": "envlogger",
     "DmEnvLogger": "dm_env_logger",
     "RLDSBackendWriter": "dm_env_logger",
-    "ImageCodec": "codecs",
+    "ImageCodec": "format.codecs",
+    "LoggerOptions": "options",
     "RLDSLogger": "rlds_logger",
     "RLDSStepType": "rlds_logger",
     "VectorOXEEnvLogger": "vector",
-    "WriterOptions": "writer",
-    "get_gym_space": "specs",
-    "read_episodes": "reader",
-    "recover": "layout",
+    "WriterOptions": "collect.writer",
+    "get_gym_space": "spaces",
+    "read_episodes": "format.reader",
+    "recover": "datasets.recovery",
     **dict.fromkeys(_ERRORS, "errors"),
 }
 
 if TYPE_CHECKING:
-    from oxe_envlogger.codecs import ImageCodec
+    from oxe_envlogger.collect.writer import WriterOptions
+    from oxe_envlogger.datasets.recovery import recover
     from oxe_envlogger.dm_env_logger import DmEnvLogger, RLDSBackendWriter
     from oxe_envlogger.envlogger import AutoOXEEnvLogger, OXEEnvLogger
     from oxe_envlogger.errors import (
@@ -49,15 +51,16 @@ if TYPE_CHECKING:
         SpecError,
         StepOrderError,
         UnknownKeyError,
+        UnknownOptionError,
         UnsupportedSpaceError,
         WriterError,
     )
-    from oxe_envlogger.layout import recover
-    from oxe_envlogger.reader import read_episodes
+    from oxe_envlogger.format.codecs import ImageCodec
+    from oxe_envlogger.format.reader import read_episodes
+    from oxe_envlogger.options import LoggerOptions
     from oxe_envlogger.rlds_logger import RLDSLogger, RLDSStepType
-    from oxe_envlogger.specs import get_gym_space
+    from oxe_envlogger.spaces import get_gym_space
     from oxe_envlogger.vector import VectorOXEEnvLogger
-    from oxe_envlogger.writer import WriterOptions
 
 
 def __getattr__(name: str):
@@ -81,6 +84,7 @@ __all__ = [
     "FeatureMismatchError",
     "ImageCodec",
     "LoggerClosedError",
+    "LoggerOptions",
     "NonFiniteError",
     "OXEEnvLogger",
     "OXEEnvLoggerError",
@@ -92,6 +96,7 @@ __all__ = [
     "SpecError",
     "StepOrderError",
     "UnknownKeyError",
+    "UnknownOptionError",
     "UnsupportedSpaceError",
     "VectorOXEEnvLogger",
     "WriterError",

@@ -1,16 +1,19 @@
-"""What the command-line programs share (``tools/*.py``, ``oxe-recover-rlds``,
-``python -m oxe_envlogger.tfds_summary``): a quiet end when their output is closed early (piped
-into ``head``) and one-line error messages instead of tracebacks."""
+"""What the command-line programs share (``tools/*.py``, ``python -m
+oxe_envlogger.datasets.tfds_summary``): a quiet end when their output is closed early (piped into
+``head``) and one-line error messages instead of tracebacks; and the one recover command
+(``oxe-recover-rlds`` and ``tools/recover_rlds.py``)."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import sys
 from collections.abc import Callable, Iterator
 
-from oxe_envlogger.errors import DamagedShardError, OXEEnvLoggerError
+from oxe_envlogger.datasets import recovery
+from oxe_envlogger.errors import DamagedShardError, OXEEnvLoggerError, RecoveryError
 
 # What a shell reports for a program killed by SIGPIPE (Python ignores the signal itself).
 EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
@@ -65,3 +68,31 @@ def errors_reported(*kinds: type[BaseException]) -> Iterator[None]:
     except (OXEEnvLoggerError, OSError, ValueError, KeyError, *kinds) as e:
         print(error_line(e), file=sys.stderr)
         sys.exit(1)
+
+
+def recover_main(argv: list[str] | None = None) -> int:
+    """``oxe-recover-rlds DIR [DIR ...]`` (and ``tools/recover_rlds.py``): runs
+    :func:`oxe_envlogger.datasets.recovery.recover` on each directory and prints its report as one
+    JSON line. Returns 1 when any directory could not be recovered (the
+    reason on stderr, one line each), 2 for bad usage."""
+    args = sys.argv[1:] if argv is None else argv
+    if not args:
+        print("usage: oxe-recover-rlds DIR [DIR ...]", file=sys.stderr)
+        return 2
+    status = 0
+    with quiet_broken_pipe():
+        for d in args:
+            try:
+                report = recovery.recover(d)
+            except RecoveryError as e:
+                print(json.dumps({"directory": d, **e.report}))
+                print(error_line(e), file=sys.stderr)
+                status = 1
+            except (OXEEnvLoggerError, OSError, ValueError) as e:
+                print(error_line(e), file=sys.stderr)
+                status = 1
+            else:
+                print(json.dumps({"directory": d, **report}))
+    return status
+
+

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from oxe_envlogger.specs import get_gym_space, space_to_spec
+from oxe_envlogger.spaces import get_gym_space, space_to_spec
 
 __all__ = ["get_gym_space", "space_to_spec"]

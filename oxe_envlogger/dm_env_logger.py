@@ -17,12 +17,12 @@ import dm_env
 import numpy as np
 from dm_env import specs as dm_specs
 
-from oxe_envlogger import layout, lifecycle, provenance, specs
-from oxe_envlogger.envlogger import DocField, LoggerMixin, MetadataInfo, _writer_options
+from oxe_envlogger.envlogger import LoggerMixin
 from oxe_envlogger.errors import UnsupportedSpaceError
-from oxe_envlogger.recorder import EpisodeRecorder
-from oxe_envlogger.specs import ImageCodec, Spec
-from oxe_envlogger.writer import WriterOptions
+from oxe_envlogger.format import provenance, specs
+from oxe_envlogger.format.codecs import ImageCodec
+from oxe_envlogger.format.specs import Spec
+from oxe_envlogger.options import LoggerOptions
 
 try:
     from envlogger.backends import backend_writer as _backend_writer
@@ -37,7 +37,7 @@ def dm_spec_to_spec(spec: Any, *, path: str = "", image_codec: str | ImageCodec 
                     float64: str = "float32") -> Spec:
     """Maps a (nested) dm_env spec to a spec: Array/BoundedArray (uint8 HxWxC as images),
     DiscreteArray, StringArray (scalar), dicts, lists and tuples. ``float64``: see
-    :func:`oxe_envlogger.specs.tensor`."""
+    :func:`oxe_envlogger.format.specs.tensor`."""
     image_codecs = image_codecs or {}
     if isinstance(spec, Mapping):
         return specs.Group({k: dm_spec_to_spec(v, path=specs.join(path, k), image_codec=image_codec,
@@ -87,44 +87,33 @@ class DmEnvLogger(dm_env.Environment, LoggerMixin):
     Args:
       env: the dm_env environment.
       dataset_name, directory: as for :class:`oxe_envlogger.OXEEnvLogger`.
-      step_metadata_info, episode_metadata_info: declarations, or None to infer them.
-      **options: the keyword options of :class:`oxe_envlogger.OXEEnvLogger`.
+      options, **keywords: the options (:class:`oxe_envlogger.LoggerOptions`), as for
+        :class:`oxe_envlogger.OXEEnvLogger`; metadata not declared, and whether there is a
+        language instruction, are inferred from the first episode. ``reward_dtype`` defaults
+        to the dtype of the env's ``reward_spec()``.
+
+    Raises:
+      UnknownOptionError: for a keyword that is not an option, naming the valid ones.
     """
 
     def __init__(self, env: dm_env.Environment, dataset_name: str, directory: str | os.PathLike, *,
-                 step_metadata_info: MetadataInfo | None = None,
-                 episode_metadata_info: MetadataInfo | None = None,
-                 language_instruction: bool | None = None, doc_field: DocField | None = None,
-                 version: str = layout.DEFAULT_VERSION, max_episodes_per_file: int | None = None,
-                 shard_bytes: int | None = None, image_codec: str | ImageCodec = "png",
-                 image_codecs: Mapping[str, str | ImageCodec] | None = None,
-                 float64: str | None = None,
-                 strict_finite: bool = False, strict_bounds: bool = False,
-                 incomplete: str = "keep", overwrite: bool = False,
-                 fsync: bool | None = None, writer_options: WriterOptions | None = None,
-                 handle_signals: bool = True):
+                 options: LoggerOptions | None = None, **keywords: Any):
+        opts = LoggerOptions.from_keywords("DmEnvLogger", keywords, options=options)
         self._env = env
-        codecs = {EpisodeRecorder._step_path(k): v for k, v in (image_codecs or {}).items()}
-        reward_spec = env.reward_spec()
-        made = specs.check_float64_storage(float64 or "float32")
-        self._recorder = EpisodeRecorder(
+        opts = opts.with_defaults(
+            reward_dtype=np.dtype(getattr(env.reward_spec(), "dtype", np.float64)))
+        codecs = {specs.step_key(k): v for k, v in (opts.image_codecs or {}).items()}
+        made = specs.check_float64_storage(opts.float64 or "float32")
+        self._recorder = opts.build_recorder(
             directory, dataset_name,
             observation=dm_spec_to_spec(env.observation_spec(), path="observation",
-                                        image_codec=image_codec, image_codecs=codecs,
+                                        image_codec=opts.image_codec, image_codecs=codecs,
                                         float64=made),
-            action=dm_spec_to_spec(env.action_spec(), path="action", image_codec=image_codec,
+            action=dm_spec_to_spec(env.action_spec(), path="action", image_codec=opts.image_codec,
                                    image_codecs=codecs, float64=made),
-            reward_dtype=np.dtype(getattr(reward_spec, "dtype", np.float64)),
-            discount_dtype=_discount_dtype(env),
-            step_metadata=step_metadata_info, episode_metadata=episode_metadata_info,
-            language=language_instruction, image_codec=image_codec, image_codecs=codecs,
-            float64=float64, docs=doc_field, strict_finite=strict_finite, strict_bounds=strict_bounds,
-            incomplete=incomplete,
-            options=_writer_options(writer_options, shard_bytes, max_episodes_per_file, fsync),
-            overwrite=overwrite, session=provenance.session_info(env, {"front": "DmEnvLogger"}),
-            description="RLDS episodes of a dm_env environment logged by oxe_envlogger.",
-            version=version)
-        lifecycle.register(self._recorder, handle_signals=handle_signals)
+            discount_dtype=_discount_dtype(env), image_codecs=codecs,
+            session=provenance.session_info(env, {"front": "DmEnvLogger"}),
+            description="RLDS episodes of a dm_env environment logged by oxe_envlogger.")
 
     def reset(self) -> dm_env.TimeStep:
         ts = self._env.reset()
@@ -158,12 +147,8 @@ class DmEnvLogger(dm_env.Environment, LoggerMixin):
         return self._env.discount_spec()
 
     def close(self) -> None:
-        try:
-            self.close_logger()
-        finally:
-            if not getattr(self, "_env_closed", False):
-                self._env_closed = True
-                self._env.close()
+        """Writes the last episode, commits the dataset, then closes the env. Idempotent."""
+        self._close_logger_and_env(self._env)
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):
@@ -183,44 +168,41 @@ class RLDSBackendWriter(_BackendBase, LoggerMixin):
       dataset_name: TFDS dataset name.
       observation_info, action_info: dm_env specs, gymnasium spaces or other declarations; None to
         infer them from the first values.
-      step_metadata_info, episode_metadata_info: declarations, or None to infer.
-      **options: as for :class:`oxe_envlogger.OXEEnvLogger`.
+      discount_dtype: dtype of ``discount``.
+      scheduler, metadata: as for envlogger's ``BackendWriter``.
+      options, **keywords: the options (:class:`oxe_envlogger.LoggerOptions`), as for
+        :class:`oxe_envlogger.OXEEnvLogger`; metadata not declared, and whether there is a
+        language instruction, are inferred from the first episode.
+
+    Raises:
+      UnknownOptionError: for a keyword that is not an option, naming the valid ones.
     """
 
     def __init__(self, data_directory: str | os.PathLike, dataset_name: str, *,
                  observation_info: Any = None, action_info: Any = None,
-                 reward_dtype: Any = np.float64, discount_dtype: Any = np.float32,
-                 step_metadata_info: MetadataInfo | None = None,
-                 episode_metadata_info: MetadataInfo | None = None,
-                 max_episodes_per_file: int | None = None, shard_bytes: int | None = None,
-                 image_codec: str | ImageCodec = "png", float64: str | None = None,
-                 strict_finite: bool = False,
-                 strict_bounds: bool = False, incomplete: str = "keep",
-                 overwrite: bool = False, writer_options: WriterOptions | None = None,
-                 scheduler: Any = None, metadata: dict[str, Any] | None = None,
-                 handle_signals: bool = True):
+                 discount_dtype: Any = np.float32, scheduler: Any = None,
+                 metadata: dict[str, Any] | None = None, options: LoggerOptions | None = None,
+                 **keywords: Any):
+        opts = LoggerOptions.from_keywords("RLDSBackendWriter", keywords, options=options)
         if _BackendBase is not object:
             super().__init__(metadata=metadata, scheduler=scheduler)
-
-        made = specs.check_float64_storage(float64 or "float32")
+        opts = opts.with_defaults(reward_dtype=np.float64)
+        codecs = {specs.step_key(k): v for k, v in (opts.image_codecs or {}).items()}
+        made = specs.check_float64_storage(opts.float64 or "float32")
 
         def declared(info, path):
             if _has_dm_spec(info):
-                return dm_spec_to_spec(info, path=path, image_codec=image_codec, float64=made)
+                return dm_spec_to_spec(info, path=path, image_codec=opts.image_codec,
+                                       image_codecs=codecs, float64=made)
             return info
 
-        self._recorder = EpisodeRecorder(
+        self._recorder = opts.build_recorder(
             data_directory, dataset_name, observation=declared(observation_info, "observation"),
-            action=declared(action_info, "action"), reward_dtype=reward_dtype,
-            discount_dtype=discount_dtype, step_metadata=step_metadata_info,
-            episode_metadata=episode_metadata_info, image_codec=image_codec, float64=float64,
-            strict_finite=strict_finite, strict_bounds=strict_bounds, incomplete=incomplete,
-            options=_writer_options(writer_options, shard_bytes, max_episodes_per_file, None),
-            overwrite=overwrite,
+            action=declared(action_info, "action"), discount_dtype=discount_dtype,
+            image_codecs=codecs,
             session=provenance.session_info(None, {"front": "RLDSBackendWriter",
                                                    "envlogger_metadata": provenance.json_safe(metadata)}),
             description="RLDS episodes logged through envlogger.EnvLogger by oxe_envlogger.")
-        lifecycle.register(self._recorder, handle_signals=handle_signals)
 
     def _record_step(self, data, is_new_episode: bool) -> None:
         rec = self._recorder

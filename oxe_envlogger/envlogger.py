@@ -1,12 +1,13 @@
 """gymnasium wrappers that log every episode as RLDS: ``AutoOXEEnvLogger`` and ``OXEEnvLogger``.
 
 Both only record: ``reset()``, ``step()``, ``info`` and keyword arguments pass through unchanged,
-and the agent sees exactly what is logged. See :mod:`oxe_envlogger.recorder` for where each value
+and the agent sees exactly what is logged. See :mod:`oxe_envlogger.collect.recorder` for where each value
 lands in the RLDS steps.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from typing import Any, SupportsFloat
@@ -14,13 +15,12 @@ from typing import Any, SupportsFloat
 import gymnasium as gym
 import numpy as np
 
-from oxe_envlogger import layout, lifecycle, provenance
-from oxe_envlogger.recorder import EpisodeRecorder
-from oxe_envlogger.specs import ImageCodec
-from oxe_envlogger.writer import DEFAULT_SHARD_BYTES, WriterOptions
-
-MetadataInfo = Mapping[str, Any]
-DocField = Mapping[str, str]
+from oxe_envlogger.collect import lifecycle
+from oxe_envlogger.collect.recorder import EpisodeRecorder
+from oxe_envlogger.collect.writer import WriterOptions
+from oxe_envlogger.format import provenance
+from oxe_envlogger.format.layout import DEFAULT_SHARD_BYTES
+from oxe_envlogger.options import LoggerOptions
 
 
 class LoggerMixin:
@@ -52,9 +52,15 @@ class LoggerMixin:
         return self._recorder.directory
 
     @property
+    def writer_options(self) -> WriterOptions:
+        """The :class:`WriterOptions` this logger writes with (the ``writer_options`` option with
+        ``shard_bytes``, ``max_episodes_per_file`` and ``fsync`` applied)."""
+        return self._recorder.writer.options
+
+    @property
     def writer_stats(self) -> dict[str, Any]:
         """Episodes, steps, bytes and stalls written so far by this logger."""
-        return self._recorder.writer._session_json()
+        return self._recorder.writer.session_json()
 
     def flush(self, *, commit: bool = True) -> None:
         """Makes every episode completed so far durable and, with ``commit``, readable now
@@ -78,6 +84,15 @@ class LoggerMixin:
         """
         self._recorder.flush(commit=commit)
 
+    def _close_logger_and_env(self, env: Any, **kwargs: Any) -> None:
+        """Closes the logger, then the env it wraps (once, even when closing the logger fails)."""
+        try:
+            self.close_logger()
+        finally:
+            if not getattr(self, "_env_closed", False):
+                self._env_closed = True
+                env.close(**kwargs)
+
     def close_logger(self) -> None:
         """Flushes and closes the logger (not the env). Idempotent."""
         rec = getattr(self, "_recorder", None)
@@ -89,45 +104,17 @@ class LoggerMixin:
             lifecycle.unregister(rec)
 
 
-def _writer_options(options: WriterOptions | None, shard_bytes: int | None,
-                    max_episodes_per_file: int | None, fsync: bool | None) -> WriterOptions:
-    import dataclasses
-
-    opts = options or WriterOptions()
-    changes: dict[str, Any] = {}
-    if shard_bytes is not None:
-        changes["shard_bytes"] = int(shard_bytes)
-    if max_episodes_per_file is not None:
-        changes["max_episodes_per_file"] = int(max_episodes_per_file)
-    if fsync is not None:
-        changes["fsync"] = bool(fsync)
-    return dataclasses.replace(opts, **changes) if changes else opts
-
-
 class _GymLogger(gym.Wrapper, LoggerMixin):
-    def __init__(self, env: gym.Env, dataset_name: str, directory: str | os.PathLike, *,
-                 step_metadata: MetadataInfo | None, episode_metadata: MetadataInfo | None,
-                 language: bool | None, doc_field: DocField | None, version: str,
-                 max_episodes_per_file: int | None, shard_bytes: int | None,
-                 image_codec: str | ImageCodec, image_codecs: Mapping[str, str | ImageCodec] | None,
-                 float64: str | None, reward_dtype: Any, strict_finite: bool, strict_bounds: bool, incomplete: str,
-                 overwrite: bool,
-                 fsync: bool | None, writer_options: WriterOptions | None, description: str,
-                 handle_signals: bool):
+    def __init__(self, env: gym.Env, dataset_name: str, directory: str | os.PathLike,
+                 options: LoggerOptions):
         super().__init__(env)
         self._seeds: list[Any] = []
-        self._recorder = EpisodeRecorder(
-            directory, dataset_name,
-            observation=env.observation_space, action=env.action_space,
-            reward_dtype=reward_dtype, step_metadata=step_metadata,
-            episode_metadata=episode_metadata, language=language,
-            image_codec=image_codec, image_codecs=image_codecs, float64=float64, docs=doc_field,
-            strict_finite=strict_finite, strict_bounds=strict_bounds, incomplete=incomplete,
-            options=_writer_options(writer_options, shard_bytes, max_episodes_per_file, fsync),
-            overwrite=overwrite, session=provenance.session_info(env, {"reset_seeds": self._seeds}),
-            description=description or f"RLDS episodes of {provenance.env_info(env).get('id', 'an environment')} logged by oxe_envlogger.",
-            version=version)
-        lifecycle.register(self._recorder, handle_signals=handle_signals)
+        env_id = provenance.env_info(env).get("id", "an environment")
+        self._recorder = options.build_recorder(
+            directory, dataset_name, observation=env.observation_space,
+            action=env.action_space,
+            session=provenance.session_info(env, {"reset_seeds": self._seeds}),
+            description=f"RLDS episodes of {env_id} logged by oxe_envlogger.")
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         obs, info = self.env.reset(seed=seed, options=options)
@@ -144,12 +131,7 @@ class _GymLogger(gym.Wrapper, LoggerMixin):
 
     def close(self) -> None:
         """Writes the last episode, commits the dataset, then closes the env. Idempotent."""
-        try:
-            self.close_logger()
-        finally:
-            if not getattr(self, "_env_closed", False):
-                self._env_closed = True
-                self.env.close()
+        self._close_logger_and_env(self.env)
 
 
 class OXEEnvLogger(_GymLogger):
@@ -159,62 +141,25 @@ class OXEEnvLogger(_GymLogger):
       env: the environment; its observation and action spaces define those features.
       dataset_name: TFDS dataset name (letters, digits, underscores).
       directory: dataset directory; an existing dataset with the same features is appended to.
-      step_metadata_info: ``{key: declaration}`` of step metadata: tfds FeatureConnectors (as
-        the original oxe_envlogger took), gymnasium spaces, numpy dtypes, ``str``/``float``/...
-      episode_metadata_info: the same for episode metadata.
-      language_instruction: whether steps carry ``language_instruction``.
-      doc_field: ``{key path or leaf name: description}`` for ``features.json``.
-      version: dataset version.
-      max_episodes_per_file: close a shard after this many episodes.
-      shard_bytes: close a shard once it holds this many serialized bytes (default 200 MiB).
-      image_codec: codec of uint8 HxWx{1,3,4} observations: ``"png"`` (lossless, default),
-        ``"jpeg"`` / ``"jpeg:90"`` or ``"raw"``.
-      image_codecs: per key path codecs, e.g. ``{"observation/wrist": "jpeg"}``.
-      float64: how float64 values (observations, actions, ``reward``, metadata) are stored:
-        ``"float32"`` as tfds stores a float64 ``Tensor``, a float list rounded to float32, which
-        every RLDS loader reads as numbers, also one that skips tfds' decoding (the Open
-        X-Embodiment and Octo pipelines); ``"exact"`` as raw float64 bytes, read back bit for
-        bit by tfds and our readers but as ``tf.string`` by a loader that skips decoding. None
-        (default): ``"float32"`` for a new dataset, and what a dataset being appended to has.
-        Under ``"float32"`` a finite value beyond float32's range is a :class:`SpecError`;
-        NaN and infinities stay (counted, or refused with ``strict_finite``).
-      reward_dtype: dtype of ``reward`` (stored as ``float64`` says when float64).
-      strict_finite: raise on NaN/Inf in float values instead of counting them.
-      strict_bounds: raise :class:`OutOfBoundsError` on an observation or action outside its
-        space (a Box's bounds, a Discrete's range) instead of counting it (counts are reported
-        at close and kept in ``oxe_envlogger.json``; gymnasium's own bounds are often loose).
-      incomplete: ``"keep"`` (default) writes an episode cut short by ``close()``, an exception
-        or a signal as truncated with ``invalid=True``; ``"drop"`` discards it.
-      overwrite: replace an existing dataset in ``directory``.
-      fsync: fsync each episode (default True).
-      writer_options: a full :class:`WriterOptions`.
-      description: for ``dataset_info.json``.
-      handle_signals: turn SIGTERM into a clean exit that writes what is buffered.
+      options: a :class:`LoggerOptions` bundle; the flat keywords below override its fields.
+      **keywords: the options of :class:`LoggerOptions`, flat (``step_metadata_info``,
+        ``episode_metadata_info``, ``language_instruction``, ``doc_field``, ``version``,
+        ``max_episodes_per_file``, ``shard_bytes``, ``image_codec``, ``image_codecs``,
+        ``float64``, ``reward_dtype``, ``strict_finite``, ``strict_bounds``, ``incomplete``,
+        ``overwrite``, ``fsync``, ``writer_options``, ``description``, ``handle_signals``).
+        Metadata not declared is empty here, and there is no language instruction unless
+        ``language_instruction=True``.
+
+    Raises:
+      UnknownOptionError: for a keyword that is not an option, naming the valid ones.
     """
 
     def __init__(self, env: gym.Env, dataset_name: str, directory: str | os.PathLike, *,
-                 step_metadata_info: MetadataInfo | None = None,
-                 episode_metadata_info: MetadataInfo | None = None,
-                 language_instruction: bool = False, doc_field: DocField | None = None,
-                 version: str = layout.DEFAULT_VERSION,
-                 max_episodes_per_file: int | None = None, shard_bytes: int | None = None,
-                 image_codec: str | ImageCodec = "png",
-                 image_codecs: Mapping[str, str | ImageCodec] | None = None,
-                 float64: str | None = None,
-                 reward_dtype: Any = np.float64, strict_finite: bool = False,
-                 strict_bounds: bool = False,
-                 incomplete: str = "keep", overwrite: bool = False, fsync: bool | None = None,
-                 writer_options: WriterOptions | None = None, description: str = "",
-                 handle_signals: bool = True):
-        super().__init__(
-            env, dataset_name, directory, step_metadata=step_metadata_info or {},
-            episode_metadata=episode_metadata_info or {}, language=language_instruction,
-            doc_field=doc_field, version=version, max_episodes_per_file=max_episodes_per_file,
-            shard_bytes=shard_bytes, image_codec=image_codec, image_codecs=image_codecs,
-            float64=float64, reward_dtype=reward_dtype, strict_finite=strict_finite,
-            strict_bounds=strict_bounds, incomplete=incomplete,
-            overwrite=overwrite, fsync=fsync, writer_options=writer_options,
-            description=description, handle_signals=handle_signals)
+                 options: LoggerOptions | None = None, **keywords: Any):
+        opts = LoggerOptions.from_keywords("OXEEnvLogger", keywords, options=options)
+        super().__init__(env, dataset_name, directory, opts.with_defaults(
+            step_metadata_info={}, episode_metadata_info={}, language_instruction=False,
+            reward_dtype=np.float64))
 
 
 class AutoOXEEnvLogger(_GymLogger):
@@ -239,37 +184,19 @@ class AutoOXEEnvLogger(_GymLogger):
       episode_metadata_info: the same for episode metadata.
       language_instruction: True or False to declare whether steps carry
         ``language_instruction``; None (default) infers it from the first episode.
-      **options: the other keyword options of :class:`OXEEnvLogger`, with the same meaning.
+      options, **keywords: the other options, as for :class:`OXEEnvLogger`
+        (:class:`LoggerOptions`).
     """
 
     def __init__(self, env: gym.Env, dataset_name: str, directory: str | os.PathLike | None = None,
                  *, optimal_shard_size: float | None = None,
-                 step_metadata_info: MetadataInfo | None = None,
-                 episode_metadata_info: MetadataInfo | None = None,
-                 language_instruction: bool | None = None, doc_field: DocField | None = None,
-                 version: str = layout.DEFAULT_VERSION,
-                 max_episodes_per_file: int | None = None, shard_bytes: int | None = None,
-                 image_codec: str | ImageCodec = "png",
-                 image_codecs: Mapping[str, str | ImageCodec] | None = None,
-                 float64: str | None = None,
-                 reward_dtype: Any = np.float64, strict_finite: bool = False,
-                 strict_bounds: bool = False,
-                 incomplete: str = "keep", overwrite: bool = False, fsync: bool | None = None,
-                 writer_options: WriterOptions | None = None, description: str = "",
-                 handle_signals: bool = True):
+                 options: LoggerOptions | None = None, **keywords: Any):
         if directory is None:
             directory = os.path.join(os.getcwd(), "logs", dataset_name)
-        if optimal_shard_size is not None and shard_bytes is None:
-            shard_bytes = int(optimal_shard_size * 2**20)
-        super().__init__(
-            env, dataset_name, directory, step_metadata=step_metadata_info,
-            episode_metadata=episode_metadata_info, language=language_instruction,
-            doc_field=doc_field, version=version, max_episodes_per_file=max_episodes_per_file,
-            shard_bytes=shard_bytes, image_codec=image_codec, image_codecs=image_codecs,
-            float64=float64, reward_dtype=reward_dtype, strict_finite=strict_finite,
-            strict_bounds=strict_bounds, incomplete=incomplete,
-            overwrite=overwrite, fsync=fsync, writer_options=writer_options,
-            description=description, handle_signals=handle_signals)
+        opts = LoggerOptions.from_keywords("AutoOXEEnvLogger", keywords, options=options)
+        if optimal_shard_size is not None and opts.shard_bytes is None:
+            opts = dataclasses.replace(opts, shard_bytes=int(optimal_shard_size * 2**20))
+        super().__init__(env, dataset_name, directory, opts.with_defaults(reward_dtype=np.float64))
 
 
 __all__ = ["DEFAULT_SHARD_BYTES", "AutoOXEEnvLogger", "LoggerMixin", "OXEEnvLogger"]

@@ -6,6 +6,7 @@ Every error that comes from user input names where the problem is (a key path su
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Sequence
 
 
@@ -41,6 +42,20 @@ class OutOfBoundsError(SpecError):
 
 class UnsupportedSpaceError(OXEEnvLoggerError, TypeError):
     """A gymnasium space (or a sample) has no RLDS feature."""
+
+
+class UnknownOptionError(OXEEnvLoggerError, TypeError):
+    """A logger was given a keyword option it does not have; the message names the valid ones
+    (and the closest, for a misspelling)."""
+
+    def __init__(self, front: str, unknown: Sequence[str], valid: Sequence[str]):
+        self.unknown = list(unknown)
+        self.valid = list(valid)
+        close = [m for k in self.unknown for m in difflib.get_close_matches(k, self.valid, n=1)]
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        super().__init__(f"{front}: unknown option{'s' if len(self.unknown) > 1 else ''} "
+                         f"{', '.join(map(repr, self.unknown))}{hint}; the options are: "
+                         f"{', '.join(self.valid)}")
 
 
 class StepOrderError(OXEEnvLoggerError, RuntimeError):

@@ -22,11 +22,9 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
-from oxe_envlogger import layout, lifecycle, provenance
-from oxe_envlogger.envlogger import DocField, LoggerMixin, MetadataInfo, _writer_options
-from oxe_envlogger.recorder import EpisodeRecorder
-from oxe_envlogger.specs import ImageCodec
-from oxe_envlogger.writer import WriterOptions
+from oxe_envlogger.envlogger import LoggerMixin
+from oxe_envlogger.format import provenance
+from oxe_envlogger.options import LoggerOptions
 
 
 class RLDSStepType(enum.IntEnum):
@@ -47,37 +45,22 @@ class RLDSLogger(LoggerMixin):
       action_space: the same for actions.
       dataset_name: TFDS dataset name.
       directory: dataset directory.
-      max_episodes_per_file, step_metadata_info, episode_metadata_info, doc_field, version, and
-      the other keyword options: as for :class:`oxe_envlogger.OXEEnvLogger`. Metadata not
-      declared is inferred from the first episode.
+      options, **keywords: the options (:class:`oxe_envlogger.LoggerOptions`), as for
+        :class:`oxe_envlogger.OXEEnvLogger`. Metadata not declared, and whether there is a
+        language instruction, are inferred from the first episode.
+
+    Raises:
+      UnknownOptionError: for a keyword that is not an option, naming the valid ones.
     """
 
     def __init__(self, observation_space: gym.Space | None, action_space: gym.Space | None,
                  dataset_name: str, directory: str | os.PathLike, *,
-                 max_episodes_per_file: int | None = None, shard_bytes: int | None = None,
-                 step_metadata_info: MetadataInfo | None = None,
-                 episode_metadata_info: MetadataInfo | None = None,
-                 language_instruction: bool | None = None, doc_field: DocField | None = None,
-                 version: str = layout.DEFAULT_VERSION,
-                 image_codec: str | ImageCodec = "png",
-                 image_codecs: Mapping[str, str | ImageCodec] | None = None,
-                 float64: str | None = None,
-                 reward_dtype: Any = np.float64, strict_finite: bool = False,
-                 strict_bounds: bool = False,
-                 incomplete: str = "keep", overwrite: bool = False, fsync: bool | None = None,
-                 writer_options: WriterOptions | None = None, description: str = "",
-                 handle_signals: bool = True):
-        self._recorder = EpisodeRecorder(
+                 options: LoggerOptions | None = None, **keywords: Any):
+        opts = LoggerOptions.from_keywords("RLDSLogger", keywords, options=options)
+        self._recorder = opts.with_defaults(reward_dtype=np.float64).build_recorder(
             directory, dataset_name, observation=observation_space, action=action_space,
-            reward_dtype=reward_dtype, step_metadata=step_metadata_info,
-            episode_metadata=episode_metadata_info, language=language_instruction,
-            image_codec=image_codec, image_codecs=image_codecs, float64=float64, docs=doc_field,
-            strict_finite=strict_finite, strict_bounds=strict_bounds, incomplete=incomplete,
-            options=_writer_options(writer_options, shard_bytes, max_episodes_per_file, fsync),
-            overwrite=overwrite, session=provenance.session_info(None, {"front": "RLDSLogger"}),
-            description=description or "RLDS episodes logged by oxe_envlogger.RLDSLogger.",
-            version=version)
-        lifecycle.register(self._recorder, handle_signals=handle_signals)
+            session=provenance.session_info(None, {"front": "RLDSLogger"}),
+            description="RLDS episodes logged by oxe_envlogger.RLDSLogger.")
 
     def __call__(self, action: Any, obs: Any, reward: Any, metadata: Mapping[str, Any] | None = None,
                  step_type: RLDSStepType = RLDSStepType.TRANSITION, *, discount: Any = None) -> None:

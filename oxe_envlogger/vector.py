@@ -9,7 +9,7 @@ Every autoreset mode is followed exactly:
 * ``DISABLED``: ended sub-envs are reset by ``reset(options={"reset_mask": mask})``.
 
 Sub-env episodes are written as they end, so episodes from different sub-envs interleave in the
-dataset; each is aligned exactly as a single env's would be (see :mod:`oxe_envlogger.recorder`).
+dataset; each is aligned exactly as a single env's would be (see :mod:`oxe_envlogger.collect.recorder`).
 """
 
 from __future__ import annotations
@@ -23,12 +23,10 @@ import numpy as np
 from gymnasium.vector import AutoresetMode
 from gymnasium.vector.utils import iterate
 
-from oxe_envlogger import layout, lifecycle, provenance
-from oxe_envlogger.envlogger import DocField, LoggerMixin, MetadataInfo, _writer_options
+from oxe_envlogger.envlogger import LoggerMixin
 from oxe_envlogger.errors import StepOrderError
-from oxe_envlogger.recorder import EpisodeRecorder
-from oxe_envlogger.specs import ImageCodec
-from oxe_envlogger.writer import WriterOptions
+from oxe_envlogger.format import provenance
+from oxe_envlogger.options import LoggerOptions
 
 
 class VectorOXEEnvLogger(gym.vector.VectorWrapper, LoggerMixin):
@@ -37,48 +35,30 @@ class VectorOXEEnvLogger(gym.vector.VectorWrapper, LoggerMixin):
     Args:
       env: a ``gymnasium.vector.VectorEnv`` (sync or async, any autoreset mode).
       dataset_name, directory: as for :class:`oxe_envlogger.OXEEnvLogger`.
-      step_metadata_info, episode_metadata_info, language_instruction: declarations, or None to
-        infer them from the first episode.
-      **options: the keyword options of :class:`oxe_envlogger.OXEEnvLogger`.
+      options, **keywords: the options (:class:`oxe_envlogger.LoggerOptions`), as for
+        :class:`oxe_envlogger.OXEEnvLogger`; metadata not declared, and whether there is a
+        language instruction, are inferred from the first episode.
 
     The metadata and language setters take ``env_index`` (default: every sub-env).
     """
 
     def __init__(self, env: gym.vector.VectorEnv, dataset_name: str,
-                 directory: str | os.PathLike, *,
-                 step_metadata_info: MetadataInfo | None = None,
-                 episode_metadata_info: MetadataInfo | None = None,
-                 language_instruction: bool | None = None, doc_field: DocField | None = None,
-                 version: str = layout.DEFAULT_VERSION, max_episodes_per_file: int | None = None,
-                 shard_bytes: int | None = None, image_codec: str | ImageCodec = "png",
-                 image_codecs: Mapping[str, str | ImageCodec] | None = None,
-                 float64: str | None = None,
-                 reward_dtype: Any = np.float64, strict_finite: bool = False,
-                 strict_bounds: bool = False,
-                 incomplete: str = "keep", overwrite: bool = False, fsync: bool | None = None,
-                 writer_options: WriterOptions | None = None, description: str = "",
-                 handle_signals: bool = True):
+                 directory: str | os.PathLike, *, options: LoggerOptions | None = None,
+                 **keywords: Any):
+        opts = LoggerOptions.from_keywords("VectorOXEEnvLogger", keywords, options=options)
         super().__init__(env)
         self._seeds: list[Any] = []
         mode = env.metadata.get("autoreset_mode", AutoresetMode.NEXT_STEP)
         self._mode = AutoresetMode(mode) if not isinstance(mode, AutoresetMode) else mode
-        self._recorder = EpisodeRecorder(
+        self._recorder = opts.with_defaults(reward_dtype=np.float64).build_recorder(
             directory, dataset_name, observation=env.single_observation_space,
-            action=env.single_action_space, reward_dtype=reward_dtype,
-            step_metadata=step_metadata_info, episode_metadata=episode_metadata_info,
-            language=language_instruction, image_codec=image_codec, image_codecs=image_codecs,
-            float64=float64, docs=doc_field, strict_finite=strict_finite, strict_bounds=strict_bounds,
-            incomplete=incomplete,
-            options=_writer_options(writer_options, shard_bytes, max_episodes_per_file, fsync),
-            overwrite=overwrite,
+            action=env.single_action_space,
             session=provenance.session_info(env, {"reset_seeds": self._seeds,
                                                   "num_envs": env.num_envs,
                                                   "autoreset_mode": self._mode.value}),
-            description=description or "RLDS episodes of a gymnasium vector env logged by "
-                                       "oxe_envlogger.", version=version)
+            description="RLDS episodes of a gymnasium vector env logged by oxe_envlogger.")
         self._streams = self._recorder.add_streams(env.num_envs)
         self._autoreset = np.zeros(env.num_envs, dtype=bool)
-        lifecycle.register(self._recorder, handle_signals=handle_signals)
 
     def _split(self, space: gym.Space, batch: Any) -> list[Any]:
         return list(iterate(space, batch))
@@ -148,9 +128,4 @@ class VectorOXEEnvLogger(gym.vector.VectorWrapper, LoggerMixin):
 
     def close(self, **kwargs) -> None:
         """Writes the episodes in progress, commits the dataset, closes the env. Idempotent."""
-        try:
-            self.close_logger()
-        finally:
-            if not getattr(self, "_env_closed", False):
-                self._env_closed = True
-                self.env.close(**kwargs)
+        self._close_logger_and_env(self.env, **kwargs)

@@ -71,7 +71,7 @@ def as_older_logger_wrote_statistics(directory: str) -> None:
     """Rewrites ``statistics.json`` as the logger before the quantile sketch wrote it: the same
     schema (format_version 1; per key the moments and a bottom-k sample of at most 512 rows,
     whose fields the new file keeps for older readers) without ``sketch`` and ``rank_error``."""
-    from oxe_envlogger import layout
+    from oxe_envlogger.format import layout
 
     path = os.path.join(directory, layout.STATISTICS)
     data = layout.read_json(path)
@@ -84,7 +84,7 @@ def as_older_logger_wrote_statistics(directory: str) -> None:
 
 def within_rank_bound(column: np.ndarray, q: float, p: float, error: float) -> bool:
     """Whether ``q`` lies between the sorted finite values of ``column`` at positions
-    p (n - 1) -+ error, rounded outwards (the guarantee of ``oxe_envlogger.stats``)."""
+    p (n - 1) -+ error, rounded outwards (the guarantee of ``oxe_envlogger.format.stats``)."""
     s = np.sort(column[np.isfinite(column)])
     t = p * (len(s) - 1)
     lo = min(len(s) - 1, max(0, math.floor(t - error)))
@@ -97,7 +97,7 @@ def check_quantiles(data: np.ndarray, summary: dict, capacity: int | None = None
     ``RunningStats.summary()``) is within its stored ``rank_error`` of its exact rank, and that
     bound within the documented (1 + log2(n / capacity)) / capacity (twice that for a column with
     non-finite values); returns the largest bound."""
-    from oxe_envlogger import stats
+    from oxe_envlogger.format import stats
 
     capacity = capacity or stats.SKETCH_ROWS
     summary = {k: np.asarray(v).reshape(-1) for k, v in summary.items()}

@@ -32,7 +32,7 @@ flags.DEFINE_integer("max_episodes", None, "With --plot: read at most this many 
 
 
 def describe_episode(episode: dict) -> str:
-    from oxe_envlogger.visualize import _flat, camera_keys
+    from oxe_envlogger.datasets.visualize import _flat, camera_keys
 
     steps = episode["steps"]
     flat = _flat(steps)
@@ -70,7 +70,7 @@ def main(argv: list[str]) -> int:
         raise app.UsageError(f"--out: expected FILE.mp4 or FILE.gif, given {FLAGS.out}")
     if FLAGS.plot and not FLAGS.plot.lower().endswith(".png"):
         raise app.UsageError(f"--plot: expected FILE.png, given {FLAGS.plot}")
-    from oxe_envlogger import inspection, visualize
+    from oxe_envlogger.datasets import inspection, visualize
 
     with cli.errors_reported(IndexError):
         if FLAGS.episode is not None:

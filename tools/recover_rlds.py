@@ -3,8 +3,8 @@
 
     python tools/recover_rlds.py logs/half_cheetah [more dirs ...]
 
-Runs oxe_envlogger.layout.recover on each directory (idempotent; live writers are left alone) and
-prints its report as one JSON line per directory. Every committed shard is checked: a damaged one
+Runs oxe_envlogger.datasets.recovery.recover on each directory (idempotent; live writers are left
+alone) and prints its report as one JSON line per directory. Every committed shard is checked: a damaged one
 is replaced by a shard of its intact records (the original is kept under DIR/quarantine/), and a
 lost dataset_info.json is rebuilt from features.json and the shards. Exits 1, naming what, when
 something cannot be repaired (e.g. a lost features.json).
@@ -18,11 +18,9 @@ from oxe_envlogger import cli
 
 
 def main(argv: list[str]) -> int:
-    from oxe_envlogger.layout import recover_main
-
     if len(argv) < 2:
         raise app.UsageError("usage: recover_rlds.py DIR [DIR ...]")
-    return recover_main(argv[1:])
+    return cli.recover_main(argv[1:])
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Merge, filter, relabel, split and reshard RLDS datasets (see oxe_envlogger/reshard.py).
+"""Merge, filter, relabel, split and reshard RLDS datasets (see oxe_envlogger/datasets/reshard/).
 
     python tools/reshard_rlds.py --rlds_dirs logs/run1 logs/run2 --output_rlds merged
     python tools/reshard_rlds.py --rlds_dirs logs --output_rlds merged --overwrite \\
@@ -142,7 +142,7 @@ class TqdmProgress:
 
 
 def main(argv: list[str]) -> int:
-    from oxe_envlogger import reshard
+    from oxe_envlogger.datasets import reshard
 
     extra = argv[1:]
     if extra and not FLAGS.runner:
@@ -178,11 +178,11 @@ def main(argv: list[str]) -> int:
                 print(f"error: --runner needs Apache Beam (pip install apache-beam): {e}",
                       file=sys.stderr)
                 return 2
-            from oxe_envlogger import reshard_beam
+            from oxe_envlogger.datasets.reshard import beam
 
             try:
-                report = reshard_beam.reshard_beam(FLAGS.rlds_dirs, FLAGS.output_rlds, options,
-                                                   beam_args=[f"--runner={FLAGS.runner}", *extra])
+                report = beam.reshard_beam(FLAGS.rlds_dirs, FLAGS.output_rlds, options,
+                                           beam_args=[f"--runner={FLAGS.runner}", *extra])
             except RuntimeError as e:  # Beam wraps a worker's error, with its traceback
                 print(f"error: the pipeline failed: {e}", file=sys.stderr)
                 return 1

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging as std_logging
 import math
-import os
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -39,41 +38,13 @@ flags.DEFINE_enum("wandb_mode", "offline", ["offline", "online", "disabled"], "w
 flags.DEFINE_string("coordinator_address", None, "jax.distributed coordinator HOST:PORT.")
 flags.DEFINE_integer("num_processes", None, "jax.distributed: number of processes.")
 flags.DEFINE_integer("process_id", None, "jax.distributed: this process's index.")
+flags.DEFINE_string("weights", None, "Domain weights to sample by (a Re-Mix run's "
+                    "mixture_weights.json, 'size' or 'uniform'), replacing "
+                    "config.data.loader.weights.")
+flags.DEFINE_float("data_budget", None, "Keep this fraction of all training frames, each "
+                   "domain's share by the weights (water-filling), whole episodes chosen from "
+                   "the seed; the kept list goes to PATH/kept_episodes.json.")
 flags.mark_flags_as_required(["config", "path"])
-
-
-def apply_flags(config, *, data=None, name=None, project=None, wandb_mode="offline",
-                coordinator_address=None, num_processes=None, process_id=None):
-    """The config with the command line's ``--data``, wandb and distributed flags applied."""
-    from openx_train.run import _plain
-
-    with config.unlocked():
-        if data:
-            structure = _plain(config.data.get("structure"))
-            if structure is None:
-                given = [_plain(d).get("structure") if isinstance(_plain(d), dict) else None
-                         for d in config.data.datasets]
-                if given and given[0] is not None and all(g == given[0] for g in given):
-                    structure = given[0]
-            entries = []
-            for d in data:
-                entry = {"path": os.path.abspath(d)}
-                if structure is not None:
-                    entry["structure"] = structure
-                entries.append(entry)
-            config.data.datasets = entries
-        if project:
-            config.wandb.project = project
-            config.wandb.mode = wandb_mode
-        if name:
-            config.wandb.name = name
-        if coordinator_address:
-            config.distributed.coordinator_address = coordinator_address
-        if num_processes:
-            config.distributed.num_processes = num_processes
-        if process_id is not None:
-            config.distributed.process_id = process_id
-    return config
 
 
 class _QuietOrbax(std_logging.Filter):
@@ -86,12 +57,16 @@ class _QuietOrbax(std_logging.Filter):
 def main(argv):
     del argv
     std_logging.getLogger("absl").addFilter(_QuietOrbax())
+    from openx_train.remix.final import apply_weights_and_budget
     from openx_train.training import loop
 
-    config = apply_flags(FLAGS.config, data=FLAGS.data, name=FLAGS.name, project=FLAGS.project,
+    config = loop.apply_flags(FLAGS.config, data=FLAGS.data, name=FLAGS.name, project=FLAGS.project,
                          wandb_mode=FLAGS.wandb_mode,
                          coordinator_address=FLAGS.coordinator_address,
                          num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+    if FLAGS.weights is not None or FLAGS.data_budget is not None:
+        config, _ = apply_weights_and_budget(config, FLAGS.path, weights=FLAGS.weights,
+                                             data_budget=FLAGS.data_budget)
     result = loop.train(config, FLAGS.path)
     if result.get("stopped_by"):
         logging.warning("stopped by %s at step %d; rerun the same command to resume",

@@ -24,7 +24,7 @@ flags.DEFINE_integer("max_issues", 20, "Issues listed per kind of check (the res
 
 
 def main(argv: list[str]) -> int:
-    from oxe_envlogger.validate import validate
+    from oxe_envlogger.datasets.validate import validate
 
     if len(argv) < 2:
         raise app.UsageError("usage: validate_rlds.py DIR [DIR ...]")

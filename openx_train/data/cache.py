@@ -18,8 +18,8 @@ import os
 from collections.abc import Iterable
 
 from openx_train.data.errors import DatasetFormatError
-from oxe_envlogger import layout
 from oxe_envlogger.errors import OXEEnvLoggerError
+from oxe_envlogger.format import layout
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from openx_train.data import cache
 from openx_train.data.errors import DatasetFormatError
-from oxe_envlogger import record
+from oxe_envlogger.format import record
 
 log = logging.getLogger(__name__)
 

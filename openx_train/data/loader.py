@@ -46,8 +46,8 @@ from openx_train.data.loading import load_dataset, read_spec, step_leaves
 from openx_train.data.mixture import resolve_mixture_weights
 from openx_train.data.standardize import ResolvedStructure, resolve_structure, select_structure
 from openx_train.data.statistics import DatasetStatistics, compute_dataset_statistics
-from oxe_envlogger import layout, reader
-from oxe_envlogger.specs import Leaf
+from oxe_envlogger.format import layout, reader
+from oxe_envlogger.format.specs import Leaf
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """``load_dataset``: an RLDS/TFDS directory to a ``tf.data`` dataset of episodes.
 
 The records are parsed with ``tf.io.parse_single_example`` from the dataset's ``features.json``
-(read by ``oxe_envlogger.reader``), so any OXE-style dataset in tfrecord shards loads the same way
+(read by ``oxe_envlogger.format.reader``), so any OXE-style dataset in tfrecord shards loads the same way
 as ours, without ``tfds.builder``'s nested per-episode datasets. Each episode is a dict::
 
     {"steps": {<step keys as logged>: [T, ...], "step_index": int32 [T]},
@@ -25,9 +25,9 @@ import tensorflow as tf
 
 from openx_train.data.cache import shard_files
 from openx_train.data.errors import DatasetFormatError, MissingKeyError
-from oxe_envlogger import reader
 from oxe_envlogger.errors import OXEEnvLoggerError
-from oxe_envlogger.specs import Group, Leaf
+from oxe_envlogger.format import reader
+from oxe_envlogger.format.specs import Group, Leaf, is_image_shape
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +60,7 @@ def step_leaves(path: PathLike) -> dict[str, Leaf]:
 def is_image_leaf(leaf: Leaf) -> bool:
     """Encoded (PNG/JPEG) images, and raw uint8 HxWxC images stored as bytes."""
     return leaf.kind == "image" or (
-        leaf.kind == "tensor" and leaf.encoding == "bytes" and leaf.dtype == np.uint8
-        and len(leaf.shape) == 3 and leaf.shape[-1] in (1, 3, 4))
+        leaf.kind == "tensor" and leaf.encoding == "bytes" and is_image_shape(leaf.shape, leaf.dtype))
 
 
 def select_keys(leaves: Mapping[str, Leaf], keys: Sequence[str] | None, *, what: str) -> list[str]:

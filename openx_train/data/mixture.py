@@ -23,7 +23,7 @@ import numpy as np
 
 from openx_train.data.config import MixtureWeights
 from openx_train.data.errors import ConfigError
-from oxe_envlogger import layout
+from oxe_envlogger.format import layout
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ from openx_train.data import ops
 from openx_train.data.config import LANGUAGE_KEY, Camera, Normalization, Structure
 from openx_train.data.errors import ConfigError, MissingKeyError
 from openx_train.data.loading import is_image_leaf, step_leaves
-from oxe_envlogger import reader
-from oxe_envlogger.specs import Leaf
+from oxe_envlogger.format import reader
+from oxe_envlogger.format.specs import Leaf, is_image_shape
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,7 +137,7 @@ def leaves_from_element_spec(steps_spec: Mapping[str, Any]) -> dict[str, Leaf]:
         if node.dtype == tf.string:
             # Encoded images and text look alike here; the structure says which is which.
             out[prefix] = Leaf("text", (), np.dtype(object))
-        elif node.dtype == tf.uint8 and len(shape) == 3 and shape[-1] in (1, 3, 4):
+        elif is_image_shape(shape, node.dtype.as_numpy_dtype):
             out[prefix] = Leaf("tensor", shape, np.dtype(np.uint8), "bytes")
         else:
             out[prefix] = Leaf("tensor", shape, np.dtype(node.dtype.as_numpy_dtype))
@@ -165,6 +165,33 @@ def _normalized_concat(steps: Mapping[str, Any], keys, structure: Structure,
     return tf.concat(parts, axis=-1) if parts else None
 
 
+def select_observation(steps: Mapping[str, Any], resolved: ResolvedStructure, *,
+                       statistics: Any = None) -> dict[str, Any]:
+    """The observation part of :func:`select_structure`: ``state`` (the structure's state keys
+    normalized, flattened and concatenated, float32 ``[T, D]``, or None) and ``images`` (each
+    camera's key as given, ``[T, ...]``; an empty string per step for a camera the dataset
+    lacks).
+
+    The loader's step tables and a trained policy's rollout inputs
+    (:mod:`openx_train.inference`) both come from this function, so the keys, their order and
+    their normalization cannot differ between training and evaluation.
+
+    Args:
+      steps: ``[T, ...]`` step columns nested as logged (``{"observation": ...}``; a
+        ``"is_first"`` column gives ``T`` when the structure has a missing camera).
+      resolved: the structure checked against the dataset.
+      statistics: the dataset's statistics (needed for normalized state keys).
+    """
+    images = {}
+    for cam in resolved.cameras:
+        if cam.key is None:
+            images[cam.name] = tf.fill([tf.shape(steps["is_first"])[0]], "")
+        else:
+            images[cam.name] = reader.get_path(steps, cam.key)
+    return {"state": _normalized_concat(steps, resolved.state, resolved.structure, statistics),
+            "images": images}
+
+
 def select_structure(steps: Mapping[str, Any], resolved: ResolvedStructure, *,
                      statistics: Any = None) -> dict[str, Any]:
     """One episode's steps to a table of ``[T, ...]`` columns: ``state`` and ``action``
@@ -173,15 +200,9 @@ def select_structure(steps: Mapping[str, Any], resolved: ResolvedStructure, *,
     Missing cameras become empty strings (masked in ``pad_mask_dict``)."""
     s = resolved.structure
     length = tf.shape(steps["is_first"])[0]
-    images = {}
-    for cam in resolved.cameras:
-        if cam.key is None:
-            images[cam.name] = tf.fill([length], "")
-        else:
-            images[cam.name] = reader.get_path(steps, cam.key)
-    table = {"state": _normalized_concat(steps, resolved.state, s, statistics),
-             "action": _normalized_concat(steps, resolved.action, s, statistics),
-             "images": images, "language": None}
+    table = select_observation(steps, resolved, statistics=statistics)
+    table["action"] = _normalized_concat(steps, resolved.action, s, statistics)
+    table["language"] = None
     if resolved.language is not None:
         table["language"] = reader.get_path(steps, resolved.language)
     elif s.language is not None and s.language != "auto":
@@ -189,7 +210,9 @@ def select_structure(steps: Mapping[str, Any], resolved: ResolvedStructure, *,
     return table
 
 
-def _pad_mask_dict(pad_mask: tf.Tensor, resolved: ResolvedStructure) -> dict[str, tf.Tensor]:
+def pad_mask_dict(pad_mask: tf.Tensor, resolved: ResolvedStructure) -> dict[str, tf.Tensor]:
+    """Per observation key, the pad mask of its window: ``pad_mask`` for the state and each
+    camera the dataset has, all False for a camera it lacks."""
     out = {}
     if resolved.state:
         out["state"] = pad_mask
@@ -268,7 +291,7 @@ def standardize_dataset(
         out = ops.gather_frames(table, rows, zeros, zeros + length, n_obs=n_obs,
                                 n_action=n_action, goal_uniform=uniform,
                                 final_action_is_padding=drop_final_step)
-        out["observation"]["pad_mask_dict"] = _pad_mask_dict(out["observation"]["pad_mask"],
+        out["observation"]["pad_mask_dict"] = pad_mask_dict(out["observation"]["pad_mask"],
                                                              resolved)
         out["episode_index"] = tf.fill(tf.shape(rows), episode["episode_index"])
         return out

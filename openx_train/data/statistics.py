@@ -3,7 +3,7 @@
 Sources, in order:
 
 1. the split's own statistics in ``statistics.json`` (written by the logger and the resharder),
-   when they cover exactly the split's committed shards (``oxe_envlogger.stats.is_current``) and
+   when they cover exactly the split's committed shards (``oxe_envlogger.format.stats.is_current``) and
    have every requested key with its quantile sketch (a file of an older logger, whose quantiles
    come from a sample of at most 512 rows, is passed over: its keys are computed here);
 2. a cache file ``dataset_statistics_<key>.json`` beside the data (or in the user cache directory,
@@ -33,8 +33,8 @@ import numpy as np
 from openx_train.data import cache
 from openx_train.data.errors import ConfigError, DatasetFormatError
 from openx_train.data.loading import is_image_leaf, read_spec, select_keys
-from oxe_envlogger import reader, record
-from oxe_envlogger import stats as oxe_stats
+from oxe_envlogger.format import reader, record
+from oxe_envlogger.format import stats as oxe_stats
 
 log = logging.getLogger(__name__)
 

@@ -356,7 +356,7 @@ def evaluate(policy: Policy, env: EnvSource, *, num_episodes: int, num_envs: int
     venv: gym.vector.VectorEnv = base
     try:
         if log_dir is not None:
-            from oxe_envlogger.layout import snake_name
+            from oxe_envlogger.format.layout import snake_name
             from oxe_envlogger.vector import VectorOXEEnvLogger
 
             if log_name is None:

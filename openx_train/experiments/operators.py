@@ -5,6 +5,10 @@ for Re-Mix to weight (``LoaderConfig(domain_key="episode_metadata/operator")``).
 This module collects the data; training and evaluation come on top of it::
 
     python -m openx_train.experiments.operators --path=runs/operators [--size=tiny] [--seed=0]
+    python -m openx_train.experiments.operators run --path=runs/remix_experiment  # everything
+
+(``run``: the reference, Re-Mix and the final runs with their table, see
+:mod:`openx_train.experiments.remix_operators`.)
 
 writes ``runs/operators/data`` (the dataset) and ``runs/operators/operators.json`` (each
 operator's settings, episodes, frames and mean return with its 95% interval), and prints the
@@ -54,7 +58,7 @@ import numpy as np
 from openx_train.eval.rollout import t_interval
 from oxe_envlogger import AutoOXEEnvLogger
 from oxe_envlogger.envs import make_policy
-from oxe_envlogger.layout import DATASET_INFO, atomic_write_json
+from oxe_envlogger.format.layout import DATASET_INFO, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -312,9 +316,31 @@ def run_collection(path: str | os.PathLike, *, size: str | Mapping[str, int] = "
 def main(argv: Sequence[str]) -> None:
     from absl import app, flags
 
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {list(argv[1:])}")
     f = flags.FLAGS
+    if len(argv) == 2 and argv[1] in ("run", "table"):
+        import logging as std_logging
+
+        from openx_train.experiments import remix_operators as exp
+
+        std_logging.getLogger("absl").addFilter(exp.QuietOrbax())
+
+        options = exp.ExperimentOptions(
+            size=f.size, data_seed=f.seed, seeds=tuple(int(s) for s in f.seeds),
+            budgets=tuple(float(b) for b in f.budgets), weightings=tuple(f.weightings),
+            episodes=f.episodes, steps=f.steps, remix_steps=f.remix_steps,
+            batch_size=f.batch_size, num_envs=f.num_envs)
+        if argv[1] == "table":  # the finished runs so far
+            print(exp.format_results(exp.collect_results(f.path, options)))
+            return
+        results = exp.run_experiment(f.path, options)
+        print(exp.format_results(results))
+        print(f"results: {os.path.join(f.path, exp.RESULTS_JSON)}, "
+              f"{os.path.join(f.path, exp.RESULTS_PLOT)}")
+        return
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {list(argv[1:])} (the commands are "
+                             "'run': the whole Re-Mix experiment, and 'table': its finished "
+                             "runs so far)")
     results = run_collection(f.path, size=f.size, seed=f.seed, overwrite=f.overwrite)
     print(format_table(results))
     print(f"dataset: {os.path.join(f.path, DATA_DIR)}; summary: "
@@ -329,4 +355,15 @@ if __name__ == "__main__":
     flags.DEFINE_enum("size", "full", sorted(SIZES), "Episodes per operator: full or tiny.")
     flags.DEFINE_integer("seed", 0, "Seeds the resets and the operators' noise.")
     flags.DEFINE_bool("overwrite", False, "Replace a dataset already in <path>/data.")
+    # `run`: the Re-Mix experiment (openx_train.experiments.remix_operators).
+    flags.DEFINE_list("seeds", ["0", "1", "2"], "run: seeds of the final BC runs.")
+    flags.DEFINE_list("budgets", ["1.0", "0.25"], "run: data budgets of the final BC runs.")
+    flags.DEFINE_list("weightings", ["size", "uniform", "remix", "better_only"],
+                      "run: the weightings compared.")
+    flags.DEFINE_integer("episodes", 50, "run: evaluation episodes per final policy.")
+    flags.DEFINE_integer("steps", None, "run: train steps of every BC run (default: the "
+                         "config's).")
+    flags.DEFINE_integer("remix_steps", None, "run: Re-Mix steps (default: --steps).")
+    flags.DEFINE_integer("batch_size", None, "run: every run's batch (default: the config's).")
+    flags.DEFINE_integer("num_envs", 4, "run: evaluation sub-envs.")
     app.run(main)

@@ -11,6 +11,13 @@ The parts that do not depend on the model:
       loss = proxy_objective(excess, batch["domain_id"], weights.alpha,
                              valid=batch["valid"], counts=stats.count)
 
+* :mod:`~openx_train.remix.step`: the Re-Mix train step (proxy in train mode minus the frozen
+  reference in eval mode, the weights updated in the state, one AdamW update of the proxy),
+  jitted once per batch mesh::
+
+      step = jit_remix_step(mesh)
+      state, metrics = step(state, reference_params, put_remix_batch(batch, spec, mesh))
+
 * :mod:`~openx_train.remix.outputs`: ``alpha_<step>.json``, the final ``mixture_weights.json``
   and a plot of the weights over training.
 * :mod:`~openx_train.remix.budget`: a data budget split across domains by weight with
@@ -36,6 +43,17 @@ from openx_train.remix.outputs import (
     write_alpha,
     write_final_weights,
 )
+from openx_train.remix.step import (
+    DOMAIN_ID,
+    RemixState,
+    create_remix_state,
+    jit_remix_block_step,
+    jit_remix_step,
+    put_remix_batch,
+    remix_block_step,
+    remix_inputs,
+    remix_step,
+)
 from openx_train.remix.weights import (
     BRIDGE,
     DomainStats,
@@ -52,18 +70,27 @@ from openx_train.remix.weights import (
 
 __all__ = [
     "BRIDGE",
+    "DOMAIN_ID",
     "AlphaHistory",
     "BudgetSelection",
     "DomainStats",
     "RemixOptions",
+    "RemixState",
     "RemixWeights",
+    "create_remix_state",
     "domain_statistics",
     "init_weights",
     "initial_weights",
+    "jit_remix_block_step",
+    "jit_remix_step",
     "load_kept_episodes",
     "plot_weights",
     "proxy_objective",
+    "put_remix_batch",
     "read_alpha_history",
+    "remix_block_step",
+    "remix_inputs",
+    "remix_step",
     "restrict_datasets",
     "save_kept_episodes",
     "select_episodes",

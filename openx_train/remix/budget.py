@@ -36,7 +36,7 @@ from openx_train.data.config import DatasetConfig, MixtureWeights
 from openx_train.data.errors import ConfigError
 from openx_train.data.loader import EpisodeRecord, dataset_name
 from openx_train.data.mixture import resolve_mixture_weights
-from oxe_envlogger import layout
+from oxe_envlogger.format import layout
 
 log = logging.getLogger(__name__)
 

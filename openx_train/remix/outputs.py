@@ -22,7 +22,7 @@ import numpy as np
 
 from openx_train.data.errors import ConfigError
 from openx_train.data.mixture import save_mixture_weights
-from oxe_envlogger import layout
+from oxe_envlogger.format import layout
 
 ALPHA_FILE = "alpha_{step}.json"
 WEIGHTS_FILE = "mixture_weights.json"
@@ -138,14 +138,15 @@ def write_final_weights(directory: str | os.PathLike, domains: Sequence[str],
     return path
 
 
-def plot_weights(directory: str | os.PathLike, out_path: str | os.PathLike | None = None
-                 ) -> str:
+def plot_weights(directory: str | os.PathLike, out_path: str | os.PathLike | None = None, *,
+                 history: AlphaHistory | None = None) -> str:
     """A PNG of every domain's ``alpha`` and ``average_alpha`` over the steps, from the run's
     ``alpha_<step>.json`` files (matplotlib on the Agg canvas: no display needed).
 
     Args:
       directory: the run directory.
       out_path: the PNG; default ``<directory>/domain_weights.png``.
+      history: the weights to draw instead of the alpha files' (e.g. every logged step's).
 
     Returns:
       The PNG's path.
@@ -156,7 +157,8 @@ def plot_weights(directory: str | os.PathLike, out_path: str | os.PathLike | Non
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    history = read_alpha_history(directory)
+    if history is None:
+        history = read_alpha_history(directory)
     out_path = os.fspath(out_path or os.path.join(os.fspath(directory), PLOT_FILE))
     k = len(history.domains)
     fig = Figure(figsize=(9.0, 6.0), dpi=100)

@@ -205,6 +205,42 @@ def dataset_configs(config: Any) -> list[DatasetConfig]:
     return out
 
 
+def apply_flags(config: Any, *, data: Sequence[str] | None = None, name: str | None = None,
+                project: str | None = None, wandb_mode: str = "offline",
+                coordinator_address: str | None = None, num_processes: int | None = None,
+                process_id: int | None = None) -> Any:
+    """The config with the command line's ``--data``, wandb and distributed flags applied
+    (``tools/train_bc.py`` and ``tools/train_remix.py``): ``data`` replaces the datasets with
+    these directories, one dataset each (with the config's structure when it gives one)."""
+    with config.unlocked():
+        if data:
+            structure = _plain(config.data.get("structure"))
+            if structure is None:
+                given = [_plain(d).get("structure") if isinstance(_plain(d), dict) else None
+                         for d in config.data.datasets]
+                if given and given[0] is not None and all(g == given[0] for g in given):
+                    structure = given[0]
+            entries = []
+            for d in data:
+                entry = {"path": os.path.abspath(d)}
+                if structure is not None:
+                    entry["structure"] = structure
+                entries.append(entry)
+            config.data.datasets = entries
+        if project:
+            config.wandb.project = project
+            config.wandb.mode = wandb_mode
+        if name:
+            config.wandb.name = name
+        if coordinator_address:
+            config.distributed.coordinator_address = coordinator_address
+        if num_processes:
+            config.distributed.num_processes = num_processes
+        if process_id is not None:
+            config.distributed.process_id = process_id
+    return config
+
+
 def loader_config(config: Any, *, process_index: int = 0, process_count: int = 1,
                   start_batch: int = 0, validation: bool = False) -> LoaderConfig:
     """The :class:`~openx_train.data.LoaderConfig` of a training config (per process).
@@ -310,7 +346,8 @@ class Setup:
 
 
 def build(config: Any, *, start_step: int = 0, process_index: int = 0,
-          process_count: int = 1, block: int = 1) -> Setup:
+          process_count: int = 1, block: int = 1,
+          datasets: Sequence[DatasetConfig] | None = None) -> Setup:
     """Loaders, input spec, policy, a fresh train state and the mesh of a training config.
 
     Args:
@@ -318,11 +355,13 @@ def build(config: Any, *, start_step: int = 0, process_index: int = 0,
       start_step: where the training stream starts (a resumed run's step).
       process_index, process_count: this process's share of the data.
       block: batches per host item of ``Setup.batches`` (stacked on a leading axis).
+      datasets: the dataset configs, instead of :func:`dataset_configs` of ``config`` (Re-Mix
+        passes them with its reference's normalization statistics).
 
     Raises:
       TrainConfigError, ConfigError, ModelConfigError: for configs that do not fit the data.
     """
-    datasets = tuple(dataset_configs(config))
+    datasets = tuple(dataset_configs(config) if datasets is None else datasets)
     model = resolve_model_config(config.model)
     loader = make_dataloader(list(datasets), loader_config(
         config, process_index=process_index, process_count=process_count,
@@ -573,7 +612,8 @@ def run_loop(setup: Setup, path: str, *, checkpointer: run_lib.Checkpointer,
              block_step: Callable, state: TrainState, block: int,
              eval_fn: Callable[[TrainState, int], Mapping[str, float]] | None = None,
              on_log: Callable[[int, TrainState, Mapping[str, float]], None] | None = None,
-             time_origin: float | None = None) -> dict[str, Any]:
+             time_origin: float | None = None, put_fn: Callable = put_block,
+             summarize_fn: Callable = summarize) -> dict[str, Any]:
     """Runs ``block_step`` from ``state.step`` to ``config.steps``.
 
     Args:
@@ -588,6 +628,10 @@ def run_loop(setup: Setup, path: str, *, checkpointer: run_lib.Checkpointer,
       eval_fn: ``(state, step) -> metrics`` run every ``eval_freq`` steps (process 0 logs).
       on_log: called at log intervals with the step, the state and the host metrics.
       time_origin: ``time.perf_counter()`` at the command's start (for ``first_step_s``).
+      put_fn: ``(host block, spec, mesh) -> device block`` (default :func:`put_block`; Re-Mix
+        also transfers the domain ids).
+      summarize_fn: ``(device metrics of a log interval, dataset names) -> host values``
+        (default :func:`summarize`; Re-Mix adds per-domain values).
 
     Returns:
       The last logged metrics, plus ``step``, ``val_loss`` (the last), ``stopped_by`` (the
@@ -616,7 +660,7 @@ def run_loop(setup: Setup, path: str, *, checkpointer: run_lib.Checkpointer,
             while step < steps:
                 t0 = time.perf_counter()
                 host = next(setup.batches)
-                device = put_block(host, setup.spec, setup.mesh)
+                device = put_fn(host, setup.spec, setup.mesh)
                 wait += time.perf_counter() - t0
                 state, metrics = block_step(state, device)
                 step += block
@@ -632,7 +676,7 @@ def run_loop(setup: Setup, path: str, *, checkpointer: run_lib.Checkpointer,
                 bar.update(block)
                 values: dict[str, Any] = {}
                 if step % config.log_freq == 0 or step == steps or stop.signal:
-                    values = summarize(pending, names)
+                    values = summarize_fn(pending, names)
                     elapsed = time.perf_counter() - t_interval
                     values["steps_per_sec"] = (step - interval_start) / max(elapsed, 1e-9)
                     values["data_wait_share"] = wait / max(elapsed, 1e-9)
@@ -688,7 +732,8 @@ def _write_run_files(path: str, setup: Setup, config: Any) -> None:
     resolved.data.datasets = [
         {"path": os.path.abspath(d.path), "name": n, "structure": d.structure.to_json(),
          "val_fraction": d.val_fraction, **({"split": d.split} if d.split != "train" else {}),
-         **({"val_split": d.val_split} if d.val_split else {})}
+         **({"val_split": d.val_split} if d.val_split else {}),
+         **({"episodes": sorted(d.episodes)} if d.episodes is not None else {})}
         for d, n in zip(setup.datasets, setup.loader.names)]
     run_lib.write_run(path, setup.info, resolved)
 
@@ -772,6 +817,7 @@ def _default_eval_fn(config: Any, path: str, setup: Setup):
 __all__ = [
     "Setup",
     "TrainConfigError",
+    "apply_flags",
     "block_size",
     "build",
     "dataset_configs",

@@ -10,8 +10,9 @@ import pytest
 from openx_train.data import DatasetFormatError
 from openx_train.data import image_index as image_index_mod
 from openx_train.data.image_index import RangeReader, build_image_index
-from oxe_envlogger import read_episodes, record
-from oxe_envlogger.record import bytes_value_ranges
+from oxe_envlogger import read_episodes
+from oxe_envlogger.format import record
+from oxe_envlogger.format.record import bytes_value_ranges
 from tests.openx_train.conftest import log_camera
 
 KEYS = ["observation/image", "observation/wrist_image"]

@@ -12,7 +12,8 @@ import pytest
 
 from openx_train.data import ConfigError, MissingKeyError, compute_dataset_statistics
 from openx_train.data import cache as cache_mod
-from oxe_envlogger import layout, read_episodes
+from oxe_envlogger import read_episodes
+from oxe_envlogger.datasets import recovery
 from tests.helpers import as_older_logger_wrote_statistics
 from tests.openx_train.conftest import log_camera, log_cheetah
 
@@ -115,7 +116,7 @@ def test_an_older_loggers_sampled_quantiles_are_computed_anew(tmp_path):
         np.testing.assert_array_equal(stats["action"].quantile(name),
                                       np.quantile(rows, int(name[1:]) / 100, axis=0))
     np.testing.assert_array_equal(stats["action"].rank_error, np.zeros(6))
-    layout.recover(directory)
+    recovery.recover(directory)
     stored = compute_dataset_statistics(directory)
     assert stored.source == "stored"
     np.testing.assert_array_equal(stored["action"].quantile("q50"), stats["action"].quantile("q50"))
@@ -123,8 +124,8 @@ def test_an_older_loggers_sampled_quantiles_are_computed_anew(tmp_path):
 
 
 def test_the_train_splits_own_statistics_are_used_in_a_multi_split_dataset(tmp_path):
-    from oxe_envlogger import reshard
-    from oxe_envlogger.reshard import ReshardOptions
+    from oxe_envlogger.datasets import reshard
+    from oxe_envlogger.datasets.reshard import ReshardOptions
 
     source = log_cheetah(str(tmp_path / "d"), episodes=6)
     out = str(tmp_path / "split")

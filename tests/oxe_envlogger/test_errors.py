@@ -376,7 +376,8 @@ class OutOfSpaceEnv(RecordingEnv):
 
 
 def test_out_of_bounds_counted_by_default_and_raised_when_strict(dataset_dir, caplog):
-    from oxe_envlogger import OutOfBoundsError, inspection
+    from oxe_envlogger import OutOfBoundsError
+    from oxe_envlogger.datasets import inspection
 
     act = spaces.Discrete(3, start=1)  # the final step's zero action lies outside: not counted
     env = OXEEnvLogger(OutOfSpaceEnv(OBS, act, episode_len=3), "bounds", dataset_dir)
@@ -384,7 +385,7 @@ def test_out_of_bounds_counted_by_default_and_raised_when_strict(dataset_dir, ca
     env.step(np.int64(7))
     env.step(np.int64(2))
     env.step(np.int64(3))
-    with caplog.at_level("WARNING", logger="oxe_envlogger.writer"):
+    with caplog.at_level("WARNING", logger="oxe_envlogger.collect.writer"):
         env.close()
     steps = read_tfds(dataset_dir)[0]["steps"]
     assert steps["action"].tolist() == [7, 2, 3, 0]  # logged as given

@@ -10,7 +10,8 @@ import pytest
 from gymnasium import spaces
 
 from oxe_envlogger import OXEEnvLogger
-from oxe_envlogger.specs import iter_leaves, space_to_spec
+from oxe_envlogger.format.specs import iter_leaves
+from oxe_envlogger.spaces import space_to_spec
 from tests.helpers import RecordingEnv, float32_rounded, read_tfds, run_episodes, tree_get
 
 BIG = np.iinfo(np.int64).max
@@ -168,8 +169,8 @@ def test_keys_holding_slash_are_read_as_tfds_reads_them(tmp_path):
     """A dataset written by tfds with the keys "cam/left" (beside "cam" -> "right") and
     "meta/operator": our reader nests by features.json's keys, exactly as tfds does."""
     from oxe_envlogger import read_episodes
-    from oxe_envlogger.reader import get_path
-    from oxe_envlogger.validate import validate
+    from oxe_envlogger.datasets.validate import validate
+    from oxe_envlogger.format.reader import get_path
     from tests.tools.datasets import make_slash_keys
 
     directory = make_slash_keys(str(tmp_path / "slash"))

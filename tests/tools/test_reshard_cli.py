@@ -7,8 +7,9 @@ import os
 
 import pytest
 
-from oxe_envlogger import layout, reader, reshard
-from oxe_envlogger.validate import validate
+from oxe_envlogger.datasets import reshard
+from oxe_envlogger.datasets.validate import validate
+from oxe_envlogger.format import layout, reader
 from tests.tools.datasets import add_user_files, assert_user_files, make_w1, make_w2, run_tool
 
 
@@ -22,7 +23,7 @@ def inputs(tmp_path_factory):
 
 
 def rows(directory):
-    m = layout.read_json(os.path.join(directory, reshard.MANIFEST))
+    m = layout.read_json(os.path.join(directory, layout.RESHARD_MANIFEST))
     return [dict(zip(m["episode_columns"], r)) for r in m["episodes"]]
 
 
@@ -64,7 +65,7 @@ def test_new_flags(inputs, tmp_path):
     by_index = {r["global_index"]: r for r in got}
     assert by_index[0]["changes"] == "features+language"
     assert all(os.path.getsize(os.path.join(out, s["file"])) <= 20_000 or s["episodes"] == 1
-               for split in json.load(open(os.path.join(out, reshard.MANIFEST)))["splits"].values()
+               for split in json.load(open(os.path.join(out, layout.RESHARD_MANIFEST)))["splits"].values()
                for s in split["shards"])
     assert validate(out).ok
 
@@ -96,7 +97,7 @@ def test_runner_without_beam_is_a_clear_error(inputs, tmp_path):
     import importlib.util
 
     if importlib.util.find_spec("apache_beam") is not None:
-        pytest.skip("apache-beam is installed here (tests/oxe_envlogger/test_reshard_beam.py)")
+        pytest.skip("apache-beam is installed here (tests/oxe_envlogger/datasets/test_reshard_beam.py)")
     res = run_tool("reshard_rlds", f"--rlds_dirs={inputs['a']}",
                    f"--output_rlds={tmp_path / 'out'}", "--runner=DirectRunner",
                    "--direct_num_workers=2")

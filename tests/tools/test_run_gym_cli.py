@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from oxe_envlogger import reader
+from oxe_envlogger.format import reader
 from tests.helpers import read_tfds
 from tests.tools.datasets import REPO
 

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from oxe_envlogger import layout
+from oxe_envlogger.format import layout
 from tests.helpers import kill_when_ready
 from tests.tools.datasets import REPO, make_w2, run_tool
 
@@ -122,7 +122,7 @@ def _damage(directory, how):
 
 
 def _tfds_summary(directory):
-    return subprocess.run([sys.executable, "-m", "oxe_envlogger.tfds_summary", directory],
+    return subprocess.run([sys.executable, "-m", "oxe_envlogger.datasets.tfds_summary", directory],
                           capture_output=True, text=True, cwd=REPO, timeout=300, check=False,
                           env={**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "2"})
 
