@@ -56,7 +56,7 @@ from openx_train.remix.outputs import (
     write_alpha,
     write_final_weights,
 )
-from openx_train.remix.reference import check_reference, reference_differences
+from openx_train.remix.reference import check_reference
 from openx_train.remix.step import (
     RemixState,
     create_remix_state,
@@ -322,12 +322,10 @@ def train_remix(config: Any, reference: str | os.PathLike, path: str | os.PathLi
     ref = load_reference(reference, _reference_checkpoint(config))
     datasets = loop.dataset_configs(config)
     planned = _planned_info(config, datasets)
-    ref_json = ref.info.to_json()
-    diffs = reference_differences({**ref_json, "input_spec": None},
-                                  {**planned, "input_spec": None})
-    if diffs:
-        check_reference({**ref_json, "input_spec": None}, {**planned, "input_spec": None},
-                        path=ref.path)
+    # Everything but the input spec (known once the loader gives a batch) before anything is
+    # built or trained; the spec after.
+    check_reference({**ref.info.to_json(), "input_spec": None},
+                    {**planned, "input_spec": None}, path=ref.path)
     datasets = with_reference_statistics(datasets, ref)
     loop.enable_compilation_cache(str(config.get("compilation_cache", "")))
     os.makedirs(path, exist_ok=True)
