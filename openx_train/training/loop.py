@@ -70,7 +70,8 @@ ENV_PROCESS_ID = "JAX_PROCESS_ID"
 _DATASET_FIELDS = ("path", "name", "structure", "split", "val_split", "val_fraction",
                    "min_length", "drop_invalid", "episodes")
 _LOADER_FIELDS = ("n_obs", "n_action", "goal_relabeling", "drop_final_step", "weights",
-                  "domain_key", "augment", "image_dtype", "prefetch", "num_parallel_calls")
+                  "domain_key", "augment", "augment_options", "image_dtype", "prefetch",
+                  "num_parallel_calls")
 
 
 class TrainConfigError(ConfigError):
@@ -90,8 +91,9 @@ def train_config() -> ml_collections.ConfigDict:
       data.image_size: camera size of inferred structures (None: as logged).
       data.val_fraction: episodes held out for validation, where a dataset does not say.
       data.loader: :class:`~openx_train.data.LoaderConfig` fields (``n_obs``, ``n_action``,
-        ``goal_relabeling``, ``weights``, ``domain_key``, ``augment`` (the
-        :class:`AugmentConfig` fields, by default its defaults; None: no augmentation),
+        ``goal_relabeling``, ``weights``, ``domain_key``, ``augment`` (bool: image
+        augmentation of training batches), ``augment_options`` (the :class:`AugmentConfig`
+        fields, by default its defaults),
         ``image_dtype``, ``prefetch``, ``num_parallel_calls``, ``drop_final_step``).
       model, optimizer: see :func:`~openx_train.models.model_config` and
         :func:`~openx_train.training.optimizer_config`.
@@ -124,7 +126,8 @@ def train_config() -> ml_collections.ConfigDict:
             "val_fraction": 0.05,
             "loader": {"n_obs": 1, "n_action": 1, "goal_relabeling": False,
                        "drop_final_step": True, "weights": "uniform", "domain_key": "dataset",
-                       "augment": dataclasses.asdict(AugmentConfig()), "image_dtype": "uint8",
+                       "augment": True, "augment_options": dataclasses.asdict(AugmentConfig()),
+                       "image_dtype": "uint8",
                        "prefetch": 2,
                        "num_parallel_calls": -1},
         },
@@ -252,18 +255,18 @@ def loader_config(config: Any, *, process_index: int = 0, process_count: int = 1
                                f"processes, given {config.batch_size}")
     kwargs = dict(given)
     augment = kwargs.pop("augment", True)
+    options = kwargs.pop("augment_options", None) or {}
+    if isinstance(augment, dict):  # a plain-dict config may give the fields here
+        augment, options = True, augment
     if augment is True:
-        augment = AugmentConfig()
+        _check_fields(options, [f.name for f in dataclasses.fields(AugmentConfig)],
+                      "data.loader.augment_options")
+        augment = AugmentConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                   for k, v in options.items()})
     elif augment in (False, None):
         augment = None
-    elif isinstance(augment, dict):
-        _check_fields(augment, [f.name for f in dataclasses.fields(AugmentConfig)],
-                      "data.loader.augment")
-        augment = AugmentConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                   for k, v in augment.items()})
     else:
-        raise TrainConfigError(f"data.loader.augment: expected a bool or a dict of "
-                               f"AugmentConfig fields, given {augment!r}")
+        raise TrainConfigError(f"data.loader.augment: expected a bool, given {augment!r}")
     weights = kwargs.pop("weights", "uniform")
     if isinstance(weights, list):
         weights = tuple(weights)

@@ -42,6 +42,8 @@ def register(logger: Closable, *, handle_signals: bool = True) -> None:
 
 def unregister(logger: Closable) -> None:
     _open.pop(id(logger), None)
+    if not _open:
+        _uninstall_sigterm()
 
 
 def close_all() -> None:
@@ -102,3 +104,15 @@ def _install_sigterm() -> None:
         return
     if current in (signal.SIG_DFL, None):
         signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def _uninstall_sigterm() -> None:
+    """Gives SIGTERM its default action back once no logger is open (if the handler is still
+    ours): a program that closed its loggers is killed by SIGTERM as before it opened one."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    try:
+        if signal.getsignal(signal.SIGTERM) is _on_sigterm:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    except (ValueError, OSError):
+        return

@@ -19,7 +19,7 @@ def get_config() -> ml_collections.ConfigDict:
     config = train_config()
     config.data.datasets = [{"path": "demo_out/reacher"}]
     config.data.val_fraction = 0.05
-    config.data.loader.augment = None
+    config.data.loader.augment = False
     config.model.head.kind = "mse"
     config.model.trunk.hidden_dims = (512, 512, 512)
     config.optimizer.learning_rate = 1e-3

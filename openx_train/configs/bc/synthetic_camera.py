@@ -26,7 +26,7 @@ def get_config() -> ml_collections.ConfigDict:
         "action": ["action"],
         "language": "language_instruction",
     }
-    augment = config.data.loader.augment
+    augment = config.data.loader.augment_options
     augment.crop_scale, augment.brightness, augment.hue = (0.9, 1.0), 0.05, 0.0
     augment.contrast = augment.saturation = None
     config.model.image_encoder.kind = "conv"

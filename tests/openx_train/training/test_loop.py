@@ -151,6 +151,13 @@ def test_config_errors_name_the_field(reacher_dir, tmp_path):
                                                     r"\['weight'\]"):
         loop.train(config, tmp_path / "z")
     config = small_config(reacher_dir)
+    config.data.loader.augment_options.bogus = 1
+    with pytest.raises(loop.TrainConfigError, match=r"augment_options: unknown fields "
+                                                    r"\['bogus'\]"):
+        loop.loader_config(config)
+    config.data.loader.augment = False  # a bool, as configs set it (None too)
+    assert loop.loader_config(config).augment is None
+    config = small_config(reacher_dir)
     config.data.datasets = []
     with pytest.raises(loop.TrainConfigError, match="--data"):
         loop.train(config, tmp_path / "w")
