@@ -204,7 +204,7 @@ def plot_results(results: Mapping[str, Any], out_path: str) -> str:
 
     weightings = list(results["weights"])
     budgets = [f"{round(100 * b)}%" for b in results["budgets"]]
-    fig = Figure(figsize=(8.0, 4.5), dpi=100)
+    fig = Figure(figsize=(9.5, 4.5), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     width = 0.8 / max(len(weightings), 1)
@@ -225,7 +225,7 @@ def plot_results(results: Mapping[str, Any], out_path: str) -> str:
     ax.set_ylabel(f"return in {results['env_id']} (higher is better)")
     ax.set_title(f"Final BC by data weighting ({len(results['seeds'])} seeds x "
                  f"{results['episodes']} episodes, 95% intervals)")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(out_path)
