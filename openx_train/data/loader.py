@@ -199,6 +199,27 @@ def build_step_table(cfg: DatasetConfig, config: LoaderConfig, *, split: str = "
     """
     name = name or dataset_name(cfg)
     resolved = resolve_structure(cfg.structure, step_leaves(cfg.path))
+    statistics = _statistics(cfg, name)
+    source = _source_split(cfg, split, name)
+    min_length = max(cfg.min_length, 2 if config.drop_final_step else 1)
+    domain = None
+    if config.domain_key != DATASET_DOMAIN:
+        domain = resolve_domain_field(cfg.path, config.domain_key, name)
+    rows = _read_rows(cfg, source, resolved, statistics, domain, min_length)
+    domain_values = frozenset(r["domain"] for r in rows) if domain is not None else frozenset()
+    rows = _keep_rows(rows, cfg, config, split=split, name=name, min_length=min_length)
+    if not rows:
+        raise ConfigError(f"dataset {name!r}: no episodes left in split {source!r} after "
+                          f"filters and min_length={min_length}")
+    cams = [c for c in resolved.cameras if c.key is not None]
+    files = _attach_images(rows, cfg, source, cams, name) if cams else ()
+    rows = join_split_parts(rows)
+    return _assemble(rows, resolved, statistics, config, cams=cams, files=files, name=name,
+                     has_domain=domain is not None, domain_values=domain_values)
+
+
+def _statistics(cfg: DatasetConfig, name: str) -> Any:
+    """The statistics the dataset is normalized with: given in its config, or computed."""
     statistics = cfg.statistics
     norm_keys = cfg.structure.normalized_keys()
     if statistics is None and norm_keys:
@@ -206,11 +227,12 @@ def build_step_table(cfg: DatasetConfig, config: LoaderConfig, *, split: str = "
     missing = [k for k in norm_keys if k not in statistics]
     if missing:
         raise ConfigError(f"dataset {name!r}: statistics lack the normalized keys {missing}")
-    source = _source_split(cfg, split, name)
-    min_length = max(cfg.min_length, 2 if config.drop_final_step else 1)
-    domain_field = domain_leaf = None
-    if config.domain_key != DATASET_DOMAIN:
-        domain_field, domain_leaf = resolve_domain_field(cfg.path, config.domain_key, name)
+    return statistics
+
+
+def _read_rows(cfg: DatasetConfig, source: str, resolved: ResolvedStructure, statistics: Any,
+               domain: tuple[str, Leaf] | None, min_length: int) -> list[dict[str, Any]]:
+    """One row per episode (in episode order) with its selected, normalized step columns."""
     # One shard at a time, two records in flight: a record holds its images (tens of MB for
     # long camera episodes) until it is parsed, and only the small columns are kept.
     episodes = load_dataset(cfg.path, source, keys=resolved.load_keys(images=False),
@@ -230,18 +252,22 @@ def build_step_table(cfg: DatasetConfig, config: LoaderConfig, *, split: str = "
             out["state"] = table["state"]
         if table["language"] is not None:
             out["language"] = table["language"]
-        if domain_field is not None:
-            out["domain"] = reader.get_path(episode, domain_field)
+        if domain is not None:
+            out["domain"] = reader.get_path(episode, domain[0])
         return out
 
     rows = list(episodes.map(select).prefetch(2).as_numpy_iterator())
     rows.sort(key=lambda r: int(r["episode_index"]))
     for r in rows:
         r["episode_id"] = bytes(r["episode_id"]).decode("utf-8", "replace")
-        if domain_field is not None:
-            r["domain"] = _domain_value(r["domain"], domain_leaf)
-    domain_values = frozenset(r["domain"] for r in rows) if domain_field is not None \
-        else frozenset()
+        if domain is not None:
+            r["domain"] = _domain_value(r["domain"], domain[1])
+    return rows
+
+
+def _keep_rows(rows: list[dict[str, Any]], cfg: DatasetConfig, config: LoaderConfig, *,
+               split: str, name: str, min_length: int) -> list[dict[str, Any]]:
+    """The rows of the split asked for: the validation hold-out, then the episodes to keep."""
     if cfg.val_fraction:
         held = _held_out([r["episode_id"].encode() for r in rows], cfg.val_fraction,
                          config.seed)
@@ -257,25 +283,27 @@ def build_step_table(cfg: DatasetConfig, config: LoaderConfig, *, split: str = "
                 f"are not among its {len(set(groups))} training episodes (after filters, "
                 f"min_length={min_length} and the validation hold-out), e.g. {unknown[:3]}")
         rows = [r for r, g in zip(rows, groups) if g in cfg.episodes]
-    if not rows:
-        raise ConfigError(f"dataset {name!r}: no episodes left in split {source!r} after "
-                          f"filters and min_length={min_length}")
+    return rows
 
-    files: tuple[str, ...] = ()
-    cams = [c for c in resolved.cameras if c.key is not None]
-    if cams:
-        index = build_image_index(cfg.path, source, [c.key for c in cams])
-        files = index.files
-        for r in rows:
-            ep = int(r["episode_index"])
-            if ep >= len(index.episode_length) or \
-                    index.episode_length[ep] != int(r["episode_length"]):
-                raise DatasetFormatError(
-                    f"dataset {name!r}: the image index of episode {ep} does not match its "
-                    "records (the dataset changed while loading?)")
-            r["images"] = {cam.name: index.refs(cam.key, ep) for cam in cams}
-    rows = join_split_parts(rows)
 
+def _attach_images(rows: list[dict[str, Any]], cfg: DatasetConfig, source: str, cams,
+                   name: str) -> tuple[str, ...]:
+    """Adds each row's image references (file, offset, length per frame); returns the files."""
+    index = build_image_index(cfg.path, source, [c.key for c in cams])
+    for r in rows:
+        ep = int(r["episode_index"])
+        if ep >= len(index.episode_length) or index.episode_length[ep] != int(r["episode_length"]):
+            raise DatasetFormatError(
+                f"dataset {name!r}: the image index of episode {ep} does not match its "
+                "records (the dataset changed while loading?)")
+        r["images"] = {cam.name: index.refs(cam.key, ep) for cam in cams}
+    return index.files
+
+
+def _assemble(rows: list[dict[str, Any]], resolved: ResolvedStructure, statistics: Any,
+              config: LoaderConfig, *, cams, files: tuple[str, ...], name: str, has_domain: bool,
+              domain_values: frozenset) -> StepTable:
+    """Concatenates the rows' columns into the table and indexes its trainable frames."""
     lengths = np.array([int(r["episode_length"]) for r in rows], np.int64)
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
     per_step = np.repeat(np.arange(len(rows)), lengths)
@@ -298,7 +326,7 @@ def build_step_table(cfg: DatasetConfig, config: LoaderConfig, *, split: str = "
         episode_index=np.repeat([int(r["episode_index"]) for r in rows], lengths).astype(np.int64),
         frames=frames, num_episodes=len(rows),
         episode_ids=tuple(r["episode_id"] for r in rows), episode_frames=episode_frames,
-        domains=tuple(r["domain"] for r in rows) if domain_field is not None else None,
+        domains=tuple(r["domain"] for r in rows) if has_domain else None,
         domain_values=domain_values)
 
 
