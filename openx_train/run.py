@@ -58,6 +58,34 @@ KINDS = ("bc", "remix")
 _PARAMS, _EMA, _REST, _META = "params", "ema_params", "rest", "meta"
 
 
+class _QuietLibraries(logging.Filter):
+    """Drops orbax's INFO records (a line per file it reads or writes) and its warning that a
+    checkpoint directory opened for reading is read only (policies open it so on purpose);
+    orbax's other warnings and errors pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "orbax" not in record.pathname:
+            return True
+        return record.levelno >= logging.WARNING and \
+            not str(record.msg).startswith("Given directory is read only")
+
+
+# Libraries whose INFO lines say nothing a user of the tools acts on: jax's backend probing
+# ("Unable to initialize backend 'tpu'"), PyOpenGL's missing accelerator module.
+_CHATTY = ("jax._src.xla_bridge", "OpenGL.acceleratesupport")
+
+
+def quiet_library_logs(logger: str = "absl") -> None:
+    """Keeps the command-line tools' logs to what a user needs: installs :class:`_QuietLibraries`
+    on ``logger`` (absl's, which orbax logs through) once, and raises the chatty libraries'
+    loggers to WARNING."""
+    target = logging.getLogger(logger)
+    if not any(isinstance(f, _QuietLibraries) for f in target.filters):
+        target.addFilter(_QuietLibraries())
+    for name in _CHATTY:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 class RunError(ValueError):
     """A run directory that cannot be read, or a checkpoint that does not fit."""
 

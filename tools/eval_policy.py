@@ -65,6 +65,9 @@ def main(argv):
     from tqdm import tqdm
 
     from openx_train.inference import SUMMARY_KEYS, evaluate_baseline, evaluate_run
+    from openx_train.run import quiet_library_logs
+
+    quiet_library_logs()
 
     env_kwargs = None
     if FLAGS.env_kwargs:

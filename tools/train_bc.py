@@ -19,7 +19,6 @@ Several processes (``jax.distributed``): run one command per process with
 from __future__ import annotations
 
 import json
-import logging as std_logging
 import math
 
 from absl import app, flags, logging
@@ -47,16 +46,12 @@ flags.DEFINE_float("data_budget", None, "Keep this fraction of all training fram
 flags.mark_flags_as_required(["config", "path"])
 
 
-class _QuietOrbax(std_logging.Filter):
-    """Orbax logs every file it writes at INFO; keep its warnings only."""
-
-    def filter(self, record: std_logging.LogRecord) -> bool:
-        return record.levelno >= std_logging.WARNING or "orbax" not in record.pathname
-
 
 def main(argv):
     del argv
-    std_logging.getLogger("absl").addFilter(_QuietOrbax())
+    from openx_train.run import quiet_library_logs
+
+    quiet_library_logs()
     from openx_train.remix.final import apply_weights_and_budget
     from openx_train.training import loop
 

@@ -17,7 +17,6 @@ metrics, the domains and their weights.
 from __future__ import annotations
 
 import json
-import logging as std_logging
 import math
 
 from absl import app, flags, logging
@@ -40,17 +39,13 @@ flags.DEFINE_integer("process_id", None, "jax.distributed: this process's index.
 flags.mark_flags_as_required(["config", "reference", "path"])
 
 
-class _QuietOrbax(std_logging.Filter):
-    """Orbax logs every file it writes at INFO; keep its warnings only."""
-
-    def filter(self, record: std_logging.LogRecord) -> bool:
-        return record.levelno >= std_logging.WARNING or "orbax" not in record.pathname
-
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    std_logging.getLogger("absl").addFilter(_QuietOrbax())
+    from openx_train.run import quiet_library_logs
+
+    quiet_library_logs()
     from openx_train.remix.train import train_remix
     from openx_train.training.loop import apply_flags
 

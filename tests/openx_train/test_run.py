@@ -191,3 +191,27 @@ def test_structure_json_round_trip():
     assert Structure.from_json(json.loads(json.dumps(s.to_json()))) == s
     with pytest.raises(ValueError, match="unknown fields"):
         Structure.from_json({"stat": ["a"]})
+
+
+def test_quiet_library_logs_drops_only_library_info(caplog):
+    import logging
+
+    from openx_train.run import quiet_library_logs
+
+    logger = logging.getLogger("quiet_test")
+    quiet_library_logs("quiet_test")
+    quiet_library_logs("quiet_test")  # installed once
+    assert len(logger.filters) == 1
+
+    def record(level, pathname):
+        return logging.LogRecord("absl", level, pathname, 1, "message", None, None)
+
+    keep = logger.filters[0].filter
+    assert not keep(record(logging.INFO, "/site-packages/orbax/checkpoint/checkpointer.py"))
+    assert keep(record(logging.WARNING, "/site-packages/orbax/checkpoint/manager.py"))
+    read_only = record(logging.WARNING, "/site-packages/orbax/checkpoint/manager.py")
+    read_only.msg = "Given directory is read only=%s"
+    assert not keep(read_only)
+    assert logging.getLogger("jax._src.xla_bridge").getEffectiveLevel() == logging.WARNING
+    assert keep(record(logging.WARNING, "/site-packages/orbax/checkpoint/checkpointer.py"))
+    assert keep(record(logging.INFO, "/work/openx_train/data/loader.py"))
