@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
@@ -433,7 +434,14 @@ def jit_block_step(mesh: Any, step_fn: Callable = train_step, *, unroll: bool = 
     """
 
     def block_step(state, batches):
-        return jax.lax.scan(step_fn, state, batches, unroll=bool(unroll))
+        if not unroll:
+            return jax.lax.scan(step_fn, state, batches)
+        # A Python loop, not scan(unroll=True): a scan of length 1 stays a while loop.
+        metrics = []
+        for i in range(jax.tree.leaves(batches)[0].shape[0]):
+            state, m = step_fn(state, jax.tree.map(lambda x, i=i: x[i], batches))
+            metrics.append(m)
+        return state, jax.tree.map(lambda *xs: jnp.stack(xs), *metrics)
 
     replicated = replicated_sharding(mesh)
     return jax.jit(block_step,

@@ -375,7 +375,8 @@ def _image_block(k: int, b: int = 4):
     return spec, mesh, state, block
 
 
-def test_image_block_step_is_unrolled_on_cpu_with_the_rolled_values():
+@pytest.mark.parametrize("k", [1, 2])
+def test_image_block_step_is_unrolled_on_cpu_with_the_rolled_values(k):
     # XLA's CPU backend leaves the backward convolutions of a while-loop body in layouts its
     # Eigen convolution cannot take (a naive loop: 23 s a step at 64/32 px in a rolled scan, 1 s
     # alone; bench/bench_train.py --only block), so an image block step is unrolled on CPU:
@@ -383,7 +384,7 @@ def test_image_block_step_is_unrolled_on_cpu_with_the_rolled_values():
     import dataclasses
     import re
 
-    spec, mesh, state, block = _image_block(2)
+    spec, mesh, state, block = _image_block(k)
     assert loop.needs_unrolled_block(spec) == (jax.default_backend() == "cpu")
     state_only = dataclasses.replace(spec, inputs=tuple(
         (p, s) for p, s in spec.inputs if "image" not in p))
@@ -396,11 +397,11 @@ def test_image_block_step_is_unrolled_on_cpu_with_the_rolled_values():
 
     assert len(convolutions(rolled)) >= 6  # 3 forward, their input and weight gradients
     assert all("/while/body/" in name for name in convolutions(rolled))
-    assert len(convolutions(unrolled)) >= 6
+    assert len(convolutions(unrolled)) >= 3  # XLA may turn a 1x1 one into a dot
     assert not any("/while/" in name for name in convolutions(unrolled))
     state_r, metrics_r = rolled(jax.tree.map(np.array, state), block)
     state_u, metrics_u = unrolled(state, block)
-    assert metrics_u["loss"].shape == (2,)
+    assert metrics_u["loss"].shape == (k,)
     np.testing.assert_allclose(metrics_u["loss"], metrics_r["loss"], rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                  state_u.params, state_r.params)
