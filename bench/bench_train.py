@@ -8,6 +8,9 @@ device-resident batch, no loader. Prints one JSON line.
   benchmark's plain-JAX MLP 512x3 at W5's windows, MSE, Adam: no masks, per-dataset metrics,
   clipping or weight decay). The issue's target for the full loop is >= 5x the OpenX trainer's
   21 steps/s at the state config with the 48-bin head.
+* ``--only block``: the camera config's small CNN (64/32 px, width 32, batch 64) as the bare
+  step and as the loop's block step with the lax.scan rolled and unrolled: seconds per step,
+  GFLOP per step (XLA's cost analysis) and GFLOP/s.
 * Image config (ResNet-18, spatial softmax, one encoder per camera, 2 cameras of 128x128 uint8,
   history 2, chunk 4, 48-bin head; ``--image_batch``, default 64): steps/s and images/s.
 
@@ -154,13 +157,88 @@ def bench_image(reps: int, steps: int, batch_size: int) -> dict:
             "first_step_s": round(first, 2)}
 
 
+def _camera_batch(batch_size: int, size: int, wrist: int) -> dict:
+    import numpy as np
+
+    rs = np.random.default_rng(0)
+    mask = np.ones((batch_size, 1), bool)
+    obs = {"state": rs.normal(size=(batch_size, 1, 7)).astype(np.float32), "pad_mask": mask,
+           "pad_mask_dict": {"state": mask, "image": mask, "image_wrist": mask},
+           "image": rs.integers(0, 256, (batch_size, 1, size, size, 3), dtype=np.uint8),
+           "image_wrist": rs.integers(0, 256, (batch_size, 1, wrist, wrist, 3), dtype=np.uint8)}
+    return {"observation": obs,
+            "action": rs.uniform(-1, 1, (batch_size, 1, 7)).astype(np.float32),
+            "action_pad_mask": mask, "dataset_id": np.zeros(batch_size, np.int32),
+            "language_instruction": np.array([b"pick up the red block"] * batch_size, object)}
+
+
+def bench_block(reps: int, block: int) -> dict:
+    """The camera config's model (configs/bc/synthetic_camera.py at its former 64/32 px and CNN
+    width 32) as the bare jitted step, and as the loop's block step of ``block`` batches with
+    the lax.scan rolled (the old path) and unrolled (what the loop uses on CPU for images)."""
+    import jax
+    import numpy as np
+
+    from openx_train import models, training
+    from openx_train.configs.bc import synthetic_camera
+    from openx_train.training import loop
+
+    config = synthetic_camera.get_config().model
+    config.image_encoder.width, config.image_encoder.num_keypoints = 32, 32
+    batch = _camera_batch(64, 64, 32)
+    spec = models.input_spec(config, batch)
+    policy = models.make_policy(config, spec)
+    mesh = training.make_mesh()
+
+    def fresh():
+        return training.put_state(training.create_train_state(
+            policy, training.optimizer_config(), rng=jax.random.PRNGKey(0),
+            total_steps=10**6), mesh)
+
+    host_block = jax.tree.map(lambda x: np.stack([x] * block), batch)
+    variants = {"step": (training.jit_train_step(mesh), training.put_batch(batch, spec, mesh), 1),
+                "block_rolled": (loop.jit_block_step(mesh, unroll=False),
+                                 loop.put_block(host_block, spec, mesh), block),
+                "block_unrolled": (loop.jit_block_step(mesh, unroll=True),
+                                   loop.put_block(host_block, spec, mesh), block)}
+    out = {}
+    for name, (fn, device_batch, k) in variants.items():
+        state = fresh()
+        compiled = fn.lower(state, device_batch).compile()
+        cost = compiled.cost_analysis()
+        cost = (cost[0] if isinstance(cost, list) else cost or {}).get("flops")
+        # XLA's cost analysis counts a while loop's body once: the bare step's count is the
+        # per-step figure for all three.
+        flops = cost if name == "step" else out["step"]["gflop_per_step"] * 1e9 * k
+        state, metrics = fn(state, device_batch)
+        jax.block_until_ready(metrics)
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            state, metrics = fn(state, device_batch)
+            jax.block_until_ready(metrics)
+            times.append((time.perf_counter() - t0) / k)
+        per_step = statistics.median(times)
+        out[name] = {"s_per_step": round(per_step, 3),
+                     "gflop_per_step": round(flops / 1e9 / k, 2),
+                     "gflop_per_s": round(flops / 1e9 / k / per_step, 2)}
+    out["unrolled_over_rolled"] = round(out["block_rolled"]["s_per_step"]
+                                        / out["block_unrolled"]["s_per_step"], 1)
+    out["config"] = {"batch": 64, "image": 64, "wrist": 32, "encoder": "conv width 32, spatial "
+                     "softmax 32 kp", "language": "tokens, FiLM", "block": block,
+                     "needs_unrolled_block": loop.needs_unrolled_block(spec)}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--image_steps", type=int, default=3)
     parser.add_argument("--image_batch", type=int, default=64)
-    parser.add_argument("--only", default="state,image")
+    parser.add_argument("--block", type=int, default=2)
+    parser.add_argument("--only", default="state,image",
+                        help="comma-separated: state, image, block")
     args = parser.parse_args()
     only = set(args.only.split(","))
     out = {"bench": "train_step", "workload": "W5: the jitted BC step on one device-resident "
@@ -169,6 +247,8 @@ def main() -> None:
         out["state"] = bench_state(args.reps, args.steps)
     if "image" in only:
         out["image"] = bench_image(args.reps, args.image_steps, args.image_batch)
+    if "block" in only:
+        out["block"] = bench_block(args.reps, args.block)
     import jax
 
     out["device"] = str(jax.devices()[0].device_kind)

@@ -137,7 +137,7 @@ def bare_rates(head: str, steps: int, block: int = 8) -> tuple[float, float]:
     jax.block_until_ready(metrics)
     single = steps / (time.perf_counter() - t0)
 
-    block_step = loop.jit_block_step(mesh)
+    block_step = loop.jit_block_step(mesh, unroll=loop.needs_unrolled_block(spec))
     state = fresh()
     stacked = loop.put_block({k: (np.stack([v] * block) if not isinstance(v, dict) else
                                   jax.tree.map(lambda x: np.stack([x] * block), v))

@@ -350,3 +350,58 @@ def test_images_and_language_train_in_blocks(camera_dir, tmp_path):
     assert info.input_spec.language == "tokens"
     assert info.input_spec.get("observation/image").shape == (1, 16, 16, 3)
     assert set(info.dataset().structure.images) == {"image", "image_wrist"}
+
+
+def _image_block(k: int, b: int = 4):
+    from openx_train import models, training
+
+    rs = np.random.default_rng(0)
+    mask = np.ones((b, 1), bool)
+    batch = {"observation": {"state": rs.normal(size=(b, 1, 3)).astype(np.float32),
+                             "image": rs.integers(0, 256, (b, 1, 8, 8, 3), dtype=np.uint8),
+                             "pad_mask": mask, "pad_mask_dict": {"state": mask, "image": mask}},
+             "action": rs.uniform(-1, 1, (b, 1, 2)).astype(np.float32),
+             "action_pad_mask": mask, "dataset_id": np.zeros(b, np.int32)}
+    config = models.model_config()
+    config.image_encoder.kind, config.image_encoder.width = "conv", 4
+    config.image_encoder.num_keypoints = 2
+    config.trunk.hidden_dims = (8,)
+    spec = models.input_spec(config, batch)
+    mesh = training.make_mesh()
+    state = training.put_state(training.create_train_state(
+        models.make_policy(config, spec), training.optimizer_config(),
+        rng=jax.random.PRNGKey(0), total_steps=10**6), mesh)
+    block = loop.put_block(jax.tree.map(lambda x: np.stack([x] * k), batch), spec, mesh)
+    return spec, mesh, state, block
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_image_block_step_is_unrolled_on_cpu_with_the_rolled_values(k):
+    # XLA's CPU backend leaves the backward convolutions of a while-loop body in layouts its
+    # Eigen convolution cannot take (a naive loop: 23 s a step at 64/32 px in a rolled scan, 1 s
+    # alone; bench/bench_train.py --only block), so an image block step is unrolled on CPU:
+    # no convolution inside a while loop, and the same values as the rolled scan.
+    import dataclasses
+    import re
+
+    spec, mesh, state, block = _image_block(k)
+    assert loop.needs_unrolled_block(spec) == (jax.default_backend() == "cpu")
+    state_only = dataclasses.replace(spec, inputs=tuple(
+        (p, s) for p, s in spec.inputs if "image" not in p))
+    assert not loop.needs_unrolled_block(state_only)
+    rolled, unrolled = (loop.jit_block_step(mesh, unroll=u) for u in (False, True))
+
+    def convolutions(step):  # where each convolution of the compiled program came from
+        hlo = step.lower(state, block).compile().as_text()
+        return re.findall(r" convolution\(.*op_name=\"([^\"]*)\"", hlo)
+
+    assert len(convolutions(rolled)) >= 6  # 3 forward, their input and weight gradients
+    assert all("/while/body/" in name for name in convolutions(rolled))
+    assert len(convolutions(unrolled)) >= 3  # XLA may turn a 1x1 one into a dot
+    assert not any("/while/" in name for name in convolutions(unrolled))
+    state_r, metrics_r = rolled(jax.tree.map(np.array, state), block)
+    state_u, metrics_u = unrolled(state, block)
+    assert metrics_u["loss"].shape == (k,)
+    np.testing.assert_allclose(metrics_u["loss"], metrics_r["loss"], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 state_u.params, state_r.params)
