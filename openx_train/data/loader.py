@@ -443,6 +443,16 @@ def _assign_domains(tables: Sequence[StepTable], config: LoaderConfig, *, train:
     frames = np.bincount(of_frame, minlength=len(names)).astype(np.int64)
     kind = "dataset" if key == DATASET_DOMAIN else "domain"
     weights = resolve_mixture_weights(config.weights, names, frames.tolist(), kind=kind)
+    if train and key != DATASET_DOMAIN and config.weights == "uniform" and frames.any() \
+            and not frames.all():
+        # "uniform" names no domain: it is uniform over the domains that have training frames.
+        # A domain can be left without any when the validation hold-out (by episode id) takes
+        # all of its episodes; its id and name stay, for validation batches.
+        log.warning("domain_key %r: domains %s have no training frames (all their episodes "
+                    "are held out or filtered); uniform weights leave them out", key,
+                    [n for n, c in zip(names, frames) if c == 0])
+        weights = np.where(frames > 0, weights, 0.0)
+        weights = weights / weights.sum()
     empty = [n for n, w, c in zip(names, weights, frames) if w > 0 and c == 0]
     if empty and train:  # a validation pass samples nothing by weight
         what = "datasets" if key == DATASET_DOMAIN else f"domains of {key!r}"

@@ -228,3 +228,25 @@ def test_restricting_a_dataset_to_a_list_of_episodes(operators_dir):
                                       episodes=[kept[0].episode_id, held]), LoaderConfig())
     with pytest.raises(ConfigError, match="episodes expected a collection of episode ids"):
         DatasetConfig(operators_dir, STATE, episodes=kept[0].episode_id)
+
+
+def test_uniform_weights_leave_out_a_domain_without_training_frames(operators_dir):
+    """A domain can lose every training episode (to the validation hold-out, which follows the
+    random episode ids, or to a restriction): "uniform" is then over the other domains, while a
+    weight given to it by name is still an error."""
+    full = make_dataloader(DatasetConfig(operators_dir, STATE),
+                           LoaderConfig(batch_size=16, domain_key="operator"))
+    gone = full.domain_names[0]
+    rest = [r.episode_id for r in full.episodes if r.domain != gone]
+    cfg = DatasetConfig(operators_dir, STATE, episodes=rest)
+    loader = make_dataloader(cfg, LoaderConfig(batch_size=16, domain_key="operator"))
+    assert loader.domain_names == full.domain_names
+    i = loader.domain_names.index(gone)
+    assert loader.domain_weights[i] == 0
+    others = np.delete(loader.domain_weights, i)
+    np.testing.assert_allclose(others, 1 / len(others))
+    seen = {int(d) for b in _take(loader, 4) for d in b["domain_id"][b["valid"]]}
+    assert i not in seen and seen
+    named = {n: 1.0 for n in full.domain_names}
+    with pytest.raises(ConfigError, match=rf"\['{gone}'\] have weight but no frames"):
+        make_dataloader(cfg, LoaderConfig(batch_size=16, domain_key="operator", weights=named))
