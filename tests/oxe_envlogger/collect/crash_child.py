@@ -10,6 +10,8 @@ as fast as it can (until a signal), so that the signal lands anywhere in its pac
 
 from __future__ import annotations
 
+import faulthandler
+import signal
 import sys
 import time
 
@@ -74,4 +76,5 @@ def main(directory: str, mode: str) -> None:
 
 
 if __name__ == "__main__":
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test asks for stacks on a hang
     main(sys.argv[1], sys.argv[2])

@@ -39,6 +39,20 @@ def _start(directory: str, mode: str, session: bool = False) -> subprocess.Popen
                             stderr=subprocess.PIPE, text=True, start_new_session=session)
 
 
+def _communicate(proc, timeout: float = 180.0) -> tuple[str, str]:
+    """The child's output once it has exited. A child still running after ``timeout`` (a hang:
+    it exits within seconds on an idle host) is asked for every thread's stack, then killed,
+    and the test fails with those stacks."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGUSR1)
+        time.sleep(2)
+        proc.kill()
+        _, err = proc.communicate()
+        pytest.fail(f"the child did not exit within {timeout} s; its threads:\n{err[-8000:]}")
+
+
 def _read_lines_until(proc, predicate, timeout=60.0) -> list[str]:
     lines = []
     deadline = time.monotonic() + timeout
@@ -113,7 +127,7 @@ def test_killed_at_random_moments(sig, runs, group, tmp_path):
             os.killpg(proc.pid, sig)
         else:
             proc.send_signal(sig)
-        out, err = proc.communicate(timeout=60)
+        out, err = _communicate(proc)
         lines += out.split("\n")
         started = [int(x.split()[1]) for x in lines if x.startswith("started")]
         completed = max(started)  # episodes 0..completed-1 were handed to the writer
@@ -148,7 +162,7 @@ def test_ctrl_c_in_a_long_episode_keeps_every_step_once(tmp_path):
         _read_lines_until(proc, lambda ls: any(x.startswith("started 0") for x in ls))
         time.sleep(rng.uniform(0.3, 1.2))
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
+        _, err = _communicate(proc)
         assert proc.returncode != 0
         (episode,) = reader.read_episodes(directory)
         assert episode["invalid"], err[-2000:]
