@@ -61,6 +61,7 @@ from openx_train.eval.wrappers import (
     RecedingHorizon,
     TemporalEnsemble,
 )
+from openx_train.models.spec import unflatten
 from oxe_envlogger.format.specs import Leaf
 
 log = logging.getLogger(__name__)
@@ -323,14 +324,7 @@ class ActionDecoder:
             out[key] = part.reshape(*part.shape[:-1], *shape)
         if len(out) == 1:
             return next(iter(out.values()))
-        nested: dict[str, Any] = {}
-        for key, value in out.items():
-            node = nested
-            *parents, leaf = key.removeprefix("action/").split("/")
-            for p in parents:
-                node = node.setdefault(p, {})
-            node[leaf] = value
-        return nested
+        return unflatten({key.removeprefix("action/"): value for key, value in out.items()})
 
 
 def _apply(module: models.Policy, params: Any, inputs: Any, rng: jax.Array, call: Any,

@@ -18,10 +18,7 @@ Several processes (``jax.distributed``): run one command per process with
 
 from __future__ import annotations
 
-import json
-import math
-
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
@@ -63,12 +60,7 @@ def main(argv):
         config, _ = apply_weights_and_budget(config, FLAGS.path, weights=FLAGS.weights,
                                              data_budget=FLAGS.data_budget)
     result = loop.train(config, FLAGS.path)
-    if result.get("stopped_by"):
-        logging.warning("stopped by %s at step %d; rerun the same command to resume",
-                        result["stopped_by"], result["step"])
-    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-             for k, v in result.items()}
-    print(json.dumps(clean), flush=True)
+    print(loop.report(result), flush=True)
 
 
 if __name__ == "__main__":

@@ -16,10 +16,7 @@ metrics, the domains and their weights.
 
 from __future__ import annotations
 
-import json
-import math
-
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
@@ -47,19 +44,14 @@ def main(argv):
 
     quiet_library_logs()
     from openx_train.remix.train import train_remix
-    from openx_train.training.loop import apply_flags
+    from openx_train.training.loop import apply_flags, report
 
     config = apply_flags(FLAGS.config, data=FLAGS.data, name=FLAGS.name, project=FLAGS.project,
                          wandb_mode=FLAGS.wandb_mode,
                          coordinator_address=FLAGS.coordinator_address,
                          num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
     result = train_remix(config, FLAGS.reference, FLAGS.path)
-    if result.get("stopped_by"):
-        logging.warning("stopped by %s at step %d; rerun the same command to resume",
-                        result["stopped_by"], result["step"])
-    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-             for k, v in result.items()}
-    print(json.dumps(clean), flush=True)
+    print(report(result), flush=True)
 
 
 if __name__ == "__main__":

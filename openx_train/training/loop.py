@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -204,6 +205,16 @@ def dataset_configs(config: Any) -> list[DatasetConfig]:
         out.append(DatasetConfig(os.fspath(entry["path"]), _structure(entry, config, where),
                                  **kwargs))
     return out
+
+
+def report(result: Mapping[str, Any]) -> str:
+    """What the training tools print last: a warning when the run was stopped by a signal, and
+    the result as one JSON line (non-finite numbers as null)."""
+    if result.get("stopped_by"):
+        log.warning("stopped by %s at step %d; rerun the same command to resume",
+                    result["stopped_by"], result["step"])
+    return json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                       for k, v in result.items()})
 
 
 def apply_flags(config: Any, *, data: Sequence[str] | None = None, name: str | None = None,
@@ -857,6 +868,7 @@ __all__ = [
     "loader_config",
     "needs_unrolled_block",
     "put_block",
+    "report",
     "run_loop",
     "summarize",
     "train",
