@@ -165,25 +165,6 @@ def test_normalization_rejects_an_unknown_mode():
     assert Normalization.parse("bounds") is Normalization.BOUNDS
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_permute_indices_is_a_fresh_permutation_per_epoch(mode):
-    for n in (1, 2, 7, 100, 1000):
-        pos = np.arange(n, dtype=np.int64)
-        perms = [run(mode, lambda p, e, n=n: ops.permute_indices(p, n, seed=3, stream=1, epoch=e),
-                     pos, np.full(n, e, np.int64)) for e in range(3)]
-        for p in perms:
-            np.testing.assert_array_equal(np.sort(p), pos)
-        if n >= 7:
-            assert not np.array_equal(perms[0], perms[1])
-            other = run(mode, lambda p, n=n: ops.permute_indices(p, n, seed=3, stream=2, epoch=0),
-                        pos)
-            assert not np.array_equal(perms[0], other)
-    # Consecutive positions land far apart (the seed words are hashed before shuffling).
-    p = run(mode, lambda x: ops.permute_indices(x, 300, seed=0, stream=0, epoch=0),
-            np.arange(300, dtype=np.int64))
-    assert np.abs(np.diff(p)).mean() > 60
-
-
 def _png(image: np.ndarray) -> bytes:
     return tf.io.encode_png(image).numpy()
 
