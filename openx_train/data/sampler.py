@@ -6,8 +6,8 @@ Everything is counter-based and stateless:
 * :func:`uniforms`: ``[0, 1)`` draws from a splitmix64 hash of ``(seed, stream, batch,
   position)``; a batch's draws never depend on another batch's.
 * :func:`permute`: element ``p`` of a random permutation of ``[0, n)`` per ``(seed, stream,
-  epoch)``: a balanced Feistel network over the smallest power of 4 that holds ``n``, walked
-  until it lands in range (fewer than 4 walks on average); a bijection holding no memory.
+  epoch)``: keyed add-multiply-xorshift rounds, a bijection of the smallest power of two that
+  holds ``n``, walked until it lands in range (fewer than 2 walks on average); no memory.
 * :class:`TrainSampler`: per training batch ``b``, ``B`` domains drawn by weight from
   ``uniforms(seed, DOMAIN, b)``; each draw takes the next position of its domain's stream of
   frames (one permutation per epoch; process ``i`` of ``n`` takes positions ``i, i + n, ...``,
@@ -30,8 +30,9 @@ import numpy as np
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
-_FEISTEL_ROUNDS = 6
+_ROUNDS = 4
 _SKIP_CHUNK = 4096  # batches whose domain draws are counted at once when skipping
+_CACHED_EPOCH = 1 << 22  # domains up to this many frames keep whole epoch permutations
 
 # Streams: independent families of draws under one seed.
 DOMAIN, GOAL, PERMUTATION = 1, 2, 3
@@ -51,9 +52,8 @@ def hash_words(*words: Any) -> np.ndarray:
     broadcast)."""
     h = np.asarray(_GOLDEN, np.uint64)
     for w in words:
-        h = mix64(h ^ np.asarray(w).astype(np.uint64))
         with np.errstate(over="ignore"):
-            h = h + _GOLDEN
+            h = mix64(h ^ np.asarray(w).astype(np.uint64)) + _GOLDEN
     return h
 
 
@@ -69,6 +69,9 @@ def permute(position: Any, size: Any, *, seed: int, stream: Any, epoch: Any) -> 
     """Element ``position`` of a random permutation of ``[0, size)``, one permutation per
     ``(seed, stream, epoch)``; elementwise on int arrays (they broadcast), stateless.
 
+    A keyed bijection of ``[0, 2**k)``, the smallest power of two holding ``size``, walked
+    until it lands in range (fewer than 2 walks on average).
+
     Raises:
       ValueError: for a position outside ``[0, size)``.
     """
@@ -77,25 +80,29 @@ def permute(position: Any, size: Any, *, seed: int, stream: Any, epoch: Any) -> 
     if position.size and (np.any(position < 0) or np.any(position >= size)):
         raise ValueError(f"permute: positions must be in [0, size); given {position.min()}.."
                          f"{position.max()} for sizes {size.min()}..{size.max()}")
-    bits = np.ceil(np.log2(np.maximum(size, 2))).astype(np.int64)
-    half = ((bits + 1) // 2).astype(np.uint64)
+    bits = np.ceil(np.log2(np.maximum(size, 2))).astype(np.uint64)
     base = np.broadcast_to(hash_words(seed, PERMUTATION, stream, epoch), position.shape)
-    keys = [hash_words(base, r) for r in range(_FEISTEL_ROUNDS)]
+    adds = np.stack([hash_words(base, r) for r in range(_ROUNDS)])
+    muls = mix64(adds) | np.uint64(1)
     x = position.astype(np.uint64)
     todo = np.ones(x.shape, bool)
     while todo.any():  # cycle walking: each element ends in range, its cycle passes there
-        x[todo] = _feistel(x[todo], half[todo], [k[todo] for k in keys])
+        x[todo] = _bijection(x[todo], bits[todo], adds[:, todo], muls[:, todo])
         todo = x >= size.astype(np.uint64)
     return x.astype(np.int64)
 
 
-def _feistel(x: np.ndarray, half: np.ndarray, keys: list[np.ndarray]) -> np.ndarray:
-    """A balanced Feistel network on ``2 * half`` bits: a bijection of ``[0, 4 ** half)``."""
-    mask = (np.uint64(1) << half) - np.uint64(1)
-    left, right = x >> half, x & mask
-    for k in keys:
-        left, right = right, left ^ (mix64(right ^ k) & mask)
-    return (left << half) | right
+def _bijection(x: np.ndarray, bits: np.ndarray, adds: np.ndarray, muls: np.ndarray
+               ) -> np.ndarray:
+    """A keyed bijection of ``[0, 2**bits)``: rounds of adding a key, multiplying by an odd
+    key and xor-shifting the high half down, each invertible modulo ``2**bits``."""
+    mask = (np.uint64(1) << bits) - np.uint64(1)
+    shift = (bits + np.uint64(1)) >> np.uint64(1)
+    with np.errstate(over="ignore"):
+        for add, mul in zip(adds, muls):
+            x = ((x + add) * mul) & mask
+            x ^= x >> shift
+    return x
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,6 +152,10 @@ class TrainSampler:
     process_index: int = 0
     process_count: int = 1
     goals: bool = False
+    # Whole epoch permutations of small domains, computed once (a batch then looks them up):
+    # (domain, epoch) -> permute(arange(n), n, ...). Only a cache: the draws are stateless.
+    _epochs: dict[tuple[int, int], np.ndarray] = dataclasses.field(
+        default_factory=dict, compare=False, repr=False)
 
     def _domains(self, batches: np.ndarray) -> np.ndarray:
         """int32 ``[len(batches), B]``: the domain of every draw of these batches."""
@@ -172,12 +183,33 @@ class TrainSampler:
         before = (np.cumsum(onehot, axis=0) - onehot)[np.arange(len(ids)), ids]
         q = (counters[ids] + before) * self.process_count + self.process_index
         n = np.maximum(self.domain_frames, 1)[ids]
-        perm = permute(q % n, n, seed=self.seed, stream=ids, epoch=q // n)
+        perm = self._permuted(q % n, n, ids, q // n)
         where = np.concatenate([[0], np.cumsum(self.domain_frames)[:-1]])[ids] + perm
         goal = uniforms(self.seed, GOAL, number, self.batch_size) if self.goals else None
         out = IndexBatch(number, self.frame_datasets[where], self.frame_rows[where],
                          np.ones(len(ids), bool), ids, goal)
         return out, counters + onehot.sum(axis=0)
+
+    def _permuted(self, position: np.ndarray, size: np.ndarray, domain: np.ndarray,
+                  epoch: np.ndarray) -> np.ndarray:
+        """``permute(position, size, stream=domain, epoch=epoch)``, through whole cached epochs
+        for domains of up to ``_CACHED_EPOCH`` frames."""
+        if size.max() > _CACHED_EPOCH:
+            return permute(position, size, seed=self.seed, stream=domain, epoch=epoch)
+        out = np.empty_like(position)
+        pairs = domain.astype(np.int64) * (1 << 40) + epoch
+        for pair in np.unique(pairs):
+            where = pairs == pair
+            d, e = divmod(int(pair), 1 << 40)
+            perm = self._epochs.get((d, e))
+            if perm is None:
+                if len(self._epochs) >= 2 * len(self.weights):
+                    del self._epochs[next(iter(self._epochs))]  # the oldest
+                n = int(size[where][0])
+                perm = permute(np.arange(n), n, seed=self.seed, stream=d, epoch=e)
+                self._epochs[(d, e)] = perm
+            out[where] = perm[position[where]]
+        return out
 
     def iterate(self, start: int = 0) -> Iterator[IndexBatch]:
         """Batches ``start, start + 1, ...`` (forever)."""
