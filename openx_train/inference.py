@@ -310,16 +310,14 @@ class ActionDecoder:
             raise PolicyInputError(f"actions: the keys {self.shapes} have {sum(sizes)} values; "
                                    f"the policy predicts {action_dim}")
         self._bounds = np.cumsum(sizes)[:-1]
-        self._params = {}  # key: (scale, shift), flattened, of frames.normalization_params
+        self._modes = {}  # key: its normalization, for the normalized keys
         for key in structure.action:
             mode = structure.normalization_of(key)
             if mode is not Normalization.NONE:
                 if statistics is None or key not in statistics:
                     raise PolicyInputError(f"action key {key!r}: normalized ({mode.value}) but "
                                            "the statistics lack it")
-                shift, scale, _ = frames.normalization_params(statistics[key], mode, key=key)
-                self._params[key] = (np.reshape(scale, -1).astype(np.float32),
-                                     np.reshape(shift, -1).astype(np.float32))
+                self._modes[key] = mode
 
     def __call__(self, normalized: Any) -> Any:
         """``[..., A]`` to the unnormalized action: an array for one action key (``action``),
@@ -328,10 +326,10 @@ class ActionDecoder:
         out = {}
         for (key, shape), part in zip(self.shapes.items(),
                                       np.split(y, self._bounds, axis=-1)):
-            if key in self._params:  # frames.unnormalize, flattened per key
-                scale, shift = self._params[key]
-                part = part * scale + shift
-            out[key] = part.reshape(*part.shape[:-1], *shape)
+            part = part.reshape(*part.shape[:-1], *shape)
+            if key in self._modes:
+                part = frames.unnormalize(part, self.statistics[key], self._modes[key], key=key)
+            out[key] = part
         if len(out) == 1:
             return next(iter(out.values()))
         return unflatten({key.removeprefix("action/"): value for key, value in out.items()})
