@@ -8,7 +8,7 @@ How it stays fast and small:
   the encoded image in its shard (see :mod:`openx_train.data.image_index`), never the image.
 * Which frames a batch holds is decided in numpy by :mod:`openx_train.data.sampler`, for every
   loader: a domain by weight, then the next frame of that domain's **index permutation**
-  (frame ``p`` of a domain's epoch ``e`` is a stateless Feistel bijection of ``p`` keyed by
+  (frame ``p`` of a domain's epoch ``e`` is a stateless bijection of ``p`` keyed by
   ``(seed, domain, e)``; it holds nothing, covers the domain, and gives each process of a
   multi-host run a disjoint share). By default a domain is a dataset;
   ``LoaderConfig.domain_key`` can name an episode field (``"episode_metadata/operator"``)
