@@ -32,7 +32,7 @@ _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
 _ROUNDS = 4
 _SKIP_CHUNK = 4096  # batches whose domain draws are counted at once when skipping
-_CACHED_EPOCH = 1 << 22  # domains up to this many frames keep whole epoch permutations
+_CACHED_EPOCH = 1 << 20  # domains up to this many frames keep whole epoch permutations (8 MB)
 
 # Streams: independent families of draws under one seed.
 DOMAIN, GOAL, PERMUTATION = 1, 2, 3

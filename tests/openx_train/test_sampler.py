@@ -92,3 +92,12 @@ def test_process_shares_are_disjoint_and_cover_the_epoch():
     assert len(set(seen.tolist())) == len(seen) == 48
     for s, rows in zip(shares, first):
         np.testing.assert_array_equal(next(s.iterate(0)).rows, rows)  # deterministic
+
+
+def test_cached_epochs_give_the_elementwise_permutation(monkeypatch):
+    cached = _take(_sampler().iterate(0), 30)
+    monkeypatch.setattr(sampler, "_CACHED_EPOCH", 0)  # every domain permuted elementwise
+    direct = _take(_sampler().iterate(0), 30)
+    for a, b in zip(cached, direct):
+        np.testing.assert_array_equal(a.rows, b.rows)
+        np.testing.assert_array_equal(a.dataset_ids, b.dataset_ids)
