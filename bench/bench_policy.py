@@ -11,7 +11,9 @@ prepared, measured alternately in the same process. Prints one JSON line.
   latency.
 
 Per config: p50 and p99 of the full call and of the bare model call (ms), their ratio, and the
-preprocessing alone (p50); each the median over ``--reps`` repetitions of ``--calls`` calls.
+preprocessing alone (p50); each the median over ``--reps`` repetitions of ``--calls`` calls;
+and ``<config>_tensorflow_loaded``: whether TensorFlow was loaded by then (configs run in the
+order given: the state policy alone never loads it).
 A robot loop at 10-50 Hz has 20-100 ms per step. Usage::
 
     python bench/bench_policy.py [--reps 3] [--calls 200] [--image_calls 30] [--only state,image]
@@ -162,6 +164,8 @@ def main() -> None:
     for kind in args.only.split(","):
         calls = args.image_calls if kind == "image" else args.calls
         result.update(_measure(kind, reps=args.reps, calls=calls))
+        # Whether TensorFlow was loaded by then (the state policy never loads it).
+        result[f"{kind}_tensorflow_loaded"] = "tensorflow" in sys.modules
     print(json.dumps(result), flush=True)
 
 

@@ -4,18 +4,19 @@ with exactly the preprocessing of training.
 Train/eval skew (a policy fed differently at rollout than in training) is avoided by not
 re-implementing anything: the observation goes through the functions the loader itself uses.
 
-* Key selection and normalization: :func:`openx_train.data.standardize.select_observation`
+* Key selection and normalization: :func:`openx_train.data.structure.select_observation`
   (the loader's step tables are built by it) with the dataset's structure and the exact
   statistics it was normalized with.
 * Images: :func:`openx_train.data.ops.preprocess_frames` without augmentation (the loader's
   ``crop_and_resize`` and ``finish``: bilinear resize to the camera size, the batch dtype).
+  Only camera policies import TensorFlow (for these ops); a state-only policy never does.
 * History: windows of ``n_obs`` observations with ``pad_mask``, the first observation repeated
   before the episode start, as :class:`openx_train.eval.ObservationHistory` builds them (the
   loader's ``history_indices`` convention), and ``pad_mask_dict`` by
-  :func:`openx_train.data.standardize.pad_mask_dict`.
+  :func:`openx_train.data.structure.pad_mask_dict`.
 * The model's inputs: :func:`openx_train.models.model_inputs` (language tokenized there).
 * Actions: the model's normalized chunk split per action key and inverted by
-  :func:`openx_train.data.ops.unnormalize`.
+  :func:`openx_train.data.frames.unnormalize`.
 
 ::
 
@@ -40,18 +41,17 @@ from typing import Any
 
 import jax
 import numpy as np
-import tensorflow as tf
 
 from openx_train import models
-from openx_train.data import ops
+from openx_train.data import frames
 from openx_train.data.config import Normalization, Structure
-from openx_train.data.standardize import (
+from openx_train.data.statistics import DatasetStatistics
+from openx_train.data.structure import (
     ResolvedStructure,
     pad_mask_dict,
     resolve_structure,
     select_observation,
 )
-from openx_train.data.statistics import DatasetStatistics
 from openx_train.eval import tree
 from openx_train.eval.policy import StepwisePolicy
 from openx_train.eval.wrappers import (
@@ -126,6 +126,19 @@ def _image_dtype(spec: models.InputSpec, camera: str) -> str:
     return "uint8"
 
 
+def _preprocess_frames(images: Any, size: tuple[int, int], dtype: str) -> np.ndarray:
+    """The loader's image preprocessing (TensorFlow, imported here: camera policies only).
+
+    Eager, not in a tf.function: grappler rewrites x / 255 in a function graph, which changes
+    the last bit of some values (the no-skew test saw it; the loader's tf.data functions
+    compute them as eager ops do)."""
+    import tensorflow as tf
+
+    from openx_train.data import ops
+
+    return np.asarray(ops.preprocess_frames(tf.constant(images), size, dtype=dtype))
+
+
 class Preprocessor:
     """A batch of raw env observations (and task inputs) to the policy's model inputs, through
     the loader's own functions (see the module docstring).
@@ -187,9 +200,7 @@ class Preprocessor:
         flat = tree.map_structure(
             lambda x: np.reshape(np.asarray(x), (n, *np.shape(x)[len(lead):])), raw)
         steps = {OBSERVATION: flat, "is_first": np.zeros(n, bool)}
-        # Eager, not in a tf.function: grappler rewrites (x - shift) / scale and x / 255 in a
-        # function graph, which changes the last bit of some values (the no-skew test saw it;
-        # the loader's tf.data functions compute them as eager ops do).
+        # numpy, as the loader's step tables are built.
         table = select_observation(steps, resolved, statistics=self.statistics)
         out = {}
         if table["state"] is not None:
@@ -199,8 +210,7 @@ class Preprocessor:
             if cam.key is None:
                 out[cam.name] = np.zeros((n, *cam.size, 3), dtype)
             else:
-                out[cam.name] = np.asarray(ops.preprocess_frames(
-                    tf.constant(table["images"][cam.name]), cam.size, dtype=dtype))
+                out[cam.name] = _preprocess_frames(table["images"][cam.name], cam.size, dtype)
         return {k: v.reshape(*lead, *v.shape[1:]) for k, v in out.items()}
 
     def __call__(self, observation: Any, *, instruction: Any = None, goal: Any = None,
@@ -231,7 +241,7 @@ class Preprocessor:
         obs = self._frames(raw, pad_mask.shape, resolved)
         obs[PAD_MASK] = pad_mask
         obs["pad_mask_dict"] = {k: np.asarray(v) for k, v in
-                                pad_mask_dict(tf.constant(pad_mask), resolved).items()}
+                                pad_mask_dict(pad_mask, resolved).items()}
         batch: dict[str, Any] = {"observation": obs}
         size = pad_mask.shape[0]
         if spec.goal_keys:
@@ -300,16 +310,14 @@ class ActionDecoder:
             raise PolicyInputError(f"actions: the keys {self.shapes} have {sum(sizes)} values; "
                                    f"the policy predicts {action_dim}")
         self._bounds = np.cumsum(sizes)[:-1]
-        self._params = {}  # key: (scale, shift), flattened, of ops.normalization_params
+        self._modes = {}  # key: its normalization, for the normalized keys
         for key in structure.action:
             mode = structure.normalization_of(key)
             if mode is not Normalization.NONE:
                 if statistics is None or key not in statistics:
                     raise PolicyInputError(f"action key {key!r}: normalized ({mode.value}) but "
                                            "the statistics lack it")
-                shift, scale, _ = ops.normalization_params(statistics[key], mode, key=key)
-                self._params[key] = (np.reshape(scale, -1).astype(np.float32),
-                                     np.reshape(shift, -1).astype(np.float32))
+                self._modes[key] = mode
 
     def __call__(self, normalized: Any) -> Any:
         """``[..., A]`` to the unnormalized action: an array for one action key (``action``),
@@ -318,10 +326,10 @@ class ActionDecoder:
         out = {}
         for (key, shape), part in zip(self.shapes.items(),
                                       np.split(y, self._bounds, axis=-1)):
-            if key in self._params:  # ops.unnormalize in numpy (no TensorFlow dispatch)
-                scale, shift = self._params[key]
-                part = part * scale + shift
-            out[key] = part.reshape(*part.shape[:-1], *shape)
+            part = part.reshape(*part.shape[:-1], *shape)
+            if key in self._modes:
+                part = frames.unnormalize(part, self.statistics[key], self._modes[key], key=key)
+            out[key] = part
         if len(out) == 1:
             return next(iter(out.values()))
         return unflatten({key.removeprefix("action/"): value for key, value in out.items()})

@@ -247,8 +247,11 @@ class DatasetConfig:
       val_split: a split of the dataset used for validation, if it has one.
       val_fraction: otherwise, this fraction of the training split's episodes (drawn with
         ``LoaderConfig.seed``) is held out for validation and never trained on.
-      filters: episode predicates (tf functions of a loaded episode, see ``load_dataset``) run
-        before anything else; images are not loaded when they run.
+      filters: episode predicates run before anything else, on each episode as numpy
+        (``{"steps": {...}, "episode_index", "episode_length", <episode fields>}``, the dict
+        ``load_dataset`` gives, with the structure's keys); images are not loaded when they
+        run. A predicate may return a Python, numpy or TensorFlow bool (or an array: all must
+        hold).
       min_length: episodes with fewer RLDS steps are dropped (2 = at least one action).
       drop_invalid: drop episodes flagged ``invalid`` (cut short by a crash or close).
       statistics: precomputed statistics to use instead of ``compute_dataset_statistics``.
@@ -315,7 +318,8 @@ class LoaderConfig:
       augment: image augmentation of training batches; None disables.
       image_dtype: ``"uint8"`` (0..255) or ``"float32"`` (0..1).
       seed: seeds the shuffle, the mixture, the goals and the augmentation.
-      deterministic: the same seed gives the same batches (parallel stages keep their order).
+      deterministic: the same seed gives the same camera batches (parallel stages keep their
+        order); state-only batches (numpy) always are.
       process_index: this process's index among ``process_count`` (multi-host training): each
         process reads a disjoint share of every dataset's frames.
       process_count: number of processes sharing the data.
@@ -326,7 +330,7 @@ class LoaderConfig:
         process: fixed shapes for a jitted step, also across hosts; ``"drop"`` full batches
         only, the same number on every process, the frames left over skipped (a ConfigError
         when that leaves no batch).
-      prefetch: batches prepared ahead.
+      prefetch: camera batches prepared ahead.
       num_parallel_calls: parallelism of image decoding; -1 lets tf.data tune it.
       start_batch: the training stream starts at this batch number (a resumed run passes its
         step): the batches are those an uninterrupted stream gives from there on (the batches

@@ -2,24 +2,28 @@
 
 How it stays fast and small:
 
-* Each dataset is read once (``load_dataset`` without images, ``select_structure`` normalizes
-  state and action) into a **step table** held in memory: per step the state, action and
-  language, and per camera a byte-range reference to the encoded image in its shard (see
-  :mod:`openx_train.data.image_index`), never the image itself.
-* The shuffle is an **index permutation**: frame ``p`` of a dataset's epoch ``e`` is
-  ``RandomIndexShuffle(p, seed=(seed, dataset, e))``, a stateless bijection; it holds nothing,
-  covers the whole dataset, and gives each process of a multi-host run a disjoint share.
-* A whole batch is gathered at once (``ops.gather_frames``: windows, chunks, masks, goals) from
-  the step table, so a state-only batch costs a few vectorized ops. With cameras, the image
-  bytes are read by ``pread`` after the shuffle, 16 samples at a time, then each sample is
-  decoded, cropped, resized and colour-jittered, samples in parallel (one crop for the whole
-  history window and the goal).
-* Every random draw is stateless, seeded by ``(seed, batch number)``; with
-  ``deterministic=True`` the same seed gives the same batches.
-* Training samples are drawn by **domain**: a domain by weight, then the next frame of that
-  domain's permutation. By default a domain is a dataset; ``LoaderConfig.domain_key`` can name
-  an episode field (``"episode_metadata/operator"``) instead, so that weights apply to the
-  operators (scenes, robots) inside a dataset.
+* Each dataset is read once (:mod:`oxe_envlogger.format.reader`, numpy, images left unread;
+  ``structure.select_structure`` normalizes state and action) into a **step table** held in
+  memory: per step the state, action and language, and per camera a byte-range reference to
+  the encoded image in its shard (see :mod:`openx_train.data.image_index`), never the image.
+* Which frames a batch holds is decided in numpy by :mod:`openx_train.data.sampler`, for every
+  loader: a domain by weight, then the next frame of that domain's **index permutation**
+  (frame ``p`` of a domain's epoch ``e`` is a stateless bijection of ``p`` keyed by
+  ``(seed, domain, e)``; it holds nothing, covers the domain, and gives each process of a
+  multi-host run a disjoint share). By default a domain is a dataset;
+  ``LoaderConfig.domain_key`` can name an episode field (``"episode_metadata/operator"``)
+  instead, so that weights apply to the operators (scenes, robots) inside a dataset.
+* A whole batch is gathered at once (``frames.gather_frames``: windows, chunks, masks, goals)
+  from the step table. State-only batches are gathered in numpy and never import TensorFlow.
+  With cameras, the same indices feed a ``tf.data`` pipeline
+  (:mod:`openx_train.data.camera_batches`) that gathers with the same function, reads the
+  image bytes by ``pread`` after the shuffle, 16 samples at a time, then decodes, crops,
+  resizes and colour-jitters each sample, samples in parallel (one crop for the whole history
+  window and the goal).
+* Every random draw is stateless, seeded by ``(seed, batch number)``; batch ``b``'s draws
+  depend only on them and the domain counters before it, which a loader started at
+  ``start_batch`` counts without drawing frames. With ``deterministic=True`` the same seed
+  gives the same batches (state-only batches are always deterministic).
 
 Batches are numpy trees (see :func:`make_dataloader`).
 """
@@ -27,32 +31,34 @@ Batches are numpy trees (see :func:`make_dataloader`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import itertools
 import logging
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-import tensorflow as tf
 
-from openx_train.data import ops
-from openx_train.data.cache import read_dataset_info
+from openx_train.data import frames
+from openx_train.data.cache import read_dataset_info, shard_files
 from openx_train.data.config import DATASET_DOMAIN, DatasetConfig, LoaderConfig
 from openx_train.data.errors import ConfigError, DatasetFormatError, MissingKeyError
-from openx_train.data.image_index import RangeReader, build_image_index
-from openx_train.data.loading import load_dataset, read_spec, step_leaves
+from openx_train.data.image_index import build_image_index
+from openx_train.data.leaves import read_spec, step_leaves
 from openx_train.data.mixture import resolve_mixture_weights
-from openx_train.data.standardize import ResolvedStructure, resolve_structure, select_structure
+from openx_train.data.sampler import GOAL, IndexBatch, TrainSampler, uniforms
 from openx_train.data.statistics import DatasetStatistics, compute_dataset_statistics
-from oxe_envlogger.format import layout, reader
+from openx_train.data.structure import ResolvedStructure, resolve_structure, select_structure
+from oxe_envlogger.errors import OXEEnvLoggerError
+from oxe_envlogger.format import layout, reader, record
 from oxe_envlogger.format.specs import Leaf
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation")
-_FETCH_CHUNK = 16  # samples whose image bytes are read in one call
+_ALWAYS = ("is_first", "is_last", "is_terminal")  # step keys filters always see
 _HOLDOUT_SALT = b"openx_train.validation"
 _METADATA_PREFIX = "episode_metadata/"
 
@@ -232,37 +238,70 @@ def _statistics(cfg: DatasetConfig, name: str) -> Any:
 
 def _read_rows(cfg: DatasetConfig, source: str, resolved: ResolvedStructure, statistics: Any,
                domain: tuple[str, Leaf] | None, min_length: int) -> list[dict[str, Any]]:
-    """One row per episode (in episode order) with its selected, normalized step columns."""
-    # One shard at a time, two records in flight: a record holds its images (tens of MB for
-    # long camera episodes) until it is parsed, and only the small columns are kept.
-    episodes = load_dataset(cfg.path, source, keys=resolved.load_keys(images=False),
-                            filters=cfg.filters, min_length=min_length,
-                            drop_invalid=cfg.drop_invalid, num_parallel_reads=1,
-                            num_parallel_calls=2, deterministic=False)
+    """One row per episode (in episode order) with its selected, normalized step columns.
+
+    Episodes are read with :mod:`oxe_envlogger.format.reader` (numpy, images left encoded and
+    unread), one record at a time; only the small columns are kept."""
+    spec = read_spec(cfg.path)
+    leaves = dict(reader.step_leaves(spec))
+    keys = {*resolved.load_keys(images=False), *(k for k in _ALWAYS if k in leaves)}
+    if cfg.drop_invalid and "invalid" not in dict(reader.episode_leaves(spec)):
+        raise MissingKeyError(f"dataset {cfg.path!r}: drop_invalid needs an episode field "
+                              "'invalid', which this dataset does not have")
     no_images = dataclasses.replace(resolved, cameras=())
-
-    def select(episode):
-        table = select_structure(episode["steps"], no_images, statistics=statistics)
-        out = {"episode_index": episode["episode_index"],
-               "episode_length": episode["episode_length"],
-               "episode_id": (episode["episode_id"] if "episode_id" in episode
-                              else tf.strings.as_string(episode["episode_index"])),
-               "action": table["action"]}
-        if table["state"] is not None:
-            out["state"] = table["state"]
-        if table["language"] is not None:
-            out["language"] = table["language"]
-        if domain is not None:
-            out["domain"] = reader.get_path(episode, domain[0])
-        return out
-
-    rows = list(episodes.map(select).prefetch(2).as_numpy_iterator())
-    rows.sort(key=lambda r: int(r["episode_index"]))
-    for r in rows:
-        r["episode_id"] = bytes(r["episode_id"]).decode("utf-8", "replace")
-        if domain is not None:
-            r["domain"] = _domain_value(r["domain"], domain[1])
+    files = shard_files(cfg.path, source)
+    if not files:
+        log.warning("%s: split %r has no episodes", cfg.path, source)
+    rows = []
+    index = 0
+    for shard, _ in files:
+        for data in record.read_records(shard):
+            episode = _decode(data, spec, keys, index, cfg.path)
+            index += 1
+            if not _kept(episode, cfg, min_length):
+                continue
+            table = select_structure(episode["steps"], no_images, statistics=statistics)
+            row = {"episode_index": episode["episode_index"],
+                   "episode_length": episode["episode_length"],
+                   "episode_id": _episode_id(episode), "action": table["action"]}
+            for column in ("state", "language"):
+                if table[column] is not None:
+                    row[column] = table[column]
+            if domain is not None:
+                row["domain"] = _domain_value(reader.get_path(episode, domain[0]), domain[1])
+            rows.append(row)
     return rows
+
+
+def _decode(data: bytes, spec: Any, keys: set[str], index: int, path: str) -> dict[str, Any]:
+    """One record as the episode dict filters see (``steps`` with ``step_index``,
+    ``episode_index``, ``episode_length`` and the episode fields), numpy."""
+    try:
+        episode = reader.decode_episode(data, spec, keys=keys, decode_images=False)
+    except OXEEnvLoggerError as e:
+        raise DatasetFormatError(f"{path}: episode {index}: {e}") from None
+    length = len(episode["steps"]["is_first"])
+    episode["steps"]["step_index"] = np.arange(length, dtype=np.int32)
+    episode["episode_index"] = np.int64(index)
+    episode["episode_length"] = np.int32(length)
+    return episode
+
+
+def _kept(episode: Mapping[str, Any], cfg: DatasetConfig, min_length: int) -> bool:
+    """``min_length``, ``drop_invalid`` and the dataset's filters (a filter may return a numpy
+    or TensorFlow bool, or an array of them: all must hold)."""
+    if int(episode["episode_length"]) < min_length:
+        return False
+    if cfg.drop_invalid and bool(episode["invalid"]):
+        return False
+    return all(bool(np.all(np.asarray(fn(episode)))) for fn in cfg.filters)
+
+
+def _episode_id(episode: Mapping[str, Any]) -> str:
+    value = episode.get("episode_id")
+    if value is None:
+        return str(int(episode["episode_index"]))
+    return bytes(value).decode("utf-8", "replace")
 
 
 def _keep_rows(rows: list[dict[str, Any]], cfg: DatasetConfig, config: LoaderConfig, *,
@@ -464,7 +503,8 @@ class DataLoader:
     """An iterable of numpy batches, with what the trainer needs to know about them.
 
     Attributes:
-      dataset: the underlying ``tf.data.Dataset`` of batches (tensors).
+      dataset: with cameras, the underlying ``tf.data.Dataset`` of batches (tensors); a
+        state-only loader has none (it gathers its batches in numpy, without TensorFlow).
       split: ``"train"`` (endless) or ``"validation"`` (one pass).
       names: dataset names, indexed by ``dataset_id``.
       weights: sampling probability of each dataset (training); with a metadata
@@ -479,14 +519,14 @@ class DataLoader:
       episodes: every episode of this split as an :class:`EpisodeRecord` (dataset, id,
         domain, frames), datasets in order, each in its order.
       statistics: per dataset name, the statistics its state and action were normalized with
-        (use ``ops.unnormalize`` to turn predicted actions back).
+        (use ``frames.unnormalize`` to turn predicted actions back).
       config: the loader options.
     """
 
-    def __init__(self, dataset: tf.data.Dataset, *, split: str, tables: Sequence[StepTable],
-                 domains: _Domains, config: LoaderConfig, num_batches: int | None,
-                 batches_per_fetch: int = 1):
-        self.dataset = dataset
+    def __init__(self, source: _NumpyBatches | Any, *, split: str, tables: Sequence[StepTable],
+                 domains: _Domains, config: LoaderConfig, num_batches: int | None):
+        self._source = source
+        self.dataset = getattr(source, "dataset", None)
         self.split = split
         self.names = tuple(t.name for t in tables)
         self.num_frames = tuple(len(t.frames) for t in tables)
@@ -511,23 +551,20 @@ class DataLoader:
         self.structures = {t.name: t.resolved.structure for t in tables}
         self.config = config
         self._num_batches = num_batches
-        self._per_fetch = max(1, int(batches_per_fetch))
 
     @property
     def element_spec(self) -> Any:
-        return self.dataset.element_spec
+        """The batches' structure: leaves with ``shape`` and ``dtype`` (``None`` for a batch
+        dimension that varies)."""
+        return self._source.element_spec
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        if self._per_fetch == 1:
-            yield from self.dataset.as_numpy_iterator()
-            return
-        # A call into a tf.data iterator costs about a millisecond after the consumer was busy
-        # elsewhere (a train step): small batches are fetched several at a time, then sliced.
-        blocks = self.dataset.batch(self._per_fetch).prefetch(1)
-        for block in blocks.as_numpy_iterator():
-            n = len(tf.nest.flatten(block)[0])
-            for i in range(n):
-                yield tf.nest.map_structure(lambda x, i=i: x[i], block)
+        return iter(self._source)
+
+    def blocks(self, size: int) -> Iterator[dict[str, Any]]:
+        """The batches, ``size`` of them stacked per leaf (``[size, B, ...]``); a last
+        incomplete block is dropped."""
+        return self._source.blocks(size)
 
     def __len__(self) -> int:
         if self._num_batches is None:
@@ -536,8 +573,8 @@ class DataLoader:
 
 
 def _concat_tables(tables: Sequence[StepTable]) -> tuple[dict[str, Any], list[str], np.ndarray]:
-    """Stacks the tables into one (global rows and file ids); returns the TF table, the files
-    and the frame rows of all datasets, in order."""
+    """Stacks the tables into one (global rows and file ids); returns the numpy table, the
+    files and the frame rows of all datasets, in order."""
     row_base = np.concatenate([[0], np.cumsum([len(t.action) for t in tables])[:-1]]).astype(
         np.int64)
     files: list[str] = []
@@ -546,74 +583,48 @@ def _concat_tables(tables: Sequence[StepTable]) -> tuple[dict[str, Any], list[st
         file_base.append(len(files))
         files.extend(t.files)
     table: dict[str, Any] = {
-        "action": tf.constant(np.concatenate([t.action for t in tables]), tf.float32),
-        "episode_start": tf.constant(np.concatenate(
-            [t.episode_start + b for t, b in zip(tables, row_base)])),
-        "episode_length": tf.constant(np.concatenate([t.episode_length for t in tables])),
-        "episode_index": tf.constant(np.concatenate([t.episode_index for t in tables])),
+        "action": np.concatenate([t.action for t in tables]).astype(np.float32, copy=False),
+        "episode_start": np.concatenate([t.episode_start + b for t, b in zip(tables, row_base)]),
+        "episode_length": np.concatenate([t.episode_length for t in tables]),
+        "episode_index": np.concatenate([t.episode_index for t in tables]),
         "state": None, "language": None, "images": {},
     }
     if tables[0].state is not None:
-        table["state"] = tf.constant(np.concatenate([t.state for t in tables]), tf.float32)
+        table["state"] = np.concatenate([t.state for t in tables]).astype(np.float32, copy=False)
     if any(t.language is not None for t in tables):
-        table["language"] = tf.constant(np.concatenate(
+        table["language"] = np.concatenate(
             [t.language if t.language is not None else np.full(len(t.action), b"", object)
-             for t in tables]), tf.string)
+             for t in tables])
     for cam in tables[0].resolved.cameras:
         refs = []
         for t, fb in zip(tables, file_base):
             r = t.images[cam.name].copy()
             r[:, 0] += fb
             refs.append(r)
-        table["images"][cam.name] = tf.constant(np.concatenate(refs), tf.int64)
+        table["images"][cam.name] = np.concatenate(refs).astype(np.int64, copy=False)
     frames = np.concatenate([t.frames + b for t, b in zip(tables, row_base)]).astype(np.int64)
     return table, files, frames
 
 
-def _train_indices(config: LoaderConfig, domains: _Domains, frames: np.ndarray,
-                   num_frames: Sequence[int]) -> tf.data.Dataset:
-    """Endless ``(batch number, dataset ids [B], rows [B], valid [B], domain ids [B])``:
-    domains drawn by weight, frames in a fresh permutation of each domain per epoch, this
-    process's share only. (With ``domain_key="dataset"`` the domains are the datasets.)"""
-    weights, counts = domains.weights, domains.frames
-    k = len(weights)
-    b_size = config.batch_size
-    logits = tf.constant(np.log(np.maximum(weights, 1e-30))[None] +
-                         np.where(weights > 0, 0.0, -np.inf)[None], tf.float32)
-    # The frames grouped by domain (each group in dataset and episode order).
-    order = np.argsort(domains.of_frame, kind="stable")
-    frames_t = tf.constant(frames[order])
-    dataset_t = tf.constant(np.repeat(np.arange(len(num_frames), dtype=np.int32),
-                                      num_frames)[order])
-    base_t = tf.constant(np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64))
-    counts_t = tf.constant(np.maximum(counts, 1).astype(np.int64))
-    seed = tf.constant([config.seed, 0x5EED], tf.int64)
-    shard_count = tf.constant(config.process_count, tf.int64)
-    shard_index = tf.constant(config.process_index, tf.int64)
-
-    def draw(counters, b):
-        s = tf.random.experimental.stateless_fold_in(seed, b)
-        ids = tf.random.stateless_categorical(logits, b_size, s, dtype=tf.int32)[0]
-        onehot = tf.one_hot(ids, k, dtype=tf.int64)
-        before = tf.reduce_sum(tf.cumsum(onehot, axis=0, exclusive=True) * onehot, axis=1)
-        position = tf.gather(counters, ids) + before
-        q = position * shard_count + shard_index
-        n = tf.gather(counts_t, ids)
-        epoch, r = q // n, q % n
-        perm = ops.permute_indices(r, n, seed=config.seed, stream=ids, epoch=epoch)
-        where = tf.gather(base_t, ids) + perm
-        rows, dataset_ids = tf.gather(frames_t, where), tf.gather(dataset_t, where)
-        return counters + tf.reduce_sum(onehot, axis=0), (b, dataset_ids, rows,
-                                                          tf.ones([b_size], bool), ids)
-
-    return tf.data.Dataset.counter().scan(tf.zeros([k], tf.int64), draw)
+def _train_sampler(config: LoaderConfig, domains: _Domains, frames: np.ndarray,
+                   num_frames: Sequence[int]) -> TrainSampler:
+    """The training index sampler: domains drawn by weight, frames in a fresh permutation of
+    each domain per epoch, this process's share only. (With ``domain_key="dataset"`` the
+    domains are the datasets.)"""
+    order = np.argsort(domains.of_frame, kind="stable")  # frames grouped by domain
+    dataset_of_frame = np.repeat(np.arange(len(num_frames), dtype=np.int32), num_frames)
+    return TrainSampler(weights=np.asarray(domains.weights, np.float64),
+                        domain_frames=np.asarray(domains.frames, np.int64),
+                        frame_rows=frames[order], frame_datasets=dataset_of_frame[order],
+                        batch_size=config.batch_size, seed=config.seed,
+                        process_index=config.process_index,
+                        process_count=config.process_count, goals=config.goal_relabeling)
 
 
-def _validation_indices(config: LoaderConfig, frames: np.ndarray, counts: np.ndarray,
+def _validation_batches(config: LoaderConfig, frames: np.ndarray, counts: np.ndarray,
                         names: Sequence[str], frame_domain: np.ndarray
-                        ) -> tuple[tf.data.Dataset, int]:
-    """One pass: ``(batch number, dataset ids [B], rows [B], valid [B], domain ids [B])``,
-    every dataset's frames in order, this process taking every ``process_count``-th one (so the
+                        ) -> tuple[list[IndexBatch], int]:
+    """One pass of index batches: every dataset's frames in order, this process taking every ``process_count``-th one (so the
     processes' shares are disjoint and cover every frame), batched as ``config.remainder`` says.
 
     Raises:
@@ -654,9 +665,13 @@ def _validation_indices(config: LoaderConfig, frames: np.ndarray, counts: np.nda
         valid = np.concatenate([valid, np.zeros(max(fill, 0), bool)])[: num_batches * size]
         domain_ids = np.concatenate([domain_ids, np.repeat(first[2], max(fill, 0))])[
             : num_batches * size]
-    ds = tf.data.Dataset.from_tensor_slices((ids, rows, valid, domain_ids)).batch(
-        size, drop_remainder=config.remainder != "partial").enumerate()
-    return ds.map(lambda b, x: (b, *x)), num_batches
+    goals = uniforms(config.seed, GOAL, np.arange(num_batches), size) \
+        if config.goal_relabeling else None
+    out = [IndexBatch(b, ids[lo:lo + size], rows[lo:lo + size], valid[lo:lo + size],
+                      domain_ids[lo:lo + size],
+                      None if goals is None else goals[b, : len(rows[lo:lo + size])])
+           for b, lo in enumerate(range(0, num_batches * size, size))]
+    return out, num_batches
 
 
 def make_dataloader(
@@ -734,199 +749,108 @@ def make_dataloader(
     counts = np.array([len(t.frames) for t in tables], np.int64)
     domains = _assign_domains(tables, config, train=split == "train")
     table, files, frames = _concat_tables(tables)
-    if split == "train":
-        indices = _train_indices(config, domains, frames, counts.tolist())
-        if config.start_batch:
-            indices = indices.skip(config.start_batch)
+    train = split == "train"
+    if train:
+        sampler = _train_sampler(config, domains, frames, counts.tolist())
+        index_batches = functools.partial(sampler.iterate, config.start_batch)
         num_batches = None
     else:
-        indices, num_batches = _validation_indices(config, frames, counts, names,
-                                                   domains.of_frame)
-    dataset = _batches(indices, table, files, tables, config, train=split == "train")
+        passes, num_batches = _validation_batches(config, frames, counts, names,
+                                                  domains.of_frame)
+        index_batches = functools.partial(iter, passes)
+    fixed = config.batch_size if train or config.remainder != "partial" else None
+    if tables[0].resolved.cameras:
+        from openx_train.data import camera_batches  # TensorFlow: only with cameras
+
+        indices = camera_batches.index_dataset(index_batches, fixed)
+        source: Any = _TFBatches(camera_batches.camera_batches(indices, table, files, tables,
+                                                              config, train=train))
+    else:
+        source = _NumpyBatches(table, index_batches, config, fixed_size=fixed)
     log.info("data loader (%s): %s", split, ", ".join(
         f"{n}: {c} frames, weight {w:.3f}"
         for n, c, w in zip(domains.names, domains.frames, domains.weights)))
-    # State-only batches are small: fetch 8 at a time (see DataLoader.__iter__), when they all
-    # have the same size.
-    same_size = split == "train" or config.remainder != "partial"
-    per_fetch = 8 if same_size and not tables[0].resolved.cameras else 1
-    return DataLoader(dataset, split=split, tables=tables, domains=domains, config=config,
-                      num_batches=num_batches, batches_per_fetch=per_fetch)
-
-
-def _batches(indices: tf.data.Dataset, table: dict[str, Any], files: list[str],
-             tables: Sequence[StepTable], config: LoaderConfig, *, train: bool
-             ) -> tf.data.Dataset:
-    cameras = tables[0].resolved.cameras
-    present = {cam.name: tf.constant([any(c.name == cam.name and c.key is not None
-                                          for c in t.resolved.cameras) for t in tables])
-               for cam in cameras}
-    has_state = table["state"] is not None
-    seed = tf.constant([config.seed, 0xA06], tf.int64)
-    reader = RangeReader(files)
-    augment = config.augment if train else None
-    # Frame sizes per dataset and camera, when every one is known: crops are drawn per batch.
-    hw = [[c.source_shape[:2] if c.source_shape else (1, 1) for c in t.resolved.cameras]
-          for t in tables]
-    known = all(c.source_shape and min(c.source_shape) > 0
-                for t in tables for c in t.resolved.cameras if c.key is not None)
-    source_hw = tf.constant(hw, tf.int32) if cameras and known else None
-
-    def gather(b, ids, rows, valid, domain_ids):
-        s_goal, s_aug = tf.unstack(tf.random.experimental.stateless_split(
-            tf.random.experimental.stateless_fold_in(seed, b), 2))
-        n = tf.shape(rows)[0]
-        uniform = tf.random.stateless_uniform([n], s_goal) if config.goal_relabeling else None
-        out = ops.gather_frames(table, rows, tf.gather(table["episode_start"], rows),
-                                tf.gather(table["episode_length"], rows), n_obs=config.n_obs,
-                                n_action=config.n_action, goal_uniform=uniform,
-                                final_action_is_padding=config.drop_final_step)
-        obs = out["observation"]
-        mask_dict = {}
-        if has_state:
-            mask_dict["state"] = obs["pad_mask"]
-        for cam in cameras:
-            mask_dict[cam.name] = tf.logical_and(obs["pad_mask"],
-                                                 tf.gather(present[cam.name], ids)[:, None])
-        obs["pad_mask_dict"] = mask_dict
-        out["dataset_id"] = ids
-        out["domain_id"] = domain_ids
-        out["episode_index"] = tf.gather(table["episode_index"], rows)
-        out["valid"] = valid
-        if cameras and augment is not None:
-            # Drawn for the whole batch at once: [B, cameras, ...].
-            seeds = tf.reshape(tf.random.experimental.stateless_split(
-                s_aug, n * len(cameras)), [n, len(cameras), 2])
-            params = ops.sample_augmentation(seeds, augment)
-            if source_hw is not None and augment.crop_scale is not None:
-                params["crop_pixels"] = ops.crop_pixels(params["crop"], tf.gather(source_hw, ids))
-            out["_augment"] = params
-        return out
-
-    par = tf.data.AUTOTUNE if config.num_parallel_calls == -1 else config.num_parallel_calls
-    # Batches keep their order (epochs stay whole; validation is in order). With cameras and
-    # deterministic=False, a sample may move to a neighbouring batch if its decoding is slow.
-    deterministic = config.deterministic or not train
-    ds = indices.map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    if cameras:
-        sources = _camera_sources(tables)
-        ds = ds.rebatch(_FETCH_CHUNK).map(lambda x: _fetch_images(x, cameras, reader),
-                                           num_parallel_calls=2, deterministic=True)
-        ds = ds.unbatch().map(
-            lambda x: _decode_sample(x, cameras, sources, augment, config),
-            num_parallel_calls=par, deterministic=deterministic)
-        ds = ds.batch(config.batch_size, drop_remainder=train or config.remainder != "partial")
-    options = tf.data.Options()
-    options.deterministic = deterministic
-    options.experimental_optimization.map_parallelization = True
-    return ds.prefetch(config.prefetch).with_options(options)
-
-
-def _fetch_images(out: dict[str, Any], cameras, reader: RangeReader) -> dict[str, Any]:
-    """Replaces the image references of a chunk of samples by the encoded bytes (one read call
-    per chunk: fewer Python calls than per sample, less memory than per batch)."""
-    refs = [out["observation"][c.name] for c in cameras]  # [b, n_obs, 3]
-    if "goal" in out:
-        refs += [out["goal"][c.name][:, None] for c in cameras]  # [b, 1, 3]
-    widths = [r.shape[1] for r in refs]
-    data = tf.numpy_function(reader, [tf.concat(refs, axis=1)], tf.string, stateful=False)
-    data.set_shape([None, sum(widths)])
-    parts = tf.split(data, widths, axis=1)
-    for c, part in zip(cameras, parts[: len(cameras)]):
-        out["observation"][c.name] = part
-    if "goal" in out:
-        for c, part in zip(cameras, parts[len(cameras):]):
-            out["goal"][c.name] = part[:, 0]
-    return out
+    return DataLoader(source, split=split, tables=tables, domains=domains, config=config,
+                      num_batches=num_batches)
 
 
 @dataclasses.dataclass(frozen=True)
-class _Source:
-    static_shape: tuple[int, ...] | None  # (H, W, C) when every dataset agrees and none is raw
-    raw_shapes: tf.Tensor | None  # int32 [K, 3]: (H, W, C) of raw images per dataset
-    raw: tf.Tensor | None  # bool [K]
-    always_present: bool  # every dataset has this camera
+class ArraySpec:
+    """The shape (``None`` for a batch dimension that varies) and dtype of a batch leaf."""
+
+    shape: tuple[int | None, ...]
+    dtype: np.dtype
 
 
-def _camera_sources(tables: Sequence[StepTable]) -> dict[str, _Source]:
-    out = {}
-    for i, cam in enumerate(tables[0].resolved.cameras):
-        srcs = [t.resolved.cameras[i] for t in tables]
-        shapes = {s.source_shape for s in srcs if s.key is not None}
-        any_raw = any(s.raw for s in srcs if s.key is not None)
-        static = next(iter(shapes)) if len(shapes) == 1 and not any_raw else None
-        if static is not None and static[-1] != 3:
-            static = None
-        raw_shapes = raw = None
-        if any_raw:
-            raw_shapes = tf.constant([s.source_shape if s.raw else (1, 1, 1) for s in srcs],
-                                     tf.int32)
-            raw = tf.constant([s.raw and s.key is not None for s in srcs])
-        out[cam.name] = _Source(static, raw_shapes, raw,
-                                all(s.key is not None for s in srcs))
-    return out
+class _NumpyBatches:
+    """State-only batches gathered in numpy from the step table (no TensorFlow): a batch is a
+    few vectorized gathers (``frames.gather_frames``), a block of batches one gather."""
+
+    def __init__(self, table: Mapping[str, Any], index_batches: Callable[[],
+                 Iterator[IndexBatch]], config: LoaderConfig, *, fixed_size: int | None):
+        self._table = table
+        self._index_batches = index_batches
+        self._config = config
+        self._fixed_size = fixed_size
+
+    def gather(self, ib: IndexBatch) -> dict[str, Any]:
+        """The batch of one index batch (or of several concatenated)."""
+        t, rows, c = self._table, ib.rows, self._config
+        out = frames.gather_frames(t, rows, t["episode_start"][rows], t["episode_length"][rows],
+                                   n_obs=c.n_obs, n_action=c.n_action,
+                                   goal_uniform=ib.goal_uniform,
+                                   final_action_is_padding=c.drop_final_step)
+        obs = out["observation"]
+        obs["pad_mask_dict"] = {"state": obs["pad_mask"]} if t["state"] is not None else {}
+        out["dataset_id"] = ib.dataset_ids
+        out["domain_id"] = ib.domain_ids
+        out["episode_index"] = t["episode_index"][rows]
+        out["valid"] = ib.valid
+        return out
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for ib in self._index_batches():
+            yield self.gather(ib)
+
+    def blocks(self, size: int) -> Iterator[dict[str, Any]]:
+        it = self._index_batches()
+        while True:
+            group = list(itertools.islice(it, size))
+            if len(group) < size or len({len(g.rows) for g in group}) > 1:
+                return
+            merged = IndexBatch(group[0].number, *(
+                None if group[0].goal_uniform is None and f == "goal_uniform"
+                else np.concatenate([getattr(g, f) for g in group])
+                for f in ("dataset_ids", "rows", "valid", "domain_ids", "goal_uniform")))
+            n = len(group[0].rows)
+            yield tree_map(lambda x, n=n: x.reshape(size, n, *x.shape[1:]),
+                           self.gather(merged))
+
+    @property
+    def element_spec(self) -> dict[str, Any]:
+        first = self.gather(next(iter(self._index_batches())))
+        return tree_map(lambda x: ArraySpec((self._fixed_size, *x.shape[1:]), x.dtype), first)
 
 
-def _decode_window(frames: tf.Tensor, dataset_id: tf.Tensor, source: _Source) -> tf.Tensor:
-    """Encoded or raw frames ``[n]`` to uint8 ``[n, H, W, 3]``."""
-    n = frames.shape[0]
+class _TFBatches:
+    """Camera batches: a ``tf.data`` pipeline (see :mod:`openx_train.data.camera_batches`)."""
 
-    def encoded():
-        pixels = tf.stack([tf.io.decode_image(frames[i], channels=3, expand_animations=False)
-                           for i in range(n)])
-        if source.static_shape is not None:
-            pixels = tf.ensure_shape(pixels, [n, *source.static_shape])
-        return pixels
+    def __init__(self, dataset: Any):
+        self.dataset = dataset
 
-    if source.raw is None:
-        return encoded()
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return self.dataset.as_numpy_iterator()
 
-    def raw():
-        shape = source.raw_shapes[dataset_id]
-        pixels = tf.reshape(tf.io.decode_raw(frames, tf.uint8), tf.concat([[n], shape], 0))
-        return tf.cond(shape[2] == 1, lambda: tf.tile(pixels, [1, 1, 1, 3]),
-                       lambda: pixels[..., :3])
+    def blocks(self, size: int) -> Iterator[dict[str, Any]]:
+        return self.dataset.batch(size, drop_remainder=True).prefetch(1).as_numpy_iterator()
 
-    return tf.cond(source.raw[dataset_id], raw, encoded)
+    @property
+    def element_spec(self) -> Any:
+        return self.dataset.element_spec
 
 
-def _decode_sample(x: dict[str, Any], cameras, sources: Mapping[str, _Source], augment,
-                   config: LoaderConfig) -> dict[str, Any]:
-    """Decodes, crops, resizes and colour-jitters one sample's frames."""
-    params = x.pop("_augment", None)
-    n_obs = config.n_obs
-    has_goal = "goal" in x
-    n = n_obs + int(has_goal)
-    jitter = ops.has_jitter(augment)
-    windows, window_params = [], []
-    for i, cam in enumerate(cameras):
-        frames = x["observation"][cam.name]
-        if has_goal:
-            frames = tf.concat([frames, x["goal"][cam.name][None]], axis=0)
-        cam_params = None if params is None else {k: v[i] for k, v in params.items()}
-
-        def process(frames=frames, source=sources[cam.name], cam=cam, cam_params=cam_params):
-            pixels = _decode_window(frames, x["dataset_id"], source)
-            return ops.crop_and_resize(pixels, cam.size, augment=augment, params=cam_params)
-
-        if sources[cam.name].always_present:
-            images = process()  # uint8 when untouched (same size, no crop), else float32
-        else:
-            images = tf.cond(tf.reduce_any(x["observation"]["pad_mask_dict"][cam.name]),
-                             lambda process=process: tf.cast(process(), tf.float32),
-                             lambda cam=cam: tf.zeros([n, *cam.size, 3], tf.float32))
-        windows.append(tf.ensure_shape(images, [n, *cam.size, 3]))
-        window_params.append(cam_params)
-    if jitter:
-        windows = ops.jitter_windows(windows, window_params, dtype=config.image_dtype)
-        for w, cam in zip(range(len(windows)), cameras):
-            if not sources[cam.name].always_present:  # a missing camera stays black
-                present = tf.reduce_any(x["observation"]["pad_mask_dict"][cam.name])
-                windows[w] = windows[w] * tf.cast(present, windows[w].dtype)
-    else:
-        windows = [ops.finish(w, dtype=config.image_dtype) for w in windows]
-    for cam, images in zip(cameras, windows):
-        x["observation"][cam.name] = images[:n_obs]
-        if has_goal:
-            x["goal"][cam.name] = images[n_obs]
-    return x
+def tree_map(fn: Callable[[Any], Any], tree: Any) -> Any:
+    """``fn`` on every leaf of nested dicts."""
+    if isinstance(tree, Mapping):
+        return {k: tree_map(fn, v) for k, v in tree.items()}
+    return fn(tree)

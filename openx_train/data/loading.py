@@ -25,60 +25,19 @@ import tensorflow as tf
 
 from openx_train.data.cache import shard_files
 from openx_train.data.errors import DatasetFormatError, MissingKeyError
-from oxe_envlogger.errors import OXEEnvLoggerError
+from openx_train.data.leaves import is_image_leaf, read_spec, select_keys, step_leaves
 from oxe_envlogger.format import reader
-from oxe_envlogger.format.specs import Group, Leaf, is_image_shape
+from oxe_envlogger.format.specs import Group, Leaf
 
 log = logging.getLogger(__name__)
+
+__all__ = ["is_image_leaf", "load_dataset", "read_spec", "select_keys", "step_leaves"]
 
 PathLike = str | os.PathLike
 Episode = dict[str, Any]
 EpisodeFilter = Callable[[Mapping[str, Any]], Any]
 _ALWAYS = ("is_first", "is_last", "is_terminal")
 _READ_BUFFER = 8 << 20
-
-
-def read_spec(path: PathLike) -> Group:
-    """The episode spec (``features.json``) of a dataset directory.
-
-    Raises:
-      DatasetFormatError: when it is missing or uses features the pipeline cannot read.
-    """
-    try:
-        return reader.read_spec(path)
-    except FileNotFoundError as e:
-        raise DatasetFormatError(str(e)) from None
-    except OXEEnvLoggerError as e:
-        raise DatasetFormatError(f"{os.fspath(path)}: {e}") from None
-
-
-def step_leaves(path: PathLike) -> dict[str, Leaf]:
-    """``{step key: leaf}`` of a dataset (keys relative to a step, e.g. ``"observation/image"``)."""
-    return dict(reader.step_leaves(read_spec(path)))
-
-
-def is_image_leaf(leaf: Leaf) -> bool:
-    """Encoded (PNG/JPEG) images, and raw uint8 HxWxC images stored as bytes."""
-    return leaf.kind == "image" or (
-        leaf.kind == "tensor" and leaf.encoding == "bytes" and is_image_shape(leaf.shape, leaf.dtype))
-
-
-def select_keys(leaves: Mapping[str, Leaf], keys: Sequence[str] | None, *, what: str) -> list[str]:
-    """The leaf paths named by ``keys`` (exact paths or prefixes such as ``"observation"``).
-
-    Raises:
-      MissingKeyError: naming a key that matches nothing, and the keys there are.
-    """
-    if keys is None:
-        return list(leaves)
-    out = []
-    for key in keys:
-        key = key.strip("/")
-        found = [p for p in leaves if p == key or p.startswith(key + "/")]
-        if not found:
-            raise MissingKeyError(f"{what}: no step key {key!r}; the dataset has {sorted(leaves)}")
-        out.extend(p for p in found if p not in out)
-    return out
 
 
 def _parse_feature(leaf: Leaf, sequence: bool):

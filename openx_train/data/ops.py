@@ -1,87 +1,57 @@
-"""Pure TensorFlow ops of the pipeline: index arithmetic for windows, chunks and goals,
-normalization, frame gathering, image decoding, resizing and augmentation.
+"""Pure TensorFlow ops of the pipeline: image decoding, resizing and augmentation, and the
+index arithmetic, normalization and frame gathering of :mod:`openx_train.data.frames` on
+TensorFlow tensors (``ops.gather_frames`` is ``frames.gather_frames`` with ``xp=ops.TF``).
 
 Every op works eagerly and inside ``tf.data`` (the tests run both), and every random op is
 stateless: it takes a ``seed`` (int tensor of shape [2]) so that a pipeline is reproducible
-whatever order its parallel stages finish in.
-
-Step alignment (RLDS, as the logger writes it): an episode of ``L`` RLDS steps holds ``L - 1``
-actions and a final step whose action is padding. Frame ``t`` (``0 <= t <= L - 2``) sees the
-observations ``t - n_obs + 1 .. t`` (indices before 0 repeat step 0 and are masked) and the
-actions ``t .. t + n_action - 1`` (indices past ``L - 2`` repeat the last action and are masked).
+whatever order its parallel stages finish in. Step alignment: see :mod:`openx_train.data.frames`.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
 
-from openx_train.data.config import AugmentConfig, Normalization
+from openx_train.data import frames as frames_lib
+from openx_train.data.config import AugmentConfig
 from openx_train.data.errors import ConfigError
 
-_EPS = 1e-8
-
 # ---------------------------------------------------------------------------------------------
-# Index arithmetic
+# Index arithmetic, normalization and frames: the functions of :mod:`openx_train.data.frames`
+# on TensorFlow tensors (inside tf.data graphs too).
 
 
-def history_indices(step_index: tf.Tensor, n_obs: int) -> tuple[tf.Tensor, tf.Tensor]:
-    """Indices of the history window ``t - n_obs + 1 .. t`` of each step.
-
-    Args:
-      step_index: int tensor ``[...]`` of steps ``t`` within their episode.
-      n_obs: window length (>= 1).
-
-    Returns:
-      ``(indices, mask)``, both ``[..., n_obs]``: indices clamped at 0 (the first observation
-      repeats), and True where the index is a real step (``t - k >= 0``).
-    """
-    t = tf.convert_to_tensor(step_index)
-    offsets = tf.range(-(n_obs - 1), 1, dtype=t.dtype)
-    idx = t[..., None] + offsets
-    return tf.maximum(idx, 0), idx >= 0
+def _cast(x: Any, dtype: Any) -> tf.Tensor:
+    return tf.cast(x, dtype)
 
 
-def chunk_indices(step_index: tf.Tensor, num_actions: tf.Tensor, n_action: int
-                  ) -> tuple[tf.Tensor, tf.Tensor]:
-    """Indices of the action chunk ``t .. t + n_action - 1`` of each step.
-
-    Args:
-      step_index: int tensor ``[...]`` of steps ``t``.
-      num_actions: int tensor broadcastable to ``step_index``: the number of real actions of the
-        episode (``L - 1`` when the final step's action is padding).
-      n_action: chunk length (>= 1).
-
-    Returns:
-      ``(indices, mask)``, both ``[..., n_action]``: indices clamped to ``num_actions - 1`` (the
-      last real action repeats), and True where the index is a real action.
-    """
-    t = tf.convert_to_tensor(step_index)
-    n = tf.cast(num_actions, t.dtype)[..., None]
-    idx = t[..., None] + tf.range(n_action, dtype=t.dtype)
-    return tf.clip_by_value(idx, 0, tf.maximum(n - 1, 0)), idx < n
-
-
-def goal_indices(step_index: tf.Tensor, episode_length: tf.Tensor, uniform: tf.Tensor
-                 ) -> tf.Tensor:
-    """A goal step drawn uniformly from the future of each step: ``t + 1 .. L - 1``.
-
-    Args:
-      step_index: int tensor ``[...]`` of steps ``t``.
-      episode_length: int tensor broadcastable to it: ``L``, the episode's RLDS steps.
-      uniform: float tensor like ``step_index`` of draws in ``[0, 1)``.
-
-    Returns:
-      int tensor like ``step_index``; ``L - 1`` where ``t`` has no future step.
-    """
-    t = tf.convert_to_tensor(step_index)
-    last = tf.cast(episode_length, t.dtype) - 1
-    span = tf.maximum(last - t, 1)
-    offset = tf.cast(tf.floor(tf.cast(uniform, tf.float64) * tf.cast(span, tf.float64)), t.dtype)
-    return tf.minimum(t + 1 + tf.minimum(offset, span - 1), last)
+TF = frames_lib.ArrayModule(
+    name="tensorflow",
+    asarray=tf.convert_to_tensor,
+    cast=_cast,
+    arange=lambda start, stop, dtype: tf.range(start, stop, dtype=dtype),
+    maximum=tf.maximum,
+    minimum=tf.minimum,
+    clip=tf.clip_by_value,
+    floor=tf.floor,
+    take=tf.gather,
+    concat=lambda parts: tf.concat(parts, axis=-1),
+    flatten_rows=lambda x: tf.reshape(x, [tf.shape(x)[0], -1]),
+    length=lambda x: tf.shape(x)[0],
+    zeros_like=tf.zeros_like,
+    empty_strings=lambda n: tf.fill([n], ""),
+)
+history_indices = functools.partial(frames_lib.history_indices, xp=TF)
+chunk_indices = functools.partial(frames_lib.chunk_indices, xp=TF)
+goal_indices = functools.partial(frames_lib.goal_indices, xp=TF)
+normalize = functools.partial(frames_lib.normalize, xp=TF)
+unnormalize = functools.partial(frames_lib.unnormalize, xp=TF)
+gather_frames = functools.partial(frames_lib.gather_frames, xp=TF)
+normalization_params = frames_lib.normalization_params
 
 
 def mix64(x: tf.Tensor) -> tf.Tensor:
@@ -94,146 +64,6 @@ def mix64(x: tf.Tensor) -> tf.Tensor:
     z = shift_xor(x, 30) * tf.constant(0xBF58476D1CE4E5B9, tf.uint64)
     z = shift_xor(z, 27) * tf.constant(0x94D049BB133111EB, tf.uint64)
     return shift_xor(z, 31)
-
-
-def permute_indices(position: tf.Tensor, size: tf.Tensor, *, seed: int, stream: tf.Tensor,
-                    epoch: tf.Tensor) -> tf.Tensor:
-    """Element ``position`` of a random permutation of ``[0, size)``, one permutation per
-    ``(seed, stream, epoch)``; elementwise on int64 vectors, stateless, holding no memory.
-
-    ``RandomIndexShuffle`` mixes poorly when its seed has little entropy (small integers), so
-    the three seed words are hashed first.
-    """
-    position = tf.cast(position, tf.int64)
-    golden = tf.constant(0x9E3779B97F4A7C15, tf.uint64)
-    s0 = mix64(tf.fill(tf.shape(position), tf.constant(seed, tf.int64)) + 1)
-    s0 = tf.bitwise.bitwise_xor(s0, golden)
-    s1 = mix64(tf.bitwise.bitwise_xor(s0, tf.cast(stream, tf.uint64)))
-    s2 = mix64(tf.bitwise.bitwise_xor(s1, tf.cast(epoch, tf.uint64)) + golden)
-    seeds = tf.bitcast(tf.stack([s0, s1, s2], axis=-1), tf.int64)
-    size = tf.cast(size, tf.int64) + tf.zeros_like(position)
-    return tf.raw_ops.RandomIndexShuffle(index=position, seed=seeds, max_index=size - 1, rounds=8)
-
-
-# ---------------------------------------------------------------------------------------------
-# Normalization
-
-
-def normalization_params(stats: Any, mode: Normalization | str, *, key: str = ""
-                         ) -> tuple[np.ndarray, np.ndarray, bool]:
-    """``(shift, scale, clip)`` with ``normalized = (x - shift) / scale``, float32 arrays.
-
-    ``stats`` is a :class:`~openx_train.data.statistics.KeyStatistics`. Dimensions without
-    spread (or with non-finite statistics) get scale 1, so that the inverse is exact.
-    """
-    mode = Normalization.parse(mode, key=key)
-    if mode is Normalization.NONE:
-        return np.zeros(()), np.ones(()), False
-    if mode is Normalization.GAUSSIAN:
-        shift, scale = np.asarray(stats.mean), np.asarray(stats.std)
-    else:
-        lo, hi = ((stats.min, stats.max) if mode is Normalization.BOUNDS
-                  else (stats.quantile("q01"), stats.quantile("q99")))
-        lo, hi = np.asarray(lo), np.asarray(hi)
-        shift, scale = (lo + hi) / 2.0, (hi - lo) / 2.0
-    ok = np.isfinite(shift) & np.isfinite(scale)
-    shift = np.where(ok, shift, 0.0)
-    scale = np.where(ok & (scale > _EPS), scale, 1.0)
-    return shift.astype(np.float32), scale.astype(np.float32), mode is Normalization.BOUNDS_Q99
-
-
-def normalize(x: Any, stats: Any, mode: Normalization | str, *, key: str = "") -> tf.Tensor:
-    """Normalizes ``x`` (``[..., *shape]``, any float or int dtype) to float32.
-
-    Args:
-      x: values shaped like the statistics (with leading axes).
-      stats: their :class:`~openx_train.data.statistics.KeyStatistics`.
-      mode: ``none``, ``gaussian``, ``bounds`` or ``bounds_q99`` (clipped to [-1, 1]).
-      key: the key, for error messages.
-    """
-    shift, scale, clip = normalization_params(stats, mode, key=key)
-    y = (tf.cast(x, tf.float32) - shift) / scale
-    return tf.clip_by_value(y, -1.0, 1.0) if clip else y
-
-
-def unnormalize(y: Any, stats: Any, mode: Normalization | str, *, key: str = "") -> tf.Tensor:
-    """The inverse of :func:`normalize` (exact except where ``bounds_q99`` clipped)."""
-    shift, scale, _ = normalization_params(stats, mode, key=key)
-    return tf.cast(y, tf.float32) * scale + shift
-
-
-# ---------------------------------------------------------------------------------------------
-# Frames
-
-
-def gather_frames(
-    table: Mapping[str, Any],
-    rows: tf.Tensor,
-    episode_start: tf.Tensor,
-    episode_length: tf.Tensor,
-    *,
-    n_obs: int,
-    n_action: int,
-    goal_uniform: tf.Tensor | None = None,
-    final_action_is_padding: bool = True,
-) -> dict[str, Any]:
-    """Training frames gathered from a table of steps: windows, chunks, masks and goals.
-
-    The same function standardizes one episode (the table is the episode, ``rows`` are its
-    steps, ``episode_start`` is 0) and a batch drawn from many episodes (the table holds every
-    step of a dataset and ``rows`` index into it).
-
-    Args:
-      table: ``{"state": [S, D], "action": [S, A], "images": {name: [S, ...]},
-        "language": [S]}``; ``state``, ``images`` and ``language`` are optional. Images may be
-        encoded strings, byte-range references or pixels: they are only gathered.
-      rows: int64 ``[B]`` table rows of the frames.
-      episode_start: int64 ``[B]``: the table row of each frame's episode's first step.
-      episode_length: int ``[B]``: each frame's episode's number of RLDS steps.
-      n_obs: history window.
-      n_action: action chunk.
-      goal_uniform: float ``[B]`` draws in [0, 1) for goal relabelling; None: no goal.
-      final_action_is_padding: the final step's action is not an action (RLDS).
-
-    Returns:
-      ``{"observation": {"state": [B, n_obs, D], <image name>: [B, n_obs, ...],
-      "pad_mask": bool [B, n_obs]}, "action": [B, n_action, A], "action_pad_mask":
-      bool [B, n_action], "step_index": int32 [B], "language_instruction": [B] (with
-      language), "goal": {"state": [B, D], <image name>: [B, ...]} and "goal_step_index":
-      int32 [B] (with goals)}``.
-    """
-    rows = tf.cast(rows, tf.int64)
-    start = tf.cast(episode_start, tf.int64)
-    length = tf.cast(episode_length, tf.int64)
-    t = rows - start
-    hist, hist_mask = history_indices(t, n_obs)
-    num_actions = length - 1 if final_action_is_padding else length
-    chunk, chunk_mask = chunk_indices(t, num_actions, n_action)
-    hist_rows = start[:, None] + hist
-    obs: dict[str, Any] = {"pad_mask": hist_mask}
-    if table.get("state") is not None:
-        obs["state"] = tf.gather(table["state"], hist_rows)
-    for name, column in table.get("images", {}).items():
-        obs[name] = tf.gather(column, hist_rows)
-    out: dict[str, Any] = {
-        "observation": obs,
-        "action": tf.gather(table["action"], start[:, None] + chunk),
-        "action_pad_mask": chunk_mask,
-        "step_index": tf.cast(t, tf.int32),
-    }
-    if table.get("language") is not None:
-        out["language_instruction"] = tf.gather(table["language"], rows)
-    if goal_uniform is not None:
-        goal = goal_indices(t, length, goal_uniform)
-        goal_rows = start + goal
-        goal_obs: dict[str, Any] = {}
-        if table.get("state") is not None:
-            goal_obs["state"] = tf.gather(table["state"], goal_rows)
-        for name, column in table.get("images", {}).items():
-            goal_obs[name] = tf.gather(column, goal_rows)
-        out["goal"] = goal_obs
-        out["goal_step_index"] = tf.cast(goal, tf.int32)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ import numpy as np
 
 from openx_train.data import cache
 from openx_train.data.errors import ConfigError, DatasetFormatError
-from openx_train.data.loading import is_image_leaf, read_spec, select_keys
+from openx_train.data.leaves import is_image_leaf, read_spec, select_keys
 from oxe_envlogger.format import reader, record
 from oxe_envlogger.format import stats as oxe_stats
 

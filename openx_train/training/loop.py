@@ -52,6 +52,7 @@ from openx_train.data import (
 from openx_train.data.errors import ConfigError
 from openx_train.models import input_spec, make_policy, model_config, resolve_model_config
 from openx_train.models.spec import EXAMPLE_MASK, InputSpec, model_inputs
+from openx_train.training.events import EventWriter
 from openx_train.training.optimizer import optimizer_config
 from openx_train.training.sharding import (
     BATCH_AXIS,
@@ -412,8 +413,8 @@ def _chain(first, rest):
 
 def host_batches(loader: Any, block: int) -> Iterator[Mapping[str, Any]]:
     """The loader's batches, ``block`` of them stacked per item (``[block, B, ...]``): one
-    tf.data call and one device transfer per block."""
-    return loader.dataset.batch(block, drop_remainder=True).prefetch(1).as_numpy_iterator()
+    gather (or one tf.data call, with cameras) and one device transfer per block."""
+    return loader.blocks(block)
 
 
 def put_block(block: Mapping[str, Any], spec: InputSpec, mesh: Any) -> dict[str, Any]:
@@ -503,9 +504,7 @@ class MetricsWriter:
                 self._columns = list(reader.fieldnames or [])
                 self._rows = [r for r in reader if int(float(r["step"])) <= start_step]
             self._rewrite()
-        import tensorflow as tf
-
-        self._tb = tf.summary.create_file_writer(os.path.join(path, run_lib.TENSORBOARD_DIR))
+        self._tb = EventWriter(os.path.join(path, run_lib.TENSORBOARD_DIR))
         wandb_config = dict(wandb_config or {})
         if wandb_config.get("project"):
             try:
@@ -539,16 +538,8 @@ class MetricsWriter:
         else:
             with open(self.path, "a", newline="") as f:
                 csv.DictWriter(f, self._columns, extrasaction="ignore").writerow(row)
-        import tensorflow as tf
-
-        with self._tb.as_default():
-            for k, v in values.items():
-                if v is not None and np.isfinite(v):
-                    # tf.summary.scalar needs the tensorboard package; the generic write
-                    # with the scalars plugin's metadata gives the same event.
-                    tf.summary.write(k, tf.constant(v, tf.float32), step=step,
-                                     metadata=_SCALAR_METADATA)
-        self._tb.flush()
+        self._tb.scalars(step, {k: v for k, v in values.items()
+                                if v is not None and np.isfinite(v)})
         if self._wandb is not None:
             self._wandb.log(dict(values), step=step)
 
@@ -557,17 +548,6 @@ class MetricsWriter:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
-
-
-def _scalar_metadata() -> bytes:
-    from tensorflow.core.framework import summary_pb2
-
-    metadata = summary_pb2.SummaryMetadata()
-    metadata.plugin_data.plugin_name = "scalars"
-    return metadata.SerializeToString()
-
-
-_SCALAR_METADATA = b"\n\t\n\x07scalars"  # _scalar_metadata(), checked in the tests
 
 
 def _fmt(v: Any) -> Any:

@@ -1,4 +1,5 @@
-"""The pure ops, each run eagerly and inside tf.data, element by element on hand-made data."""
+"""The pure ops, each run eagerly and inside tf.data, element by element on hand-made data; the
+index arithmetic, gathering and normalization also in numpy (``frames``, the state-only path)."""
 
 from __future__ import annotations
 
@@ -6,13 +7,22 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from openx_train.data import AugmentConfig, KeyStatistics, Normalization, ops
+from openx_train.data import AugmentConfig, KeyStatistics, Normalization, frames, ops
 
 MODES = ["eager", "tf.data"]
+# The functions of openx_train.data.frames: on numpy arrays, and on tensors through ops.
+SHARED_MODES = ["numpy", *MODES]
+
+
+def lib(mode: str):
+    """The module whose functions a mode runs: ``frames`` (numpy) or ``ops`` (tensors)."""
+    return frames if mode == "numpy" else ops
 
 
 def run(mode: str, fn, *args):
-    """``fn(*args)`` eagerly, or as a tf.data map over one element."""
+    """``fn(*args)`` on numpy arrays, eagerly, or as a tf.data map over one element."""
+    if mode == "numpy":
+        return fn(*args)
     args = tuple(tf.nest.map_structure(tf.convert_to_tensor, a) for a in args)
     if mode == "eager":
         out = fn(*args)
@@ -21,49 +31,49 @@ def run(mode: str, fn, *args):
     return tf.nest.map_structure(lambda t: t.numpy(), out)
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", SHARED_MODES)
 def test_history_window_at_episode_start(mode):
-    idx, mask = run(mode, lambda t: ops.history_indices(t, 3), np.arange(4, dtype=np.int64))
+    idx, mask = run(mode, lambda t: lib(mode).history_indices(t, 3), np.arange(4, dtype=np.int64))
     np.testing.assert_array_equal(idx, [[0, 0, 0], [0, 0, 1], [0, 1, 2], [1, 2, 3]])
     np.testing.assert_array_equal(mask, [[False, False, True], [False, True, True],
                                          [True, True, True], [True, True, True]])
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", SHARED_MODES)
 def test_action_chunk_at_episode_end(mode):
     # 5 RLDS steps: 4 real actions (steps 0..3), the final step's action is padding.
-    idx, mask = run(mode, lambda t, n: ops.chunk_indices(t, n, 3),
+    idx, mask = run(mode, lambda t, n: lib(mode).chunk_indices(t, n, 3),
                     np.arange(4, dtype=np.int64), np.int64(4))
     np.testing.assert_array_equal(idx, [[0, 1, 2], [1, 2, 3], [2, 3, 3], [3, 3, 3]])
     np.testing.assert_array_equal(mask, [[True, True, True], [True, True, True],
                                          [True, True, False], [True, False, False]])
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", SHARED_MODES)
 def test_chunk_of_one_and_window_of_one_are_the_step_itself(mode):
     t = np.arange(3, dtype=np.int64)
-    (h, hm), (c, cm) = run(mode, lambda t: (ops.history_indices(t, 1), ops.chunk_indices(t, 3, 1)),
+    (h, hm), (c, cm) = run(mode, lambda t: (lib(mode).history_indices(t, 1), lib(mode).chunk_indices(t, 3, 1)),
                            t)
     np.testing.assert_array_equal(h[:, 0], t)
     np.testing.assert_array_equal(c[:, 0], t)
     assert hm.all() and cm.all()
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", SHARED_MODES)
 def test_goal_indices_are_in_the_future_of_the_step(mode):
     rng = np.random.default_rng(0)
     length = rng.integers(2, 40, 2000)
     t = (rng.random(2000) * (length - 1)).astype(np.int64)  # 0 .. L-2
     u = rng.random(2000)
     u[:10], u[10:20] = 0.0, np.nextafter(1.0, 0.0)
-    goal = run(mode, ops.goal_indices, t, length, u.astype(np.float32))
+    goal = run(mode, lib(mode).goal_indices, t, length, u.astype(np.float32))
     assert (goal > t).all() and (goal <= length - 1).all()
     # The last frame's only future step is the final observation.
-    last = run(mode, ops.goal_indices, length - 2, length, u.astype(np.float32))
+    last = run(mode, lib(mode).goal_indices, length - 2, length, u.astype(np.float32))
     np.testing.assert_array_equal(last, length - 1)
     # Every future step can be drawn: uniforms on a grid hit each of them.
     grid = (np.arange(7) + 0.5) / 7
-    goals = run(mode, ops.goal_indices, np.zeros(7, np.int64), np.full(7, 8), grid)
+    goals = run(mode, lib(mode).goal_indices, np.zeros(7, np.int64), np.full(7, 8), grid)
     np.testing.assert_array_equal(np.sort(goals), np.arange(1, 8))
 
 
@@ -82,7 +92,7 @@ def _reference_frames(lengths, n_obs, n_action):
     return out
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", SHARED_MODES)
 def test_gather_frames_element_by_element(mode):
     lengths = [2, 3, 6]  # episodes of 1, 2 and 5 actions
     rows = np.arange(sum(lengths))
@@ -93,7 +103,7 @@ def test_gather_frames_element_by_element(mode):
     frame_rows = np.array([r[0] for r in ref])
     starts = np.array([r[1] for r in ref])
     lens = np.array([r[2] for r in ref])
-    out = run(mode, lambda tb, r, s, n: ops.gather_frames(tb, r, s, n, n_obs=3, n_action=4),
+    out = run(mode, lambda tb, r, s, n: lib(mode).gather_frames(tb, r, s, n, n_obs=3, n_action=4),
               table, frame_rows, starts, lens)
     for i, (row, start, _, hist, hmask, chunk, cmask) in enumerate(ref):
         np.testing.assert_array_equal(out["observation"]["state"][i], table["state"][hist])
@@ -111,7 +121,7 @@ def test_gather_frames_element_by_element(mode):
     np.testing.assert_array_equal(out["action_pad_mask"][last], [True, False, False, False])
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", SHARED_MODES)
 def test_gather_frames_goals_stay_in_their_episode(mode):
     lengths = [3, 4, 2]
     ref = _reference_frames(lengths, 1, 1)
@@ -122,7 +132,7 @@ def test_gather_frames_goals_stay_in_their_episode(mode):
     table = {"state": np.arange(total, dtype=np.float32)[:, None],
              "action": np.zeros((total, 1), np.float32)}
     u = np.random.default_rng(1).random(len(rows)).astype(np.float32)
-    out = run(mode, lambda tb, r, s, n, u: ops.gather_frames(tb, r, s, n, n_obs=1, n_action=1,
+    out = run(mode, lambda tb, r, s, n, u: lib(mode).gather_frames(tb, r, s, n, n_obs=1, n_action=1,
                                                              goal_uniform=u),
               table, rows, starts, lens, u)
     goal_rows = out["goal"]["state"][:, 0].astype(int)
@@ -136,14 +146,14 @@ def _stats(x: np.ndarray) -> KeyStatistics:
                          min=x.min(0), max=x.max(0), quantiles=q)
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", SHARED_MODES)
 @pytest.mark.parametrize("norm", ["none", "gaussian", "bounds", "bounds_q99"])
 def test_normalization_round_trip(mode, norm):
     rng = np.random.default_rng(2)
     x = np.stack([rng.normal(3, 2, 500), rng.uniform(-5, 1, 500), np.full(500, 7.0)], -1)
     stats = _stats(x)
-    y = run(mode, lambda v: ops.normalize(v, stats, norm), x.astype(np.float32))
-    back = run(mode, lambda v: ops.unnormalize(v, stats, norm), y)
+    y = run(mode, lambda v: lib(mode).normalize(v, stats, norm), x.astype(np.float32))
+    back = run(mode, lambda v: lib(mode).unnormalize(v, stats, norm), y)
     inside = np.ones(len(x), bool)
     if norm == "bounds_q99":
         inside = ((x >= stats.quantile("q01")) & (x <= stats.quantile("q99"))).all(-1)
@@ -163,25 +173,6 @@ def test_normalization_rejects_an_unknown_mode():
     with pytest.raises(ValueError, match="expected one of"):
         ops.normalize(np.zeros(2), _stats(np.zeros((3, 2))), "minmax", key="action")
     assert Normalization.parse("bounds") is Normalization.BOUNDS
-
-
-@pytest.mark.parametrize("mode", MODES)
-def test_permute_indices_is_a_fresh_permutation_per_epoch(mode):
-    for n in (1, 2, 7, 100, 1000):
-        pos = np.arange(n, dtype=np.int64)
-        perms = [run(mode, lambda p, e, n=n: ops.permute_indices(p, n, seed=3, stream=1, epoch=e),
-                     pos, np.full(n, e, np.int64)) for e in range(3)]
-        for p in perms:
-            np.testing.assert_array_equal(np.sort(p), pos)
-        if n >= 7:
-            assert not np.array_equal(perms[0], perms[1])
-            other = run(mode, lambda p, n=n: ops.permute_indices(p, n, seed=3, stream=2, epoch=0),
-                        pos)
-            assert not np.array_equal(perms[0], other)
-    # Consecutive positions land far apart (the seed words are hashed before shuffling).
-    p = run(mode, lambda x: ops.permute_indices(x, 300, seed=0, stream=0, epoch=0),
-            np.arange(300, dtype=np.int64))
-    assert np.abs(np.diff(p)).mean() > 60
 
 
 def _png(image: np.ndarray) -> bytes:
