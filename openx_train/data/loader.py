@@ -413,6 +413,20 @@ class _Domains:
     of_frame: np.ndarray  # int32 [F]: the domain of each frame, datasets in order
 
 
+@dataclasses.dataclass(frozen=True)
+class _Frames:
+    """What a loader's batches are gathered from: the stacked step table, its files, the
+    per-dataset tables, the domains, and the frame rows (datasets in order) with their count
+    per dataset."""
+
+    table: dict[str, Any]
+    files: list[str]
+    tables: tuple[StepTable, ...]
+    domains: _Domains
+    rows: np.ndarray  # int64 [F]
+    counts: np.ndarray  # int64 [datasets]
+
+
 def _assign_domains(tables: Sequence[StepTable], config: LoaderConfig, *, train: bool
                     ) -> _Domains:
     """Domain names (datasets, or the sorted distinct values of the domain key across the
@@ -483,9 +497,9 @@ class DataLoader:
       config: the loader options.
     """
 
-    def __init__(self, dataset: tf.data.Dataset, *, split: str, tables: Sequence[StepTable],
-                 domains: _Domains, config: LoaderConfig, num_batches: int | None,
-                 batches_per_fetch: int = 1):
+    def __init__(self, dataset: tf.data.Dataset, *, split: str, frames: _Frames,
+                 config: LoaderConfig, num_batches: int | None, batches_per_fetch: int = 1):
+        tables, domains = frames.tables, frames.domains
         self.dataset = dataset
         self.split = split
         self.names = tuple(t.name for t in tables)
@@ -510,8 +524,28 @@ class DataLoader:
         self.statistics = {t.name: t.statistics for t in tables}
         self.structures = {t.name: t.resolved.structure for t in tables}
         self.config = config
+        self._frames = frames
         self._num_batches = num_batches
         self._per_fetch = max(1, int(batches_per_fetch))
+
+    def frame_pass(self) -> DataLoader:
+        """One pass over every frame of this loader's split, in order: each frame once, of all
+        processes' shares (not only this process's), in full batches whose last one is filled
+        with ``valid=False`` rows, without augmentation, each frame under the ``row`` it has in
+        this loader's batches. Goals (``goal_relabeling``) are drawn as a validation pass draws
+        them, so only the goal may differ from a training batch's sample of the same row.
+
+        For a computation per frame of the training frames (Re-Mix caches its reference's
+        losses by ``row``).
+        """
+        config = dataclasses.replace(self.config, process_index=0, process_count=1,
+                                     remainder="pad", start_batch=0)
+        f = self._frames
+        indices, num_batches = _validation_indices(config, f.rows, f.counts, self.names,
+                                                   f.domains.of_frame)
+        dataset = _batches(indices, f.table, f.files, f.tables, config, train=False)
+        return DataLoader(dataset, split=self.split, frames=f, config=config,
+                          num_batches=num_batches, batches_per_fetch=self._per_fetch)
 
     @property
     def element_spec(self) -> Any:
@@ -682,6 +716,7 @@ def make_dataloader(
          "dataset_id": int32 [B],                               # index into DataLoader.names
          "domain_id": int32 [B],                        # index into DataLoader.domain_names
          "episode_index": int64 [B], "step_index": int32 [B],
+         "row": int64 [B],              # the frame's row in the loader's table of every step
          "valid": bool [B]}                                     # False: padding (see below)
 
     A validation pass yields every validation frame once, in order. Its last batch is smaller
@@ -750,8 +785,9 @@ def make_dataloader(
     # have the same size.
     same_size = split == "train" or config.remainder != "partial"
     per_fetch = 8 if same_size and not tables[0].resolved.cameras else 1
-    return DataLoader(dataset, split=split, tables=tables, domains=domains, config=config,
-                      num_batches=num_batches, batches_per_fetch=per_fetch)
+    return DataLoader(dataset, split=split, frames=_Frames(table, files, tuple(tables), domains,
+                                                           frames, counts),
+                      config=config, num_batches=num_batches, batches_per_fetch=per_fetch)
 
 
 def _batches(indices: tf.data.Dataset, table: dict[str, Any], files: list[str],
@@ -792,6 +828,7 @@ def _batches(indices: tf.data.Dataset, table: dict[str, Any], files: list[str],
         out["dataset_id"] = ids
         out["domain_id"] = domain_ids
         out["episode_index"] = tf.gather(table["episode_index"], rows)
+        out["row"] = rows
         out["valid"] = valid
         if cameras and augment is not None:
             # Drawn for the whole batch at once: [B, cameras, ...].
