@@ -18,6 +18,8 @@ are for):
 * ``first_step_s``: from starting the command to the end of the first step, with a cold and a
   warm persistent compilation cache (the warm run is a rerun on a fresh path).
 * ``peak_rss_mb``: the command's peak resident memory.
+* ``over_first_head``: the loop's steps/s over the first head's (``--heads``), the heads run
+  alternately in every repetition (median of the per-repetition ratios).
 
 For scale (issue 13): the OpenX/Re-Mix trainer's ``train_bc.py`` here runs about 21 steps/s
 (48-bin head), takes 38 s to its first step and peaks at about 1 GB.
@@ -172,43 +174,59 @@ def peak_rss_mb(config: str, path: str, data: str, overrides: list[str], cache: 
     return usage.ru_maxrss / 1024.0
 
 
+def _head_overrides(head: str, steps: int) -> tuple[list[str], list[str]]:
+    """The long run's and the short warm-cache run's flags for ``head``."""
+    # decay_steps fixed: the short warm-cache run compiles the same program.
+    common = ["--config.log_freq=200", "--config.val_freq=0",
+              f"--config.optimizer.decay_steps={steps}", f"--config.model.head.kind={head}"]
+    return ([f"--config.steps={steps}", f"--config.save_freq={steps}", *common],
+            ["--config.steps=16", "--config.save_freq=16", *common])
+
+
 def bench_state(work: str, *, reps: int, steps: int, heads: list[str]) -> dict:
     data = log_reacher(os.path.join(work, "reacher100"), 100)
-    out: dict = {}
-    for head in heads:
-        # decay_steps fixed: the short warm-cache run compiles the same program.
-        common = ["--config.log_freq=200", "--config.val_freq=0",
-                  f"--config.optimizer.decay_steps={steps}", f"--config.model.head.kind={head}"]
-        overrides = [f"--config.steps={steps}", f"--config.save_freq={steps}", *common]
-        short = ["--config.steps=16", "--config.save_freq=16", *common]
-        loops, waits, singles, blocks, cold, warm, rss = [], [], [], [], [], [], []
-        for r in range(reps):
+    runs: dict[str, dict[str, list[float]]] = {
+        h: {k: [] for k in ("loop", "wait", "single", "block", "cold", "warm")} for h in heads}
+    # The heads alternate within each repetition, so that they see the same load on a
+    # shared machine; over_first_head compares them repetition by repetition.
+    for r in range(reps):
+        for head in heads:
+            overrides, short = _head_overrides(head, steps)
+            got = runs[head]
             cache = os.path.join(work, f"xla_{head}_{r}")
             shutil.rmtree(cache, ignore_errors=True)  # cold
             res = run_cli(STATE_CONFIG, os.path.join(work, f"run_{head}_{r}"), data, overrides,
                           cache)
             rate, wait = _interval_figures(res["rows"])
-            loops.append(rate)
-            waits.append(wait)
-            cold.append(res["command_to_first_step_s"])
+            got["loop"].append(rate)
+            got["wait"].append(wait)
+            got["cold"].append(res["command_to_first_step_s"])
             again = run_cli(STATE_CONFIG, os.path.join(work, f"run_{head}_{r}_warm"), data,
                             short, cache)
-            warm.append(again["command_to_first_step_s"])
+            got["warm"].append(again["command_to_first_step_s"])
             single, blocked = bare_rates(head, 400)
-            singles.append(single)
-            blocks.append(blocked)
-        rss.append(peak_rss_mb(STATE_CONFIG, os.path.join(work, f"run_{head}_rss"), data,
-                               overrides, os.path.join(work, f"xla_{head}_0")))
+            got["single"].append(single)
+            got["block"].append(blocked)
+    out: dict = {}
+    first = runs[heads[0]]["loop"]
+    for head in heads:
+        got = runs[head]
+        loops = got["loop"]
+        rss = peak_rss_mb(STATE_CONFIG, os.path.join(work, f"run_{head}_rss"), data,
+                          _head_overrides(head, steps)[0], os.path.join(work, f"xla_{head}_0"))
         out[head] = {
             "loop_steps_per_s": round(statistics.median(loops), 1),
-            "bare_step_per_s": round(statistics.median(singles), 1),
-            "bare_block_per_s": round(statistics.median(blocks), 1),
-            "over_bare_step": round(statistics.median(a / b for a, b in zip(loops, singles)), 3),
-            "over_bare_block": round(statistics.median(a / b for a, b in zip(loops, blocks)), 3),
-            "data_wait_share": round(statistics.median(waits), 4),
-            "first_step_s_cold_cache": round(statistics.median(cold), 2),
-            "first_step_s_warm_cache": round(statistics.median(warm), 2),
-            "peak_rss_mb": round(max(rss), 1),
+            "bare_step_per_s": round(statistics.median(got["single"]), 1),
+            "bare_block_per_s": round(statistics.median(got["block"]), 1),
+            "over_bare_step": round(statistics.median(
+                a / b for a, b in zip(loops, got["single"])), 3),
+            "over_bare_block": round(statistics.median(
+                a / b for a, b in zip(loops, got["block"])), 3),
+            "over_first_head": round(statistics.median(a / b for a, b in zip(loops, first)), 3),
+            "data_wait_share": round(statistics.median(got["wait"]), 4),
+            "first_step_s_cold_cache": round(statistics.median(got["cold"]), 2),
+            "first_step_s_warm_cache": round(statistics.median(got["warm"]), 2),
+            "peak_rss_mb": round(rss, 1),
             "over_openx_21_per_s": round(statistics.median(loops) / 21.0, 2),
         }
     return {"config": {"batch": 256, "trunk": [512, 512, 512], "n_obs": 1, "n_action": 1,

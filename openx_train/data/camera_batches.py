@@ -91,6 +91,7 @@ def camera_batches(indices: tf.data.Dataset, table: Mapping[str, Any], files: Se
         out["dataset_id"] = ids
         out["domain_id"] = domain_ids
         out["episode_index"] = tf.gather(table["episode_index"], rows)
+        out["row"] = rows
         out["valid"] = valid
         if cameras and augment is not None:
             # Drawn for the whole batch at once: [B, cameras, ...].

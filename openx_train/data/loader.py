@@ -523,9 +523,11 @@ class DataLoader:
       config: the loader options.
     """
 
-    def __init__(self, source: _NumpyBatches | Any, *, split: str, tables: Sequence[StepTable],
-                 domains: _Domains, config: LoaderConfig, num_batches: int | None):
+    def __init__(self, source: _NumpyBatches | Any, *, split: str, frames: _Frames,
+                 config: LoaderConfig, num_batches: int | None):
+        tables, domains = frames.tables, frames.domains
         self._source = source
+        self._frames = frames
         self.dataset = getattr(source, "dataset", None)
         self.split = split
         self.names = tuple(t.name for t in tables)
@@ -551,6 +553,26 @@ class DataLoader:
         self.structures = {t.name: t.resolved.structure for t in tables}
         self.config = config
         self._num_batches = num_batches
+
+    def frame_pass(self) -> DataLoader:
+        """One pass over every frame of this loader's split, in order: each frame once, of all
+        processes' shares (not only this process's), in full batches whose last one is filled
+        with ``valid=False`` rows, without augmentation, each frame under the ``row`` it has in
+        this loader's batches. Goals (``goal_relabeling``) are drawn as a validation pass draws
+        them, so only the goal may differ from a training batch's sample of the same row.
+
+        For a computation per frame of the training frames (Re-Mix caches its reference's
+        losses by ``row``).
+        """
+        config = dataclasses.replace(self.config, process_index=0, process_count=1,
+                                     remainder="pad", start_batch=0)
+        f = self._frames
+        passes, num_batches = _validation_batches(config, f.rows, f.counts, self.names,
+                                                  f.domains.of_frame)
+        source = _batch_source(functools.partial(iter, passes), f, config, train=False,
+                               fixed=config.batch_size)
+        return DataLoader(source, split=self.split, frames=f, config=config,
+                          num_batches=num_batches)
 
     @property
     def element_spec(self) -> Any:
@@ -697,6 +719,7 @@ def make_dataloader(
          "dataset_id": int32 [B],                               # index into DataLoader.names
          "domain_id": int32 [B],                        # index into DataLoader.domain_names
          "episode_index": int64 [B], "step_index": int32 [B],
+         "row": int64 [B],              # the frame's row in the loader's table of every step
          "valid": bool [B]}                                     # False: padding (see below)
 
     A validation pass yields every validation frame once, in order. Its last batch is smaller
@@ -759,19 +782,39 @@ def make_dataloader(
                                                   domains.of_frame)
         index_batches = functools.partial(iter, passes)
     fixed = config.batch_size if train or config.remainder != "partial" else None
-    if tables[0].resolved.cameras:
-        from openx_train.data import camera_batches  # TensorFlow: only with cameras
-
-        indices = camera_batches.index_dataset(index_batches, fixed)
-        source: Any = _TFBatches(camera_batches.camera_batches(indices, table, files, tables,
-                                                              config, train=train))
-    else:
-        source = _NumpyBatches(table, index_batches, config, fixed_size=fixed)
+    f = _Frames(table, files, tuple(tables), domains, frames, counts)
+    source = _batch_source(index_batches, f, config, train=train, fixed=fixed)
     log.info("data loader (%s): %s", split, ", ".join(
         f"{n}: {c} frames, weight {w:.3f}"
         for n, c, w in zip(domains.names, domains.frames, domains.weights)))
-    return DataLoader(source, split=split, tables=tables, domains=domains, config=config,
-                      num_batches=num_batches)
+    return DataLoader(source, split=split, frames=f, config=config, num_batches=num_batches)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Frames:
+    """What a loader's batches are gathered from: the stacked step table, its files, the
+    per-dataset tables, the domains, and the frame rows (datasets in order) with their count
+    per dataset."""
+
+    table: dict[str, Any]
+    files: list[str]
+    tables: tuple[StepTable, ...]
+    domains: _Domains
+    rows: np.ndarray  # int64 [F]
+    counts: np.ndarray  # int64 [datasets]
+
+
+def _batch_source(index_batches: Callable[[], Iterator[IndexBatch]], f: _Frames,
+                  config: LoaderConfig, *, train: bool, fixed: int | None) -> Any:
+    """Batches of the index batches: gathered in numpy (state only), or by the camera
+    ``tf.data`` pipeline."""
+    if f.tables[0].resolved.cameras:
+        from openx_train.data import camera_batches  # TensorFlow: only with cameras
+
+        indices = camera_batches.index_dataset(index_batches, fixed)
+        return _TFBatches(camera_batches.camera_batches(indices, f.table, f.files, f.tables,
+                                                        config, train=train))
+    return _NumpyBatches(f.table, index_batches, config, fixed_size=fixed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -805,6 +848,7 @@ class _NumpyBatches:
         out["dataset_id"] = ib.dataset_ids
         out["domain_id"] = ib.domain_ids
         out["episode_index"] = t["episode_index"][rows]
+        out["row"] = rows
         out["valid"] = ib.valid
         return out
 

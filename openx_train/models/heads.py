@@ -9,6 +9,9 @@ Every head has the same two methods:
 * ``predict(x, train=..., temperature=None)``: an action chunk. The sampling heads draw from the
   ``"sample"`` rng stream.
 
+and says whether its loss draws noise (``loss_draws_noise``: the diffusion head's does; the
+others' losses are functions of the embedding and the action alone).
+
 Heads: :class:`ContinuousHead` (``"mse"``, ``"l1"``), :class:`DiscreteHead` (per-dimension bins,
 cross-entropy; argmax or temperature sampling) and :class:`DiffusionHead` (DDPM, MLP-ResNet
 denoiser, cosine schedule, K steps).
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import math
 from statistics import NormalDist
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
@@ -34,6 +38,7 @@ class ContinuousHead(nn.Module):
     n_action: int
     action_dim: int
     loss_type: str = "mse"
+    loss_draws_noise: ClassVar[bool] = False
 
     def setup(self):
         self.out = nn.Dense(self.n_action * self.action_dim, kernel_init=dense_init)
@@ -81,7 +86,9 @@ def encode_bins(action: jnp.ndarray, edges: jnp.ndarray) -> jnp.ndarray:
     """The bin of each value (int32, same shape): ``i`` where ``edges[i] <= a < edges[i+1]``;
     values outside the range go to the end bins."""
     inner = jnp.asarray(edges)[1:-1]
-    return jnp.searchsorted(inner, action, side="right").astype(jnp.int32)
+    # Every value against every inner edge at once: a few dozen edges, and no while loop (the
+    # default binary search is one, a nest of small programs inside the step on XLA's CPU).
+    return jnp.searchsorted(inner, action, side="right", method="compare_all").astype(jnp.int32)
 
 
 def decode_bins(index: jnp.ndarray, edges: jnp.ndarray) -> jnp.ndarray:
@@ -102,6 +109,7 @@ class DiscreteHead(nn.Module):
     action_range: tuple[float, float] = (-1.0, 1.0)
     bin_std: float = 1.0
     temperature: float = 0.0
+    loss_draws_noise: ClassVar[bool] = False
 
     def setup(self):
         self.out = nn.Dense(self.n_action * self.action_dim * self.num_bins,
@@ -187,6 +195,7 @@ class DiffusionHead(nn.Module):
     dropout: float = 0.0
     action_range: tuple[float, float] = (-1.0, 1.0)
     clip_sample: bool = True
+    loss_draws_noise: ClassVar[bool] = True  # a noise level and the noise per example
 
     def setup(self):
         self.denoiser = Denoiser(self.n_action * self.action_dim, self.hidden_dim,

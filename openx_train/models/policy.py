@@ -71,6 +71,10 @@ def masked_mean(values: jnp.ndarray, weights: jnp.ndarray) -> jnp.ndarray:
     return total / jnp.maximum(jnp.sum(weights), 1e-8)
 
 
+_HEADS = {"mse": ContinuousHead, "l1": ContinuousHead, "discrete": DiscreteHead,
+          "diffusion": DiffusionHead}
+
+
 def _head(config: ml_collections.FrozenConfigDict, spec: InputSpec) -> nn.Module:
     h = config.head
     n, a = spec.n_action, spec.action_dim
@@ -162,6 +166,12 @@ class Policy(nn.Module):
         if task is not None and not film:
             x = jnp.concatenate([x, task], axis=-1)
         return self.trunk(x, task if film else None, train=train)
+
+    def deterministic_loss(self) -> bool:
+        """Whether :meth:`loss` in eval mode (``train=False``: no dropout) is a function of the
+        parameters and the batch alone, drawing nothing from the ``"sample"`` stream: False for
+        a head whose loss draws noise (diffusion). Needs no parameters."""
+        return not _HEADS[self.config.head.kind].loss_draws_noise
 
     def loss(self, batch: dict[str, Any], *, train: bool = False, reduce: bool = False
              ) -> jnp.ndarray:

@@ -18,6 +18,9 @@ The parts that do not depend on the model:
       step = jit_remix_step(mesh)
       state, metrics = step(state, reference_params, put_remix_batch(batch, spec, mesh))
 
+* :mod:`~openx_train.remix.reference_cache`: the reference's losses computed once per training
+  frame (where they are a function of the frame) and given to the step in the batch
+  (``reference_loss``), instead of a reference forward pass in every step.
 * :mod:`~openx_train.remix.outputs`: ``alpha_<step>.json``, the final ``mixture_weights.json``
   and a plot of the weights over training.
 * :mod:`~openx_train.remix.budget`: a data budget split across domains by weight with
@@ -43,8 +46,10 @@ from openx_train.remix.outputs import (
     write_alpha,
     write_final_weights,
 )
+from openx_train.remix.reference_cache import cache_refusal, reference_losses
 from openx_train.remix.step import (
     DOMAIN_ID,
+    REFERENCE_LOSS,
     RemixState,
     create_remix_state,
     jit_remix_block_step,
@@ -71,12 +76,14 @@ from openx_train.remix.weights import (
 __all__ = [
     "BRIDGE",
     "DOMAIN_ID",
+    "REFERENCE_LOSS",
     "AlphaHistory",
     "BudgetSelection",
     "DomainStats",
     "RemixOptions",
     "RemixState",
     "RemixWeights",
+    "cache_refusal",
     "create_remix_state",
     "domain_statistics",
     "init_weights",
@@ -88,6 +95,7 @@ __all__ = [
     "proxy_objective",
     "put_remix_batch",
     "read_alpha_history",
+    "reference_losses",
     "remix_block_step",
     "remix_inputs",
     "remix_step",

@@ -17,7 +17,12 @@ Each step, for the global batch (issue 14, rules 2-5):
 * the per-example losses of the proxy (train mode: dropout on) and of the reference (eval mode,
   its parameters frozen: they get no gradient and are an argument, not part of the state); both
   draw the head's noise (the diffusion head's) from the same key, so that noise cancels in
-  their difference;
+  their difference. A batch may carry the reference's losses (``reference_loss``, float32
+  ``[B]``): then the step uses them and runs no reference forward pass. They are the same
+  numbers when the reference's loss is a function of the frame (a head whose loss draws no
+  noise, inputs without random goals or augmentation), which is when the Re-Mix run computes
+  them once per training frame
+  (:func:`~openx_train.remix.reference_cache.reference_losses`, ``remix.cache_reference``);
 * the excess ``e = loss_proxy - loss_ref`` of every example that counts (a real action, and
   ``example_mask`` True when the batch has one);
 * the per-domain statistics of ``e`` (:func:`~openx_train.remix.domain_statistics`); the
@@ -39,6 +44,7 @@ Metrics (on the device; fetch them at log intervals): ``loss`` (the proxy object
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -63,9 +69,12 @@ from openx_train.remix.weights import (
 )
 from openx_train.training.sharding import BATCH_AXIS, batch_sharding, replicated_sharding
 from openx_train.training.state import TrainState
+from openx_train.training.step import run_block
 
 #: The batch key of each example's domain (``DataLoader.domain_names`` index).
 DOMAIN_ID = "domain_id"
+#: The batch key of the reference's per-example losses, when they were computed ahead.
+REFERENCE_LOSS = "reference_loss"
 
 
 @flax.struct.dataclass
@@ -142,9 +151,10 @@ def remix_step(state: RemixState, reference_params: Any, batch: Mapping[str, Any
 
     Args:
       state: the :class:`RemixState` (donated by :func:`jit_remix_step`).
-      reference_params: the reference policy's parameters (frozen; not donated).
-      batch: model inputs with the training targets and ``domain_id``
-        (:func:`put_remix_batch`).
+      reference_params: the reference policy's parameters (frozen; not donated; unused when
+        the batch carries ``reference_loss``).
+      batch: model inputs with the training targets and ``domain_id``, optionally
+        ``reference_loss`` (:func:`put_remix_batch`).
 
     Returns:
       ``(new_state, metrics)`` (see the module docstring).
@@ -154,9 +164,12 @@ def remix_step(state: RemixState, reference_params: Any, batch: Mapping[str, Any
     weights = example_weights(batch)
     valid = weights > 0
     ids = batch[DOMAIN_ID]
-    reference_loss = jax.lax.stop_gradient(state.reference_policy.apply(
-        {"params": reference_params}, batch, train=False, method=Policy.loss,
-        rngs={"sample": sample_rng}))
+    if REFERENCE_LOSS in batch:
+        reference_loss = jax.lax.stop_gradient(batch[REFERENCE_LOSS])
+    else:
+        reference_loss = jax.lax.stop_gradient(state.reference_policy.apply(
+            {"params": reference_params}, batch, train=False, method=Policy.loss,
+            rngs={"sample": sample_rng}))
 
     def loss_fn(params):
         proxy_loss = state.policy.apply(
@@ -200,28 +213,35 @@ def jit_remix_step(mesh: Mesh) -> Callable[[RemixState, Any, Mapping[str, Any]],
                    out_shardings=(replicated, replicated), donate_argnums=0)
 
 
-def remix_block_step(state: RemixState, reference_params: Any, batches: Mapping[str, Any]
-                     ) -> tuple[RemixState, dict[str, jax.Array]]:
+def remix_block_step(state: RemixState, reference_params: Any, batches: Mapping[str, Any],
+                     *, unroll: bool = False) -> tuple[RemixState, dict[str, jax.Array]]:
     """:func:`remix_step` over a stacked block of batches (``[block, B, ...]``) with
-    ``lax.scan``; the metrics come stacked ``[block, ...]``."""
-    return jax.lax.scan(lambda s, b: remix_step(s, reference_params, b), state, batches)
+    ``lax.scan``, or unrolled (:func:`~openx_train.training.run_block`); the metrics come
+    stacked ``[block, ...]``."""
+    return run_block(lambda s, b: remix_step(s, reference_params, b), state, batches,
+                     unroll=unroll)
 
 
-def jit_remix_block_step(mesh: Mesh) -> Callable[[RemixState, Any, Mapping[str, Any]],
-                                                 tuple[RemixState, dict[str, jax.Array]]]:
+def jit_remix_block_step(mesh: Mesh, *, unroll: bool = False
+                         ) -> Callable[[RemixState, Any, Mapping[str, Any]],
+                                       tuple[RemixState, dict[str, jax.Array]]]:
     """:func:`remix_block_step` jitted for ``mesh`` (the training loop's block of batches per
     call, one transfer per block): state replicated and donated, reference parameters
-    replicated, batches split along their second axis."""
+    replicated, batches split along their second axis. ``unroll`` as the BC loop's block step
+    (:func:`~openx_train.training.loop.needs_unrolled_block`: image policies on CPU, whose
+    backward convolutions XLA's CPU backend runs far slower inside a while loop)."""
     replicated = replicated_sharding(mesh)
     blocks = NamedSharding(mesh, PartitionSpec(None, BATCH_AXIS))
-    return jax.jit(remix_block_step, in_shardings=(replicated, replicated, blocks),
+    return jax.jit(functools.partial(remix_block_step, unroll=unroll),
+                   in_shardings=(replicated, replicated, blocks),
                    out_shardings=(replicated, replicated), donate_argnums=0)
 
 
 def remix_inputs(batch: Mapping[str, Any], spec: InputSpec, *, num_domains: int | None = None
                  ) -> dict[str, Any]:
     """A loader batch's model inputs with the training targets and ``domain_id`` (numpy, on
-    the host); the loader's ``valid`` becomes ``example_mask`` when the batch has no mask.
+    the host), and ``reference_loss`` when the batch has it; the loader's ``valid`` becomes
+    ``example_mask`` when the batch has no mask.
 
     Args:
       batch: a loader batch (numpy).
@@ -233,7 +253,7 @@ def remix_inputs(batch: Mapping[str, Any], spec: InputSpec, *, num_domains: int 
 
     Raises:
       InputSpecError: for a batch that does not fit the spec, has no ``domain_id`` or one out
-        of range.
+        of range, or a ``reference_loss`` that is not one float per example.
     """
     host = model_inputs(batch, spec, train=True)
     size = len(np.asarray(host["action"]))
@@ -248,6 +268,12 @@ def remix_inputs(batch: Mapping[str, Any], spec: InputSpec, *, num_domains: int 
         raise InputSpecError(f"batch {DOMAIN_ID}: expected ids in [0, {num_domains}), given "
                              f"[{ids.min()}, {ids.max()}]")
     host[DOMAIN_ID] = ids.astype(np.int32, copy=False)
+    if REFERENCE_LOSS in batch:
+        losses = np.asarray(batch[REFERENCE_LOSS])
+        if losses.shape != (size,) or not np.issubdtype(losses.dtype, np.floating):
+            raise InputSpecError(f"batch {REFERENCE_LOSS}: expected float32 [{size}], given "
+                                 f"{losses.dtype.name} {list(losses.shape)}")
+        host[REFERENCE_LOSS] = losses.astype(np.float32, copy=False)
     if EXAMPLE_MASK not in host and "valid" in batch:
         host[EXAMPLE_MASK] = np.asarray(batch["valid"], np.bool_)
     return host

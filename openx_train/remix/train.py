@@ -21,6 +21,9 @@ the proxy, metrics and progress bar, with the Re-Mix block step in place of BC's
 * the domains: ``config.data.loader.domain_key`` (``"dataset"`` or an episode field such as
   ``"episode_metadata/operator"``); the initial weights ``config.remix.initial_weights``
   (``"size"``: each domain's share of frames, ``"uniform"``, or given);
+* the reference's losses computed once per training frame before the first step, where they
+  are a function of the frame (``config.remix.cache_reference``,
+  :mod:`~openx_train.remix.reference_cache`), so the step runs the proxy only;
 * in the run directory: ``alpha_<step>.json`` at step 0 and then every ``save_freq`` steps (at
   the first log step at or after each multiple), ``mixture_weights.json`` (``average_alpha`` in
   the loader's weights-file format, for ``train_bc.py --weights``) and ``weights.png`` (the
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -57,6 +61,12 @@ from openx_train.remix.outputs import (
     write_final_weights,
 )
 from openx_train.remix.reference import check_reference
+from openx_train.remix.reference_cache import (
+    cache_refusal,
+    reference_losses,
+    use_cache,
+    with_reference_losses,
+)
 from openx_train.remix.step import (
     RemixState,
     create_remix_state,
@@ -89,6 +99,11 @@ def remix_config() -> ml_collections.ConfigDict:
         aligned with the domains, a ``{domain: weight}`` dict, or a weights file.
       remix.reference_checkpoint: which checkpoint of the reference: ``"latest"``, ``"best"`` or
         a step number.
+      remix.cache_reference: ``"auto"`` (the default), ``"on"`` or ``"off"``: compute the
+        reference's loss once per training frame before training instead of in every step,
+        where that loss is a function of the frame
+        (:mod:`~openx_train.remix.reference_cache`); ``"auto"`` when the run draws at least as
+        many samples as there are training frames.
 
     The same config trains the reference and the final policy with ``train_bc.py`` (which
     ignores ``remix``), so the three runs agree on data, normalization and head.
@@ -102,7 +117,7 @@ def remix_config() -> ml_collections.ConfigDict:
     config.model.head.bin_type = "gaussian"
     config.remix = ml_collections.ConfigDict({
         "eta": 0.2, "smoothing": 5e-2, "absent": "keep", "initial_weights": "size",
-        "reference_checkpoint": "latest"})
+        "reference_checkpoint": "latest", "cache_reference": "auto"})
     return config
 
 
@@ -201,11 +216,16 @@ def with_reference_statistics(datasets: Sequence[Any], reference: Reference) -> 
 
 # ------------------------------------------------------------------------ loop pieces
 
-def put_remix_block(block: Mapping[str, Any], spec: InputSpec, mesh: Any) -> dict[str, Any]:
+def put_remix_block(block: Mapping[str, Any], spec: InputSpec, mesh: Any, *,
+                    reference_loss: np.ndarray | None = None) -> dict[str, Any]:
     """A stacked host block ``[K, B, ...]`` of loader batches as device arrays split along
-    ``B``, with ``domain_id`` (the BC loop's ``put_block`` keeps only the policy's inputs)."""
+    ``B``, with ``domain_id`` (the BC loop's ``put_block`` keeps only the policy's inputs) and,
+    given the reference's losses by row (:func:`~openx_train.remix.reference_losses`), each
+    example's ``reference_loss``."""
     k, b = np.shape(block["action"])[:2]
     flat = jax.tree.map(lambda x: np.reshape(x, (k * b, *np.shape(x)[2:])), dict(block))
+    if reference_loss is not None:
+        flat = with_reference_losses(flat, reference_loss)
     host = jax.tree.map(lambda x: np.reshape(x, (k, b, *x.shape[1:])), remix_inputs(flat, spec))
     sharding = NamedSharding(mesh, PartitionSpec(None, BATCH_AXIS))
     if jax.process_count() == 1:
@@ -289,6 +309,21 @@ class _AlphaWriter:
         self.last = step
 
 
+def _reference_cache(config: Any, setup: loop.Setup, policy: Any, params: Any, start: int
+                     ) -> np.ndarray | None:
+    """The reference's loss of every training frame by row, when ``remix.cache_reference``
+    and the run allow it (see :mod:`~openx_train.remix.reference_cache`); else None."""
+    setting = str(config.remix.get("cache_reference", "auto"))
+    refusal = cache_refusal(policy, setup.loader.config, setup.spec)
+    frames = int(sum(setup.loader.num_frames))
+    samples = (int(config.steps) - start) * int(config.batch_size)
+    if not use_cache(setting, refusal, samples=samples, frames=frames):
+        log.info("reference losses computed in every step (cache_reference=%r%s)", setting,
+                 f"; {refusal}" if refusal else f"; {samples} samples, {frames} frames")
+        return None
+    return reference_losses(policy, params, setup.loader.frame_pass(), setup.spec)
+
+
 # ------------------------------------------------------------------------------ train
 
 def train_remix(config: Any, reference: str | os.PathLike, path: str | os.PathLike
@@ -306,7 +341,8 @@ def train_remix(config: Any, reference: str | os.PathLike, path: str | os.PathLi
 
     Returns:
       The loop's last metrics (see :func:`~openx_train.training.loop.train`), plus
-      ``domains``, ``alpha`` and ``average_alpha`` (lists), ``weights_file`` and
+      ``domains``, ``alpha`` and ``average_alpha`` (lists), ``reference_cached`` (whether the
+      reference's losses were computed once per frame), ``weights_file`` and
       ``weights_plot`` (paths; None on processes other than 0).
 
     Raises:
@@ -353,7 +389,8 @@ def train_remix(config: Any, reference: str | os.PathLike, path: str | os.PathLi
             state = checkpointer.restore(state)
             log.info("resumed %s at step %d", path, start)
         reference_params = put_state(ref.params, setup.mesh)
-        jitted = jit_remix_block_step(setup.mesh)
+        cache = _reference_cache(config, setup, reference_policy, ref.params, start)
+        jitted = jit_remix_block_step(setup.mesh, unroll=loop.needs_unrolled_block(setup.spec))
 
         def block_step(s, batches):
             return jitted(s, reference_params, batches)
@@ -377,14 +414,15 @@ def train_remix(config: Any, reference: str | os.PathLike, path: str | os.PathLi
 
         result = loop.run_loop(setup, path, checkpointer=checkpointer, block_step=block_step,
                                state=state, block=block, on_log=on_log, time_origin=t0,
-                               put_fn=put_remix_block, summarize_fn=summarize)
+                               put_fn=functools.partial(put_remix_block, reference_loss=cache),
+                               summarize_fn=summarize)
         state = final["state"]
     finally:
         checkpointer.close()
     weights = jax.device_get(state.weights)
     result.update(domains=domains, alpha=np.asarray(weights.alpha).tolist(),
                   average_alpha=np.asarray(weights.average_alpha).tolist(),
-                  weights_file=None, weights_plot=None)
+                  reference_cached=cache is not None, weights_file=None, weights_plot=None)
     if process_index == 0:
         alphas.write(int(result["step"]), state, force=True)
         result["weights_file"] = write_final_weights(

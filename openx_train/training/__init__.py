@@ -31,6 +31,7 @@ from openx_train.training.step import (
     eval_step,
     jit_eval_step,
     jit_train_step,
+    run_block,
     train_step,
 )
 
@@ -49,6 +50,7 @@ __all__ = [
     "put_batch",
     "put_state",
     "replicated_sharding",
+    "run_block",
     "train_step",
     "weight_decay_mask",
 ]

@@ -35,7 +35,6 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
@@ -62,7 +61,12 @@ from openx_train.training.sharding import (
     replicated_sharding,
 )
 from openx_train.training.state import TrainState, create_train_state
-from openx_train.training.step import combine_eval_metrics, jit_eval_step, train_step
+from openx_train.training.step import (
+    combine_eval_metrics,
+    jit_eval_step,
+    run_block,
+    train_step,
+)
 
 log = logging.getLogger(__name__)
 
@@ -446,14 +450,7 @@ def jit_block_step(mesh: Any, step_fn: Callable = train_step, *, unroll: bool = 
     """
 
     def block_step(state, batches):
-        if not unroll:
-            return jax.lax.scan(step_fn, state, batches)
-        # A Python loop, not scan(unroll=True): a scan of length 1 stays a while loop.
-        metrics = []
-        for i in range(jax.tree.leaves(batches)[0].shape[0]):
-            state, m = step_fn(state, jax.tree.map(lambda x, i=i: x[i], batches))
-            metrics.append(m)
-        return state, jax.tree.map(lambda *xs: jnp.stack(xs), *metrics)
+        return run_block(step_fn, state, batches, unroll=unroll)
 
     replicated = replicated_sharding(mesh)
     return jax.jit(block_step,

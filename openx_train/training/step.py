@@ -103,6 +103,31 @@ def eval_step(state: TrainState, batch: Mapping[str, Any]) -> dict[str, jnp.ndar
             **_dataset_metrics(per_example, weights, batch, state.num_datasets)}
 
 
+def run_block(step_fn: Callable[[Any, Mapping[str, Any]], tuple[Any, Any]], state: Any,
+              batches: Mapping[str, Any], *, unroll: bool = False) -> tuple[Any, Any]:
+    """``step_fn`` over a stacked block of batches (``[K, B, ...]``), inside a jitted function:
+    a ``lax.scan`` over the block, or with ``unroll`` straight-line code (a Python loop over the
+    block: no XLA while loop, see :func:`~openx_train.training.loop.needs_unrolled_block`;
+    ``scan(unroll=True)`` would keep a block of one batch a while loop).
+
+    Args:
+      step_fn: ``(state, batch) -> (state, metrics)``.
+      state: the state before the block.
+      batches: the block, every leaf stacked on a leading axis.
+      unroll: unroll the block.
+
+    Returns:
+      The state after the block and the metrics stacked ``[K, ...]``.
+    """
+    if not unroll:
+        return jax.lax.scan(step_fn, state, batches)
+    metrics = []
+    for i in range(jax.tree.leaves(batches)[0].shape[0]):
+        state, m = step_fn(state, jax.tree.map(lambda x, i=i: x[i], batches))
+        metrics.append(m)
+    return state, jax.tree.map(lambda *xs: jnp.stack(xs), *metrics)
+
+
 def jit_train_step(mesh: Mesh) -> Callable[[TrainState, Mapping[str, Any]],
                                            tuple[TrainState, dict[str, jnp.ndarray]]]:
     """:func:`train_step` jitted for ``mesh``: state replicated and donated, batch split along

@@ -5,6 +5,7 @@ training run through the real jitted step."""
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable
 
 import jax
@@ -45,6 +46,22 @@ def fake_batch(batch_size: int = 4, *, n_obs: int = 2, n_action: int = 3, state_
         batch["language_instruction"] = np.array(
             [INSTRUCTIONS[i % 2] for i in range(batch_size)], object)
     return batch
+
+
+def tiny_image_config():
+    """A small-CNN image policy (width 4, 2 keypoints, trunk 8): quick to compile."""
+    config = models.model_config()
+    config.image_encoder.kind, config.image_encoder.width = "conv", 4
+    config.image_encoder.num_keypoints = 2
+    config.trunk.hidden_dims = (8,)
+    return config
+
+
+def compiled_convolutions(jitted, *args) -> list[str]:
+    """Where each convolution of ``jitted``'s compiled program for ``args`` came from: the
+    op_name of its metadata (with ``/while/body/`` inside a loop)."""
+    hlo = jitted.lower(*args).compile().as_text()
+    return re.findall(r" convolution\(.*op_name=\"([^\"]*)\"", hlo)
 
 
 def fit(config, batches: Callable[[int], dict], steps: int, *, learning_rate: float = 3e-3,

@@ -239,6 +239,39 @@ def test_mixture_proportions_follow_the_weights(cheetah_dir, tmp_path):
         make_dataloader([datasets[0], DatasetConfig(other, STATE)], LoaderConfig())
 
 
+def test_frame_pass_gives_every_frame_once_under_its_training_row(cheetah_dir, tmp_path):
+    # Two datasets (rows of the second follow the first's), the loader of process 1 of 2:
+    # the pass still covers every frame of both, each with its training row and values.
+    other = log_cheetah(str(tmp_path / "other"), episodes=2, seed=7)
+    datasets = [DatasetConfig(cheetah_dir, STATE),
+                DatasetConfig(other, STATE, name="half_cheetah_b")]
+    config = LoaderConfig(batch_size=16, n_obs=2, n_action=3, seed=4, process_index=1,
+                          process_count=2)
+    loader = make_dataloader(datasets, config)
+    frame_pass = loader.frame_pass()
+    total = FRAMES + 2 * CHEETAH_STEPS
+    assert len(frame_pass) == -(-total // 16)
+    passed = list(frame_pass)
+    assert all(len(b["row"]) == 16 for b in passed)  # the last batch is padded
+    valid = np.concatenate([b["valid"] for b in passed])
+    assert valid.sum() == total and valid[:total].all()
+    by_row = {}
+    for b in passed:
+        for i in np.flatnonzero(b["valid"]):
+            by_row[int(b["row"][i])] = (b["dataset_id"][i], b["episode_index"][i],
+                                        b["step_index"][i], b["observation"]["state"][i],
+                                        b["action"][i], b["action_pad_mask"][i])
+    assert len(by_row) == total  # every frame once
+    for b in _take(loader, 8):
+        assert b["row"].dtype == np.int64
+        for i, row in enumerate(b["row"]):
+            d, e, t, state, action, mask = by_row[int(row)]
+            assert (d, e, t) == (b["dataset_id"][i], b["episode_index"][i], b["step_index"][i])
+            np.testing.assert_array_equal(state, b["observation"]["state"][i])
+            np.testing.assert_array_equal(action, b["action"][i])
+            np.testing.assert_array_equal(mask, b["action_pad_mask"][i])
+
+
 def test_camera_pipeline_end_to_end(camera_dir):
     structure = Structure(state=("observation/state",),
                           images={"image_primary": Camera("observation/image", 16),

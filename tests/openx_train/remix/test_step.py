@@ -27,7 +27,7 @@ from openx_train.remix import (
     remix_inputs,
 )
 from openx_train.remix import step as step_module
-from tests.openx_train.model_helpers import fit
+from tests.openx_train.model_helpers import compiled_convolutions, fit, tiny_image_config
 from tests.openx_train.remix.remix_helpers import domain_batch, make_state, tiny_config
 from tests.openx_train.remix.test_weights import numpy_objective, numpy_update
 
@@ -201,12 +201,19 @@ def test_a_reference_with_other_inputs_is_refused():
         create_remix_state(proxy, np.full(K, 0.25), reference_policy=other)
 
 
-def test_a_block_of_steps_is_the_steps_one_by_one():
+def _twin_states():
+    """Four batches, the mesh, the spec and policy, two identical fresh Re-Mix states (discrete
+    head, dropout) and the reference's parameters."""
     config = tiny_config(head="discrete", dropout=0.1)
     batches = [domain_batch(8, K, seed=s) for s in range(4)]
     mesh = training.make_mesh(jax.devices()[:1])
-    spec, _, one, ref = make_state(config, batches[0], np.full(K, 0.25), mesh=mesh)
-    _, _, block, _ = make_state(config, batches[0], np.full(K, 0.25), mesh=mesh)
+    spec, policy, a, ref = make_state(config, batches[0], np.full(K, 0.25), mesh=mesh)
+    _, _, b, _ = make_state(config, batches[0], np.full(K, 0.25), mesh=mesh)
+    return batches, mesh, spec, policy, a, b, ref
+
+
+def test_a_block_of_steps_is_the_steps_one_by_one():
+    batches, mesh, spec, _, one, block, ref = _twin_states()
     step = jit_remix_step(mesh)
     for b in batches:
         one, _ = step(one, ref, put_remix_batch(b, spec, mesh))
@@ -219,3 +226,60 @@ def test_a_block_of_steps_is_the_steps_one_by_one():
                                rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                  jax.device_get(block.params), jax.device_get(one.params))
+
+
+def test_given_the_reference_losses_the_step_learns_the_same_without_the_reference():
+    # The batch carries the reference's eval-mode losses (as the Re-Mix run's cache gives
+    # them): the step uses them and never the reference's parameters (NaN here), and learns
+    # what the step that runs the reference learns.
+    batches, mesh, spec, policy, computed, given, ref = _twin_states()
+    nan_ref = jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), ref)
+    step = jit_remix_step(mesh)
+    ref_host = jax.device_get(ref)
+    for b in batches:
+        losses = _losses(policy, ref_host, b, spec).astype(np.float32)
+        computed, m_computed = step(computed, ref, put_remix_batch(b, spec, mesh))
+        given, m_given = step(given, nan_ref, put_remix_batch(
+            b | {step_module.REFERENCE_LOSS: losses}, spec, mesh))
+        for key in ("loss", "reference_loss", "alpha", "domain_positive_excess"):
+            np.testing.assert_allclose(m_given[key], m_computed[key], rtol=1e-5, atol=1e-6)
+    assert np.abs(np.asarray(given.weights.alpha) - 0.25).max() > 1e-4  # they moved
+    np.testing.assert_allclose(given.weights.average_alpha, computed.weights.average_alpha,
+                               rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 jax.device_get(given.params), jax.device_get(computed.params))
+    with pytest.raises(InputSpecError, match=r"reference_loss: expected float32 \[8\], given"):
+        put_remix_batch(batches[0] | {step_module.REFERENCE_LOSS: np.zeros(7, np.float32)},
+                        spec, mesh)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_the_image_block_step_is_unrolled_on_cpu_with_the_rolled_values(k):
+    # As the BC loop's block (tests/openx_train/training/test_loop.py): XLA's CPU backend runs
+    # the backward convolutions of a while-loop body in a naive loop, so the training run
+    # unrolls an image policy's block on CPU; no convolution inside a while loop, same values.
+    from openx_train.training import loop
+
+    batch = domain_batch(4, K, seed=0, n_obs=1, n_action=1, state_dim=3, cameras=("image",),
+                         image_size=8)
+    mesh = training.make_mesh(jax.devices()[:1])
+    spec, _, state, ref = make_state(tiny_image_config(), batch, np.full(K, 0.25), mesh=mesh)
+    assert loop.needs_unrolled_block(spec) == (jax.default_backend() == "cpu")
+    block = jax.tree.map(lambda x: np.stack([x] * k), remix_inputs(batch, spec))
+    rolled, unrolled = (jit_remix_block_step(mesh, unroll=u) for u in (False, True))
+    assert len(compiled_convolutions(rolled, state, ref, block)) >= 6
+    assert all("/while/body/" in n for n in compiled_convolutions(rolled, state, ref, block))
+    in_unrolled = compiled_convolutions(unrolled, state, ref, block)
+    assert len(in_unrolled) >= 3 and not any("/while/" in n for n in in_unrolled)
+    state_r, metrics_r = rolled(jax.tree.map(np.array, state), ref, block)
+    state_u, metrics_u = unrolled(state, ref, block)
+    assert metrics_u["alpha"].shape == (k, K)
+    np.testing.assert_allclose(metrics_u["loss"], metrics_r["loss"], rtol=1e-5)
+    np.testing.assert_allclose(state_u.weights.alpha, state_r.weights.alpha, rtol=1e-5)
+    # The spatial softmax is invariant to its keypoints' bias (it shifts every logit of a
+    # channel alike): that gradient is rounding noise, which Adam scales to whole steps, so
+    # it is left out of the comparison.
+    rolled_params = dict(jax.tree_util.tree_flatten_with_path(state_r.params)[0])
+    for path, value in jax.tree_util.tree_flatten_with_path(state_u.params)[0]:
+        if not jax.tree_util.keystr(path).endswith("['keypoints']['bias']"):
+            np.testing.assert_allclose(value, rolled_params[path], rtol=1e-4, atol=1e-6)

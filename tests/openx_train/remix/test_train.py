@@ -137,6 +137,51 @@ def test_train_remix_writes_the_run_and_resumes(operators_dir, reference_dir, tm
     assert read_alpha_history(path).steps.tolist() == [0, 8, 16, 24]
 
 
+def test_cached_reference_losses_learn_the_weights_of_the_reference_in_the_step(
+        operators_dir, reference_dir, tmp_path):
+    # The reference's losses computed once per training frame (remix.cache_reference='on'),
+    # and resumed (the cache is computed again, not saved): the weights and parameters of a
+    # run whose step runs the reference ('off').
+    fixed = {"optimizer.decay_steps": 100}
+    cached_path = os.fspath(tmp_path / "cached")
+    first = train_remix(small_config(operators_dir, **{"remix.cache_reference": "on"}, **fixed),
+                        reference_dir, cached_path)
+    assert first["reference_cached"] and first["step"] == 16
+    cached = train_remix(small_config(operators_dir, steps=24, **fixed,
+                                      **{"remix.cache_reference": "on"}),
+                         reference_dir, cached_path)
+    computed_path = os.fspath(tmp_path / "computed")
+    computed = train_remix(small_config(operators_dir, steps=24, **fixed,
+                                        **{"remix.cache_reference": "off"}),
+                           reference_dir, computed_path)
+    assert cached["reference_cached"] and not computed["reference_cached"]
+    assert np.abs(np.asarray(computed["alpha"]) - first["alpha"]).max() > 1e-5  # moved on
+    np.testing.assert_allclose(cached["alpha"], computed["alpha"], rtol=1e-5)
+    np.testing.assert_allclose(cached["average_alpha"], computed["average_alpha"], rtol=1e-5)
+    np.testing.assert_allclose(cached["reference_loss"], computed["reference_loss"], rtol=1e-5)
+    params = [run_lib.restore_params(p, "latest", local=True)[0]
+              for p in (cached_path, computed_path)]
+    import jax
+
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), *params)
+
+
+def test_a_head_whose_loss_draws_noise_computes_the_reference_in_the_step(operators_dir,
+                                                                          tmp_path):
+    diffusion = {"model.head.kind": "diffusion", "model.head.hidden_dim": 16,
+                 "model.head.num_blocks": 1, "steps": 8}
+    reference = os.fspath(tmp_path / "ref")
+    loop.train(small_config(operators_dir, **diffusion), reference)
+    auto = train_remix(small_config(operators_dir, **diffusion), reference,
+                       os.fspath(tmp_path / "auto"))
+    assert not auto["reference_cached"] and np.isfinite(auto["loss"])
+    with pytest.raises(ConfigError, match="cache_reference='on': the reference's loss of a "
+                                          "sample is not a function of its frame here: the "
+                                          "diffusion head's loss draws noise"):
+        train_remix(small_config(operators_dir, **diffusion, **{"remix.cache_reference": "on"}),
+                    reference, os.fspath(tmp_path / "on"))
+
+
 def test_a_mismatched_reference_is_refused_listing_the_differences(operators_dir,
                                                                    reference_dir, tmp_path):
     config = small_config(operators_dir)
@@ -270,9 +315,11 @@ def test_the_cli_as_two_processes(operators_dir, reference_dir, tmp_path):
     reference, both end with the same weights and process 0 writes the run's files. (The
     loader gives each process its own draws of domains, so the global batches are not those of
     one process with a batch twice as large: the weights are close to the one-process run's,
-    not equal; the exact comparison is the step's, above.)"""
+    not equal; the exact comparison is the step's, above.) The reference's losses are cached
+    (each process computes every frame's, on its own device)."""
     args = ("--config.steps=8", "--config.log_freq=8", "--config.save_freq=8",
-            "--config.val_freq=8", f"--reference={reference_dir}", f"--data={operators_dir}")
+            "--config.val_freq=8", "--config.remix.cache_reference=on",
+            f"--reference={reference_dir}", f"--data={operators_dir}")
     single = subprocess.run(_cli(TRAIN_REMIX, f"--path={tmp_path / 'one'}", *args),
                             capture_output=True, text=True, env=_env(), timeout=600)
     assert single.returncode == 0, single.stderr[-3000:]
@@ -282,6 +329,7 @@ def test_the_cli_as_two_processes(operators_dir, reference_dir, tmp_path):
              f"--process_id={i}", f"--coordinator_address={address}"),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env()) for i in (0, 1)]
     outs = [_last_json(out) for out in _wait(procs)]
+    assert outs[0]["reference_cached"] and outs[1]["reference_cached"]
     assert outs[0]["alpha"] == outs[1]["alpha"]
     assert outs[0]["average_alpha"] == outs[1]["average_alpha"]
     one = _last_json(single.stdout)

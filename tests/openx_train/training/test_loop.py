@@ -25,6 +25,7 @@ from openx_train.data import DatasetConfig, LoaderConfig, Structure, make_datalo
 from openx_train.training import loop
 from oxe_envlogger import AutoOXEEnvLogger
 from oxe_envlogger.envs import make_policy, run_episodes
+from tests.openx_train.model_helpers import compiled_convolutions, fake_batch, tiny_image_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
 TRAIN_BC = os.path.join(ROOT, "tools", "train_bc.py")
@@ -355,17 +356,8 @@ def test_images_and_language_train_in_blocks(camera_dir, tmp_path):
 def _image_block(k: int, b: int = 4):
     from openx_train import models, training
 
-    rs = np.random.default_rng(0)
-    mask = np.ones((b, 1), bool)
-    batch = {"observation": {"state": rs.normal(size=(b, 1, 3)).astype(np.float32),
-                             "image": rs.integers(0, 256, (b, 1, 8, 8, 3), dtype=np.uint8),
-                             "pad_mask": mask, "pad_mask_dict": {"state": mask, "image": mask}},
-             "action": rs.uniform(-1, 1, (b, 1, 2)).astype(np.float32),
-             "action_pad_mask": mask, "dataset_id": np.zeros(b, np.int32)}
-    config = models.model_config()
-    config.image_encoder.kind, config.image_encoder.width = "conv", 4
-    config.image_encoder.num_keypoints = 2
-    config.trunk.hidden_dims = (8,)
+    batch = fake_batch(b, n_obs=1, n_action=1, state_dim=3, cameras=("image",), image_size=8)
+    config = tiny_image_config()
     spec = models.input_spec(config, batch)
     mesh = training.make_mesh()
     state = training.put_state(training.create_train_state(
@@ -382,7 +374,6 @@ def test_image_block_step_is_unrolled_on_cpu_with_the_rolled_values(k):
     # alone; bench/bench_train.py --only block), so an image block step is unrolled on CPU:
     # no convolution inside a while loop, and the same values as the rolled scan.
     import dataclasses
-    import re
 
     spec, mesh, state, block = _image_block(k)
     assert loop.needs_unrolled_block(spec) == (jax.default_backend() == "cpu")
@@ -391,9 +382,8 @@ def test_image_block_step_is_unrolled_on_cpu_with_the_rolled_values(k):
     assert not loop.needs_unrolled_block(state_only)
     rolled, unrolled = (loop.jit_block_step(mesh, unroll=u) for u in (False, True))
 
-    def convolutions(step):  # where each convolution of the compiled program came from
-        hlo = step.lower(state, block).compile().as_text()
-        return re.findall(r" convolution\(.*op_name=\"([^\"]*)\"", hlo)
+    def convolutions(step):
+        return compiled_convolutions(step, state, block)
 
     assert len(convolutions(rolled)) >= 6  # 3 forward, their input and weight gradients
     assert all("/while/body/" in name for name in convolutions(rolled))
