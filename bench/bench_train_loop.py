@@ -22,12 +22,20 @@ are for):
 For scale (issue 13): the OpenX/Re-Mix trainer's ``train_bc.py`` here runs about 21 steps/s
 (48-bin head), takes 38 s to its first step and peaks at about 1 GB.
 
-Image BC (``--image``): ResNet-18, 2 cameras at 128x128, history 2, chunk 4, batch 64, on the
-synthetic camera env: steps/s and data wait share (a few steps; slow on 2 CPUs).
+Image BC (``--only image``): ResNet-18 (width 64, spatial softmax, one per camera), 2 cameras at
+128x128, history 2, chunk 4, batch 64, MSE head, augmentation on, on 20 episodes of the
+synthetic camera env logged by our SDK at 128x128: the loop's steps/s and data wait share over
+its log intervals after ``--image_warmup`` steps (median of the intervals, median of
+``--image_reps`` runs), and ``over_bare_step``: that over the same jitted step (the loop's
+``jit_block_step``, one batch a call, as the loop runs image policies) on one device-resident
+batch from the real loader, timed in this process after the runs. Each step is hundreds of
+GFLOP: tens of seconds on 2 CPUs, minutes on 2 busy ones.
 
 Usage::
 
-    python bench/bench_train_loop.py [--reps 3] [--steps 1600] [--heads mse,discrete] [--image]
+    python bench/bench_train_loop.py [--reps 3] [--steps 1600] [--heads mse,discrete]
+        [--only state,image] [--image_reps 3] [--image_warmup 4] [--image_steps 16]
+        [--image_log_freq 4]
 """
 
 from __future__ import annotations
