@@ -28,8 +28,9 @@ synthetic camera env logged by our SDK at 128x128: the loop's steps/s and data w
 its log intervals after ``--image_warmup`` steps (median of the intervals, median of
 ``--image_reps`` runs), and ``over_bare_step``: that over the same jitted step (the loop's
 ``jit_block_step``, one batch a call, as the loop runs image policies) on one device-resident
-batch from the real loader, timed in this process after the runs. Each step is hundreds of
-GFLOP: tens of seconds on 2 CPUs, minutes on 2 busy ones.
+batch from the real loader, timed in this process after the runs. Each step is of the order
+of a teraflop (256 frames through ResNet-18, forward and backward): about a minute or more on
+2 idle CPUs, minutes on 2 busy ones.
 
 Usage::
 
