@@ -30,9 +30,10 @@ def _train(path, data, *extra, env=None) -> subprocess.CompletedProcess:
            "--config.compilation_cache=none", "--config.data.val_fraction=0.25",
            "--config.optimizer.warmup_steps=4", "--config.optimizer.decay_steps=40",
            "--config.log_freq=8", "--config.save_freq=8", "--config.val_freq=8", *extra]
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "WANDB_MODE": "offline",
-           "WANDB_SILENT": "true", "WANDB_BASE_URL": _NO_NETWORK, "HTTP_PROXY": _NO_NETWORK,
-           "HTTPS_PROXY": _NO_NETWORK, **(env or {})}
+    # No WANDB_MODE: offline is the loop's own default (--wandb_mode).
+    env = {**{k: v for k, v in os.environ.items() if k != "WANDB_MODE"},
+           "TF_CPP_MIN_LOG_LEVEL": "2", "WANDB_SILENT": "true", "WANDB_BASE_URL": _NO_NETWORK,
+           "HTTP_PROXY": _NO_NETWORK, "HTTPS_PROXY": _NO_NETWORK, **(env or {})}
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     return p
