@@ -24,12 +24,21 @@ are for):
 For scale (issue 13): the OpenX/Re-Mix trainer's ``train_bc.py`` here runs about 21 steps/s
 (48-bin head), takes 38 s to its first step and peaks at about 1 GB.
 
-Image BC (``--image``): ResNet-18, 2 cameras at 128x128, history 2, chunk 4, batch 64, on the
-synthetic camera env: steps/s and data wait share (a few steps; slow on 2 CPUs).
+Image BC (``--only image``): ResNet-18 (width 64, spatial softmax, one per camera), 2 cameras at
+128x128, history 2, chunk 4, batch 64, MSE head, augmentation on, on 20 episodes of the
+synthetic camera env logged by our SDK at 128x128: the loop's steps/s and data wait share over
+its log intervals after ``--image_warmup`` steps (median of the intervals, median of
+``--image_reps`` runs), and ``over_bare_step``: that over the same jitted step (the loop's
+``jit_block_step``, one batch a call, as the loop runs image policies) on one device-resident
+batch from the real loader, timed in this process after the runs. Each step is of the order
+of a teraflop (256 frames through ResNet-18, forward and backward): about a minute or more on
+2 idle CPUs, minutes on 2 busy ones.
 
 Usage::
 
-    python bench/bench_train_loop.py [--reps 3] [--steps 1600] [--heads mse,discrete] [--image]
+    python bench/bench_train_loop.py [--reps 3] [--steps 1600] [--heads mse,discrete]
+        [--only state,image] [--image_reps 3] [--image_warmup 4] [--image_steps 16]
+        [--image_log_freq 4]
 """
 
 from __future__ import annotations
@@ -234,25 +243,91 @@ def bench_state(work: str, *, reps: int, steps: int, heads: list[str]) -> dict:
                        "reps": reps}, "heads": out}
 
 
-def bench_image(work: str, *, steps: int) -> dict:
+# The issue's image config on the camera config: ResNet-18 per camera (spatial softmax, 64
+# keypoints), 2 cameras at 128x128, history 2, chunk 4, batch 64, no language, one batch a call.
+IMAGE_OVERRIDES = {
+    "batch_size": 64, "data.loader.n_obs": 2, "data.loader.n_action": 4,
+    "data.structure.images.image.size": (128, 128),
+    "data.structure.images.image_wrist.size": (128, 128),
+    "model.image_encoder.kind": "resnet18", "model.image_encoder.width": 64,
+    "model.image_encoder.num_keypoints": 64, "model.task.language": "none",
+    "optimizer.warmup_steps": 1, "steps_per_call": 1, "val_freq": 0,
+}
+
+
+def _set(config, dotted: str, value) -> None:
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        config = config[p]
+    config[leaf] = value
+
+
+def image_bare_times(data: str, cache: str, steps: int) -> list[float]:
+    """Seconds per call of the loop's own jitted step (``jit_block_step``, one batch a call
+    as the loop runs it) on one device-resident block from the real loader, same config (the
+    persistent compilation cache of the CLI run makes its compile a cache hit)."""
+    import jax
+
+    from openx_train.configs.bc import synthetic_camera
+    from openx_train.training import loop
+
+    config = synthetic_camera.get_config()
+    for k, v in IMAGE_OVERRIDES.items():
+        _set(config, k, v)
+    config.data.datasets = [{"path": data}]
+    config.steps = 10**6
+    loop.enable_compilation_cache(cache)
+    setup = loop.build(config, block=1)
+    device = loop.put_block(next(setup.batches), setup.spec, setup.mesh)
+    step = loop.jit_block_step(setup.mesh, unroll=loop.needs_unrolled_block(setup.spec))
+    state, metrics = step(setup.state, device)
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        state, metrics = step(state, device)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def bench_image(work: str, *, reps: int, warmup: int, steps: int, log_freq: int) -> dict:
+    """The real loop (tools/train_bc.py) at the image config, ``warmup`` steps then ``steps``
+    timed in intervals of ``log_freq``, ``reps`` runs; then the same jitted step on one
+    device-resident batch, ``steps`` calls per rep, in this process."""
     data = log_camera(os.path.join(work, "camera128"), 20)
-    overrides = [f"--config.steps={steps}", "--config.log_freq=4", "--config.val_freq=0",
-                 f"--config.save_freq={steps}", "--config.batch_size=64",
-                 "--config.data.loader.n_obs=2", "--config.data.loader.n_action=4",
-                 "--config.model.image_encoder.kind=resnet18",
-                 "--config.model.image_encoder.width=64",
-                 "--config.model.image_encoder.num_keypoints=64",
-                 "--config.model.task.language=none", "--config.optimizer.warmup_steps=1",
-                 "--config.data.structure.images.image.size=(128,128)",
-                 "--config.data.structure.images.image_wrist.size=(128,128)"]
-    shutil.rmtree(os.path.join(work, "xla_image"), ignore_errors=True)
-    res = run_cli(CAMERA_CONFIG, os.path.join(work, "run_image"), data, overrides,
-                  os.path.join(work, "xla_image"))
-    rate, wait = _interval_figures(res["rows"])
+    total = warmup + steps
+    overrides = [f"--config.{k}={v}" for k, v in IMAGE_OVERRIDES.items()] + [
+        f"--config.steps={total}", f"--config.log_freq={log_freq}",
+        f"--config.save_freq={total}", f"--config.optimizer.decay_steps={total}"]
+    cache = os.path.join(work, "xla_image")
+    shutil.rmtree(cache, ignore_errors=True)
+    rates, waits, firsts, intervals = [], [], [], []
+    for r in range(reps):
+        res = run_cli(CAMERA_CONFIG, os.path.join(work, f"run_image_{r}"), data, overrides,
+                      cache)
+        timed = [row for row in res["rows"]  # the first interval holds the compile
+                 if row.get("steps_per_sec") and int(row["step"]) > warmup]
+        intervals.append([round(float(row["steps_per_sec"]), 4) for row in timed])
+        rates.append(statistics.median(float(row["steps_per_sec"]) for row in timed))
+        waits.append(statistics.median(float(row["data_wait_share"]) for row in timed))
+        firsts.append(res["command_to_first_step_s"])
+    bare = image_bare_times(data, cache, steps * reps)
+    bare_rate = 1.0 / statistics.median(bare)
+    loop_rate = statistics.median(rates)
     return {"config": {"batch": 64, "cameras": 2, "image": 128, "n_obs": 2, "n_action": 4,
-                       "encoder": "resnet18, one per camera", "steps": steps},
-            "steps_per_s": round(rate, 3), "data_wait_share": round(wait, 4),
-            "first_step_s_cold_cache": round(res["command_to_first_step_s"], 2)}
+                       "encoder": "resnet18 width 64, spatial softmax 64 kp, one per camera",
+                       "head": "mse", "trunk": [256, 256], "augment": True,
+                       "warmup_steps": warmup, "timed_steps": steps, "log_freq": log_freq,
+                       "reps": reps},
+            "loop_steps_per_s": round(loop_rate, 4),
+            "loop_s_per_step": round(1.0 / loop_rate, 2),
+            "loop_intervals_steps_per_s": intervals,
+            "data_wait_share": round(statistics.median(waits), 4),
+            "bare_step_per_s": round(bare_rate, 4),
+            "bare_s_per_step": [round(t, 2) for t in bare],
+            "over_bare_step": round(loop_rate / bare_rate, 3),
+            "first_step_s_cold_cache": round(firsts[0], 2)}
 
 
 def main() -> None:
@@ -260,19 +335,25 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--steps", type=int, default=1600)
     parser.add_argument("--heads", default="mse,discrete")
-    parser.add_argument("--image", action="store_true")
-    parser.add_argument("--image_steps", type=int, default=12)
+    parser.add_argument("--only", default="state", help="comma-separated: state, image")
+    parser.add_argument("--image_reps", type=int, default=3)
+    parser.add_argument("--image_warmup", type=int, default=4)
+    parser.add_argument("--image_steps", type=int, default=16, help="timed steps per rep")
+    parser.add_argument("--image_log_freq", type=int, default=4)
     parser.add_argument("--work", default=None, help="Where to log the data and write runs "
                         "(default: a temporary directory).")
     args = parser.parse_args()
+    only = set(args.only.split(","))
     work = args.work or tempfile.mkdtemp(prefix="bench_train_loop_")
     os.makedirs(work, exist_ok=True)
     out = {"bench": "train_loop", "workload": "W5: tools/train_bc.py against its jitted step",
            "cpus": os.cpu_count()}
-    out["state"] = bench_state(work, reps=args.reps, steps=args.steps,
-                               heads=args.heads.split(","))
-    if args.image:
-        out["image"] = bench_image(work, steps=args.image_steps)
+    if "state" in only:
+        out["state"] = bench_state(work, reps=args.reps, steps=args.steps,
+                                   heads=args.heads.split(","))
+    if "image" in only:
+        out["image"] = bench_image(work, reps=args.image_reps, warmup=args.image_warmup,
+                                   steps=args.image_steps, log_freq=args.image_log_freq)
     print(json.dumps(out))
 
 

@@ -28,6 +28,7 @@ import json
 import logging
 import math
 import os
+import secrets
 import signal
 import threading
 import time
@@ -504,15 +505,7 @@ class MetricsWriter:
         self._tb = EventWriter(os.path.join(path, run_lib.TENSORBOARD_DIR))
         wandb_config = dict(wandb_config or {})
         if wandb_config.get("project"):
-            try:
-                import wandb
-            except ImportError:
-                log.warning("wandb: not installed; metrics go to metrics.csv and TensorBoard")
-            else:
-                self._wandb = wandb.init(project=wandb_config["project"],
-                                         name=wandb_config.get("name") or None,
-                                         mode=wandb_config.get("mode") or "offline", dir=path,
-                                         config=_plain(config), resume="allow")
+            self._wandb = start_wandb(path, wandb_config, config)
 
     def _rewrite(self) -> None:
         tmp = self.path + ".tmp"
@@ -538,13 +531,52 @@ class MetricsWriter:
         self._tb.scalars(step, {k: v for k, v in values.items()
                                 if v is not None and np.isfinite(v)})
         if self._wandb is not None:
-            self._wandb.log(dict(values), step=step)
+            self._wandb.log({k: v for k, v in values.items() if v is not None}, step=step)
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+WANDB_DIR = "wandb"
+WANDB_ID_FILE = "run_id"
+
+
+def start_wandb(path: str, options: Mapping[str, Any], config: Any = None) -> Any:
+    """The wandb run of a run directory, or None (with a warning) when wandb is not installed.
+
+    wandb writes under ``path/wandb`` (offline runs as ``offline-run-*/run-*.wandb``, which
+    ``wandb sync`` uploads). The wandb run id is kept in ``path/wandb/run_id``, so a resumed
+    training run logs into the same wandb run.
+
+    Args:
+      path: the run directory.
+      options: ``project``, ``name`` (empty: wandb's), ``mode`` (``"offline"`` by default,
+        ``"online"``, ``"disabled"``).
+      config: the training config, stored with the wandb run.
+    """
+    try:
+        import wandb
+    except ImportError:
+        log.warning("wandb: project %r asked for, but wandb is not installed (pip install "
+                    "wandb); metrics go to metrics.csv and TensorBoard only",
+                    options["project"])
+        return None
+    directory = os.path.join(path, WANDB_DIR)
+    os.makedirs(directory, exist_ok=True)
+    id_file = os.path.join(directory, WANDB_ID_FILE)
+    if os.path.exists(id_file):
+        with open(id_file) as f:
+            run_id = f.read().strip()
+    else:
+        run_id = secrets.token_hex(4)  # wandb's id alphabet: [a-z0-9]
+        with open(id_file, "w") as f:
+            f.write(run_id + "\n")
+    return wandb.init(project=options["project"], name=options.get("name") or None,
+                      mode=options.get("mode") or "offline", dir=path, id=run_id,
+                      config=_plain(config), resume="allow")
 
 
 def _fmt(v: Any) -> Any:
@@ -847,6 +879,7 @@ __all__ = [
     "put_block",
     "report",
     "run_loop",
+    "start_wandb",
     "summarize",
     "train",
     "train_config",

@@ -20,10 +20,10 @@ def get_config() -> ml_collections.ConfigDict:
     config = train_config()
     config.data.datasets = [{"path": "demo_out/camera"}]
     config.data.structure = {
-        "state": ["observation/state"],
-        "images": {"image": {"key": "observation/image", "size": [48, 48]},
-                   "image_wrist": {"key": "observation/wrist_image", "size": [24, 24]}},
-        "action": ["action"],
+        "state": ("observation/state",),
+        "images": {"image": {"key": "observation/image", "size": (48, 48)},
+                   "image_wrist": {"key": "observation/wrist_image", "size": (24, 24)}},
+        "action": ("action",),
         "language": "language_instruction",
     }
     augment = config.data.loader.augment_options
