@@ -245,7 +245,9 @@ def test_a_split_episode_stays_near_its_budget_in_memory(dataset_dir):
     steps = 300_000
     out = in_subprocess(_split_episode_peak, dataset_dir, steps, budget)
     assert out["parts"] >= 5
-    assert out["peak_above_start"] < 4 * budget, out
+    # 4.15x was measured once beside a CPU-bound benchmark (the writer fell behind by a part
+    # more); the regression this guards against held 11x.
+    assert out["peak_above_start"] < 5 * budget, out
     episodes = list(reader.read_episodes(dataset_dir))
     episodes.sort(key=lambda e: (len(e["episode_id"]), e["episode_id"]))
     assert len(episodes) == out["parts"]
