@@ -89,6 +89,22 @@ def _time_ours(step, state, batch, steps):
     return state, steps / (time.perf_counter() - t0)
 
 
+def time_calls(fn, state, batch, calls: int) -> tuple:
+    """``fn(state, batch) -> (state, metrics)`` called once untimed (compile), then ``calls``
+    times, each timed to its metrics' completion; returns the state and the seconds per call."""
+    import jax
+
+    state, metrics = fn(state, batch)
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        state, metrics = fn(state, batch)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - t0)
+    return state, times
+
+
 def _time_baseline(step, state, args, steps):
     t0 = time.perf_counter()
     for _ in range(steps):
@@ -213,15 +229,8 @@ def bench_block(reps: int, block: int) -> dict:
         # XLA's cost analysis counts a while loop's body once: the bare step's count is the
         # per-step figure for all three.
         flops = cost if name == "step" else out["step"]["gflop_per_step"] * 1e9 * k
-        state, metrics = fn(state, device_batch)
-        jax.block_until_ready(metrics)
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            state, metrics = fn(state, device_batch)
-            jax.block_until_ready(metrics)
-            times.append((time.perf_counter() - t0) / k)
-        per_step = statistics.median(times)
+        _, times = time_calls(fn, state, device_batch, reps)
+        per_step = statistics.median(times) / k
         out[name] = {"s_per_step": round(per_step, 3),
                      "gflop_per_step": round(flops / 1e9 / k, 2),
                      "gflop_per_s": round(flops / 1e9 / k / per_step, 2)}

@@ -266,8 +266,7 @@ def image_bare_times(data: str, cache: str, steps: int) -> list[float]:
     """Seconds per call of the loop's own jitted step (``jit_block_step``, one batch a call
     as the loop runs it) on one device-resident block from the real loader, same config (the
     persistent compilation cache of the CLI run makes its compile a cache hit)."""
-    import jax
-
+    from bench.bench_train import time_calls
     from openx_train.configs.bc import synthetic_camera
     from openx_train.training import loop
 
@@ -280,15 +279,7 @@ def image_bare_times(data: str, cache: str, steps: int) -> list[float]:
     setup = loop.build(config, block=1)
     device = loop.put_block(next(setup.batches), setup.spec, setup.mesh)
     step = loop.jit_block_step(setup.mesh, unroll=loop.needs_unrolled_block(setup.spec))
-    state, metrics = step(setup.state, device)
-    jax.block_until_ready(metrics)
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        state, metrics = step(state, device)
-        jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - t0)
-    return times
+    return time_calls(step, setup.state, device, steps)[1]
 
 
 def bench_image(work: str, *, reps: int, warmup: int, steps: int, log_freq: int) -> dict:
