@@ -5,12 +5,12 @@ from __future__ import annotations
 import os
 
 import pytest
+import tensorflow as tf
 
 from openx_train.training.events import FILE_VERSION, EventWriter
 
 
 def test_event_files_read_back_with_tensorflow(tmp_path):
-    tf = pytest.importorskip("tensorflow")
     writer = EventWriter(tmp_path / "tb")
     writer.scalars(8, {"loss": 0.5, "learning_rate": 3e-4})
     writer.scalars(16, {"loss": 0.25})

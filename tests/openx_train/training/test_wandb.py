@@ -78,7 +78,6 @@ def _assert_no_wandb_errors(path) -> None:
 @pytest.mark.slow
 def test_offline_run_holds_the_logged_history_and_a_resume_continues_it(cheetah_dir,
                                                                       tmp_path):
-    pytest.importorskip("wandb")
     path = tmp_path / "run"
     _train(path, cheetah_dir, "--config.steps=24", "--project=oxe-test", "--name=bc-small")
     (first,) = _offline_runs(path)
