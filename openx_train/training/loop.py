@@ -391,7 +391,7 @@ def build(config: Any, *, start_step: int = 0, process_index: int = 0,
             validation=True), split="validation")
         if len(val_loader) == 0:
             val_loader = None
-    batches = host_batches(loader, block)
+    batches = loader.blocks(block)  # [block, B, ...] per item: one gather per block
     first = next(batches)
     first_batch = jax.tree.map(lambda x: x[0], first)
     spec = input_spec(model, first_batch)
@@ -414,12 +414,6 @@ def build(config: Any, *, start_step: int = 0, process_index: int = 0,
 def _chain(first, rest):
     yield first
     yield from rest
-
-
-def host_batches(loader: Any, block: int) -> Iterator[Mapping[str, Any]]:
-    """The loader's batches, ``block`` of them stacked per item (``[block, B, ...]``): one
-    gather (or one tf.data call, with cameras) and one device transfer per block."""
-    return loader.blocks(block)
 
 
 def put_block(block: Mapping[str, Any], spec: InputSpec, mesh: Any) -> dict[str, Any]:
@@ -871,7 +865,6 @@ __all__ = [
     "build",
     "dataset_configs",
     "enable_compilation_cache",
-    "host_batches",
     "initialize_distributed",
     "jit_block_step",
     "loader_config",
