@@ -776,14 +776,17 @@ def make_dataloader(
     if train:
         sampler = _train_sampler(config, domains, frames, counts.tolist())
         index_batches = functools.partial(sampler.iterate, config.start_batch)
+        index_blocks = functools.partial(sampler.iterate, config.start_batch)
         num_batches = None
     else:
         passes, num_batches = _validation_batches(config, frames, counts, names,
                                                   domains.of_frame)
         index_batches = functools.partial(iter, passes)
+        index_blocks = None
     fixed = config.batch_size if train or config.remainder != "partial" else None
     f = _Frames(table, files, tuple(tables), domains, frames, counts)
-    source = _batch_source(index_batches, f, config, train=train, fixed=fixed)
+    source = _batch_source(index_batches, f, config, train=train, fixed=fixed,
+                           index_blocks=index_blocks)
     log.info("data loader (%s): %s", split, ", ".join(
         f"{n}: {c} frames, weight {w:.3f}"
         for n, c, w in zip(domains.names, domains.frames, domains.weights)))
@@ -805,16 +808,19 @@ class _Frames:
 
 
 def _batch_source(index_batches: Callable[[], Iterator[IndexBatch]], f: _Frames,
-                  config: LoaderConfig, *, train: bool, fixed: int | None) -> Any:
+                  config: LoaderConfig, *, train: bool, fixed: int | None,
+                  index_blocks: Callable[[int], Iterator[IndexBatch]] | None = None) -> Any:
     """Batches of the index batches: gathered in numpy (state only), or by the camera
-    ``tf.data`` pipeline."""
+    ``tf.data`` pipeline. ``index_blocks(size)``, when given, draws ``size`` batches' indices
+    at once (the training sampler's :meth:`~TrainSampler.iterate` blocks)."""
     if f.tables[0].resolved.cameras:
         from openx_train.data import camera_batches  # TensorFlow: only with cameras
 
         indices = camera_batches.index_dataset(index_batches, fixed)
         return _TFBatches(camera_batches.camera_batches(indices, f.table, f.files, f.tables,
                                                         config, train=train))
-    return _NumpyBatches(f.table, index_batches, config, fixed_size=fixed)
+    return _NumpyBatches(f.table, index_batches, config, fixed_size=fixed,
+                         index_blocks=index_blocks)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -830,9 +836,11 @@ class _NumpyBatches:
     few vectorized gathers (``frames.gather_frames``), a block of batches one gather."""
 
     def __init__(self, table: Mapping[str, Any], index_batches: Callable[[],
-                 Iterator[IndexBatch]], config: LoaderConfig, *, fixed_size: int | None):
+                 Iterator[IndexBatch]], config: LoaderConfig, *, fixed_size: int | None,
+                 index_blocks: Callable[[int], Iterator[IndexBatch]] | None = None):
         self._table = table
         self._index_batches = index_batches
+        self._index_blocks = index_blocks
         self._config = config
         self._fixed_size = fixed_size
 
@@ -857,6 +865,11 @@ class _NumpyBatches:
             yield self.gather(ib)
 
     def blocks(self, size: int) -> Iterator[dict[str, Any]]:
+        if self._index_blocks is not None:  # the sampler draws a block's indices at once
+            n = self._config.batch_size
+            for merged in self._index_blocks(size):
+                yield tree_map(lambda x: x.reshape(size, n, *x.shape[1:]), self.gather(merged))
+            return
         it = self._index_batches()
         while True:
             group = list(itertools.islice(it, size))

@@ -81,13 +81,17 @@ def permute(position: Any, size: Any, *, seed: int, stream: Any, epoch: Any) -> 
         raise ValueError(f"permute: positions must be in [0, size); given {position.min()}.."
                          f"{position.max()} for sizes {size.min()}..{size.max()}")
     bits = np.ceil(np.log2(np.maximum(size, 2))).astype(np.uint64)
-    base = np.broadcast_to(hash_words(seed, PERMUTATION, stream, epoch), position.shape)
+    one_key = np.ndim(stream) == 0 and np.ndim(epoch) == 0  # one permutation: keys once
+    base = hash_words(seed, PERMUTATION, stream, epoch)
+    if not one_key:
+        base = np.broadcast_to(base, position.shape)
     adds = np.stack([hash_words(base, r) for r in range(_ROUNDS)])
     muls = mix64(adds) | np.uint64(1)
     x = position.astype(np.uint64)
     todo = np.ones(x.shape, bool)
     while todo.any():  # cycle walking: each element ends in range, its cycle passes there
-        x[todo] = _bijection(x[todo], bits[todo], adds[:, todo], muls[:, todo])
+        keys = (adds, muls) if one_key else (adds[:, todo], muls[:, todo])
+        x[todo] = _bijection(x[todo], bits[todo], *keys)
         todo = x >= size.astype(np.uint64)
     return x.astype(np.int64)
 
@@ -177,18 +181,35 @@ class TrainSampler:
     def batch(self, number: int, counters: np.ndarray) -> tuple[IndexBatch, np.ndarray]:
         """Batch ``number`` given the domain counters before it; returns it and the counters
         after it."""
-        k = len(self.weights)
-        ids = self._domains(np.array([number]))[0]
-        onehot = ids[:, None] == np.arange(k)
-        before = (np.cumsum(onehot, axis=0) - onehot)[np.arange(len(ids)), ids]
+        return self.block(number, 1, counters)
+
+    def block(self, number: int, size: int, counters: np.ndarray
+              ) -> tuple[IndexBatch, np.ndarray]:
+        """Batches ``number .. number + size - 1`` given the domain counters before them, drawn
+        at once and concatenated into one :class:`IndexBatch` of ``size * B`` frames (the
+        batches one by one would give the same frames); returns it and the counters after
+        it."""
+        ids = self._domains(np.arange(number, number + size)).ravel()
+        # Each draw's rank among the earlier draws of its domain in these batches.
+        order = np.argsort(ids, kind="stable")
+        sorted_ids = ids[order]
+        group_start = np.searchsorted(sorted_ids, sorted_ids, side="left")
+        before = np.empty_like(order)
+        before[order] = np.arange(len(ids)) - group_start
         q = (counters[ids] + before) * self.process_count + self.process_index
         n = np.maximum(self.domain_frames, 1)[ids]
         perm = self._permuted(q % n, n, ids, q // n)
-        where = np.concatenate([[0], np.cumsum(self.domain_frames)[:-1]])[ids] + perm
-        goal = uniforms(self.seed, GOAL, number, self.batch_size) if self.goals else None
+        where = self._domain_offsets[ids] + perm
+        goal = (uniforms(self.seed, GOAL, np.arange(number, number + size),
+                         self.batch_size).ravel() if self.goals else None)
         out = IndexBatch(number, self.frame_datasets[where], self.frame_rows[where],
                          np.ones(len(ids), bool), ids, goal)
-        return out, counters + onehot.sum(axis=0)
+        return out, counters + np.bincount(ids, minlength=len(self.weights))
+
+    @property
+    def _domain_offsets(self) -> np.ndarray:
+        """int64 ``[K]``: where each domain's frames start in ``frame_rows``."""
+        return np.concatenate([[0], np.cumsum(self.domain_frames)[:-1]]).astype(np.int64)
 
     def _permuted(self, position: np.ndarray, size: np.ndarray, domain: np.ndarray,
                   epoch: np.ndarray) -> np.ndarray:
@@ -211,11 +232,12 @@ class TrainSampler:
             out[where] = perm[position[where]]
         return out
 
-    def iterate(self, start: int = 0) -> Iterator[IndexBatch]:
-        """Batches ``start, start + 1, ...`` (forever)."""
+    def iterate(self, start: int = 0, size: int = 1) -> Iterator[IndexBatch]:
+        """Batches ``start, start + 1, ...`` (forever); with ``size > 1``, blocks of ``size``
+        consecutive batches, each one concatenated :class:`IndexBatch` (see :meth:`block`)."""
         counters = self.counters(start)
         number = start
         while True:
-            out, counters = self.batch(number, counters)
+            out, counters = self.block(number, size, counters)
             yield out
-            number += 1
+            number += size

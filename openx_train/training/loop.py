@@ -12,7 +12,8 @@ Built in two parts so that other trainers (Re-Mix) reuse them with another step:
 * :func:`build` reads the datasets, makes the loaders (the training stream starting at the
   resumed step), the input spec, the policy, the fresh train state and the mesh;
 * :func:`run_loop` runs a jitted *block* step (``K`` batches per call through ``lax.scan``, one
-  transfer per block) over the loader, with validation, checkpoints (every ``save_freq``, the
+  transfer per block) over the loader, whose blocks a :class:`Prefetch` thread draws, gathers
+  and transfers while the previous ones train, with validation, checkpoints (every ``save_freq``, the
   best by validation loss, on SIGTERM/SIGINT), metrics (CSV, TensorBoard, optional wandb) and a
   progress bar; values leave the device only at log intervals.
 
@@ -22,12 +23,14 @@ Run as several processes (``jax.distributed``), each process reads its share of 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
 import logging
 import math
 import os
+import queue
 import secrets
 import signal
 import threading
@@ -102,7 +105,9 @@ def train_config() -> ml_collections.ConfigDict:
         ``goal_relabeling``, ``weights``, ``domain_key``, ``augment`` (bool: image
         augmentation of training batches), ``augment_options`` (the :class:`AugmentConfig`
         fields, by default its defaults),
-        ``image_dtype``, ``prefetch``, ``num_parallel_calls``, ``drop_final_step``).
+        ``image_dtype``, ``prefetch`` (batches the camera pipeline makes ahead, and blocks
+        the loop's :class:`Prefetch` thread transfers ahead of the step; 0: none),
+        ``num_parallel_calls``, ``drop_final_step``).
       model, optimizer: see :func:`~openx_train.models.model_config` and
         :func:`~openx_train.training.optimizer_config`.
       steps: train steps. batch_size: the global batch. seed: parameters, dropout, data.
@@ -619,6 +624,87 @@ def validate(state: TrainState, loader: Any, spec: InputSpec, mesh: Any, eval_st
 
 # -------------------------------------------------------------------------------- loop
 
+class Prefetch:
+    """Device blocks made from host blocks in a background thread, up to ``depth`` ahead of
+    the training thread, in order: drawing the indices, gathering the frames and transferring
+    them overlap the jitted steps instead of running between them. An exception of the host
+    stream or of ``put`` is raised by the ``next`` that would have returned its block.
+
+    With ``depth=0`` the blocks are made on the calling thread, when asked for.
+    """
+
+    _END = object()
+
+    def __init__(self, blocks: Iterator[Any], put: Callable[[Any], Any], depth: int = 2):
+        self._blocks = blocks
+        self._put = put
+        self._thread: threading.Thread | None = None
+        if depth <= 0:
+            return
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._produce, name="prefetch", daemon=True)
+        self._thread.start()
+
+    def _produce(self) -> None:
+        try:
+            for host in self._blocks:
+                item = self._put(host)
+                while not self._offer(item):
+                    if self._stop.is_set():
+                        return
+                if self._stop.is_set():
+                    return
+            item = self._END
+        except BaseException as e:  # handed to the training thread
+            item = _Raised(e)
+        while not self._offer(item) and not self._stop.is_set():
+            pass
+
+    def _offer(self, item: Any) -> bool:
+        try:
+            self._queue.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            return False
+
+    def __iter__(self) -> Prefetch:
+        return self
+
+    def __next__(self) -> Any:
+        if self._thread is None:
+            return self._put(next(self._blocks))
+        item = self._queue.get()
+        if item is self._END:
+            self._queue.put(item)  # every later next ends too
+            raise StopIteration
+        if isinstance(item, _Raised):
+            self._queue.put(item)
+            raise item.error
+        return item
+
+    def close(self) -> None:
+        """Stops the thread (the blocks it made ahead are dropped)."""
+        if self._thread is None:
+            return
+        self._stop.set()
+        while self._thread.is_alive():
+            with contextlib.suppress(queue.Empty):
+                self._queue.get(timeout=0.05)
+        self._thread.join()
+
+    def __enter__(self) -> Prefetch:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Raised:
+    error: BaseException
+
+
 class _Stop:
     """SIGTERM/SIGINT set a flag that the loop checks between blocks (a second SIGINT raises
     KeyboardInterrupt at once)."""
@@ -698,12 +784,13 @@ def run_loop(setup: Setup, path: str, *, checkpointer: run_lib.Checkpointer,
     interval_start = start
     step = start
     bar = _progress(steps, start, main)
+    depth = int(_plain(config.data.loader).get("prefetch", 2) or 0)
+    blocks = Prefetch(setup.batches, lambda host: put_fn(host, setup.spec, setup.mesh), depth)
     try:
         with _Stop() as stop:
             while step < steps:
                 t0 = time.perf_counter()
-                host = next(setup.batches)
-                device = put_fn(host, setup.spec, setup.mesh)
+                device = next(blocks)
                 wait += time.perf_counter() - t0
                 state, metrics = block_step(state, device)
                 step += block
@@ -763,6 +850,7 @@ def run_loop(setup: Setup, path: str, *, checkpointer: run_lib.Checkpointer,
                     last["stopped_by"] = stop.signal
                     break
     finally:
+        blocks.close()
         bar.close()
         checkpointer.wait()
         writer.close()
@@ -858,6 +946,7 @@ def _default_eval_fn(config: Any, path: str, setup: Setup):
 
 
 __all__ = [
+    "Prefetch",
     "Setup",
     "TrainConfigError",
     "apply_flags",

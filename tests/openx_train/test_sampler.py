@@ -101,3 +101,36 @@ def test_cached_epochs_give_the_elementwise_permutation(monkeypatch):
     for a, b in zip(cached, direct):
         np.testing.assert_array_equal(a.rows, b.rows)
         np.testing.assert_array_equal(a.dataset_ids, b.dataset_ids)
+
+
+def _reference_rows(s: sampler.TrainSampler, batches: int) -> np.ndarray:
+    """The sampler's definition, one draw at a time: each draw takes the next position of its
+    domain's stream (this process's share), through that domain's epoch permutation."""
+    counters = np.zeros(len(s.weights), np.int64)
+    offsets = np.concatenate([[0], np.cumsum(s.domain_frames)[:-1]])
+    rows = []
+    for b in range(batches):
+        for d in s._domains(np.array([b]))[0]:
+            q = counters[d] * s.process_count + s.process_index
+            n = s.domain_frames[d]
+            p = sampler.permute(q % n, n, seed=s.seed, stream=d, epoch=q // n)
+            rows.append(s.frame_rows[offsets[d] + p])
+            counters[d] += 1
+    return np.array(rows)
+
+
+@pytest.mark.parametrize("size", [1, 3, 8])
+@pytest.mark.parametrize("share", [(0, 1), (1, 3)])
+def test_blocks_draw_the_frames_of_the_batches_one_by_one(size, share):
+    s = _sampler(process_index=share[0], process_count=share[1])
+    want = _reference_rows(s, 24)  # several epochs of every domain
+    it = s.iterate(0, size)
+    blocks = _take(it, 24 // size)
+    assert [b.number for b in blocks] == list(range(0, 24, size))
+    np.testing.assert_array_equal(np.concatenate([b.rows for b in blocks]), want)
+    single = _take(s.iterate(0), 24)
+    for f in ("dataset_ids", "rows", "valid", "domain_ids", "goal_uniform"):
+        np.testing.assert_array_equal(np.concatenate([getattr(b, f) for b in blocks]),
+                                      np.concatenate([getattr(b, f) for b in single]))
+    resumed = next(s.iterate(size * 2, size))  # a block resumed mid-stream
+    np.testing.assert_array_equal(resumed.rows, blocks[2].rows)

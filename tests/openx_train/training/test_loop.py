@@ -395,3 +395,45 @@ def test_image_block_step_is_unrolled_on_cpu_with_the_rolled_values(k):
     np.testing.assert_allclose(metrics_u["loss"], metrics_r["loss"], rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                  state_u.params, state_r.params)
+
+
+def test_prefetch_keeps_order_raises_where_the_stream_failed_and_stops():
+    import threading
+
+    made = []
+
+    def put(x):
+        made.append(x)
+        return x * 10
+
+    with loop.Prefetch(iter(range(50)), put, depth=3) as p:
+        assert [next(p) for _ in range(50)] == [x * 10 for x in range(50)]
+        with pytest.raises(StopIteration):
+            next(p)
+        with pytest.raises(StopIteration):  # ended for good
+            next(p)
+
+    def failing():
+        yield 1
+        yield 2
+        raise ValueError("episode 7: bad block")
+
+    p = loop.Prefetch(failing(), put, depth=2)
+    assert next(p) == 10 and next(p) == 20
+    with pytest.raises(ValueError, match="episode 7"):
+        next(p)
+    p.close()
+
+    # An endless stream, closed while the thread waits on a full queue: it stops having made
+    # at most depth + 1 blocks ahead of the one taken.
+    made.clear()
+    endless = loop.Prefetch(iter(range(10**9)), put, depth=2)
+    assert next(endless) == 0
+    time.sleep(0.3)
+    endless.close()
+    assert len(made) <= 4
+    assert not any(t.name == "prefetch" and t.is_alive() for t in threading.enumerate())
+
+    inline = loop.Prefetch(iter(range(3)), put, depth=0)  # no thread: made when asked for
+    made.clear()
+    assert next(inline) == 0 and made == [0]
