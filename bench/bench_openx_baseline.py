@@ -200,6 +200,7 @@ def reacher_to_openx(ep):
 '''
 
 _PROGRESS = re.compile(rb"(\d+)/(\d+) \[")
+_LINE_BREAK = re.compile(rb"[\r\n]")
 
 
 class Run:
@@ -249,15 +250,26 @@ class Run:
 
     def progress(self) -> list[tuple[float, int]]:
         """(arrival time, n) of each tqdm ``n/total`` update, in order."""
-        out, carry = [], b""
-        for t, chunk in self.chunks:
-            text = carry + chunk
-            # Only complete updates (ended by \r or \n); the rest waits for the next chunk.
-            cut = max(text.rfind(b"\r"), text.rfind(b"\n")) + 1
-            for m in _PROGRESS.finditer(text[:cut]):
+        return progress_updates(self.chunks)
+
+
+def progress_updates(chunks: list[tuple[float, bytes]]) -> list[tuple[float, int]]:
+    """(arrival time, n) of each tqdm ``n/total [`` update in timestamped output chunks.
+
+    tqdm starts each refresh with ``\\r``; an update counts once, at the arrival of the chunk
+    that completes its ``n/total [`` (a number split across chunks waits for the rest).
+    """
+    out: list[tuple[float, int]] = []
+    line, counted = b"", False
+    for t, chunk in chunks:
+        for i, part in enumerate(_LINE_BREAK.split(chunk)):
+            if i:
+                line, counted = b"", False
+            line += part
+            if not counted and (m := _PROGRESS.search(line)):
                 out.append((t, int(m.group(1))))
-            carry = text[cut:]
-        return out
+                counted = True
+    return out
 
 
 def _time_at(samples: list[tuple[float, int]], n: int) -> float:
@@ -345,8 +357,8 @@ def _summary(runs: list[dict]) -> dict:
            for k in ("steps_per_s", "first_step_s", "peak_tree_rss_mb", "maxrss_mb")}
     if "data_wait_share" in runs[0]:
         out["data_wait_share"] = round(statistics.median(r["data_wait_share"] for r in runs), 4)
-    out["per_rep"] = [{k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items()}
-                      for r in runs]
+    out["per_rep"] = [{k: (round(v, 4 if k == "data_wait_share" else 2)
+                           if isinstance(v, float) else v) for k, v in r.items()} for r in runs]
     return out
 
 
