@@ -91,12 +91,18 @@ def log_camera(directory: str, episodes: int) -> str:
     return directory
 
 
+def train_bc_command(config: str, path: str, data: str, overrides: list[str],
+                     cache: str) -> list[str]:
+    """The ``tools/train_bc.py`` command line for ``config`` on ``data``, writing ``path``."""
+    return [sys.executable, TRAIN_BC, f"--config={config}", f"--path={path}",
+            f"--data={data}", f"--config.compilation_cache={cache}", *overrides]
+
+
 def run_cli(config: str, path: str, data: str, overrides: list[str], cache: str) -> dict:
     """Runs tools/train_bc.py on a fresh ``path``; returns its JSON result with
     ``command_to_first_step_s`` and the metrics rows."""
     shutil.rmtree(path, ignore_errors=True)
-    cmd = [sys.executable, TRAIN_BC, f"--config={config}", f"--path={path}",
-           f"--data={data}", f"--config.compilation_cache={cache}", *overrides]
+    cmd = train_bc_command(config, path, data, overrides, cache)
     t0 = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     out, err = proc.communicate()
@@ -173,8 +179,7 @@ def _interval_figures(rows: list[dict]) -> tuple[float, float]:
 def peak_rss_mb(config: str, path: str, data: str, overrides: list[str], cache: str) -> float:
     """The command's peak resident memory (ru_maxrss of the child, from wait4)."""
     shutil.rmtree(path, ignore_errors=True)
-    cmd = [sys.executable, TRAIN_BC, f"--config={config}", f"--path={path}",
-           f"--data={data}", f"--config.compilation_cache={cache}", *overrides]
+    cmd = train_bc_command(config, path, data, overrides, cache)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -183,10 +188,10 @@ def peak_rss_mb(config: str, path: str, data: str, overrides: list[str], cache: 
     return usage.ru_maxrss / 1024.0
 
 
-def _head_overrides(head: str, steps: int) -> tuple[list[str], list[str]]:
+def _head_overrides(head: str, steps: int, log_freq: int = 200) -> tuple[list[str], list[str]]:
     """The long run's and the short warm-cache run's flags for ``head``."""
     # decay_steps fixed: the short warm-cache run compiles the same program.
-    common = ["--config.log_freq=200", "--config.val_freq=0",
+    common = [f"--config.log_freq={log_freq}", "--config.val_freq=0",
               f"--config.optimizer.decay_steps={steps}", f"--config.model.head.kind={head}"]
     return ([f"--config.steps={steps}", f"--config.save_freq={steps}", *common],
             ["--config.steps=16", "--config.save_freq=16", *common])
