@@ -21,8 +21,10 @@ are for):
 * ``over_first_head``: the loop's steps/s over the first head's (``--heads``), the heads run
   alternately in every repetition (median of the per-repetition ratios).
 
-For scale (issue 13): the OpenX/Re-Mix trainer's ``train_bc.py`` here runs about 21 steps/s
-(48-bin head), takes 38 s to its first step and peaks at about 1 GB.
+For scale (issue 13): the OpenX/Re-Mix trainer's ``train_bc.py`` was once measured here at
+about 21 steps/s (48-bin head), 38 s to its first step and about 1 GB (``over_openx_21_per_s``
+divides by that figure). ``bench/bench_openx_baseline.py`` runs their trainer beside ours in
+one run: use its ratios, not this constant, to compare.
 
 Image BC (``--only image``): ResNet-18 (width 64, spatial softmax, one per camera), 2 cameras at
 128x128, history 2, chunk 4, batch 64, MSE head, augmentation on, on 20 episodes of the
@@ -30,9 +32,9 @@ synthetic camera env logged by our SDK at 128x128: the loop's steps/s and data w
 its log intervals after ``--image_warmup`` steps (median of the intervals, median of
 ``--image_reps`` runs), and ``over_bare_step``: that over the same jitted step (the loop's
 ``jit_block_step``, one batch a call, as the loop runs image policies) on one device-resident
-batch from the real loader, timed in this process after the runs. Each step is of the order
-of a teraflop (256 frames through ResNet-18, forward and backward): about a minute or more on
-2 idle CPUs, minutes on 2 busy ones.
+batch from the real loader, timed in this process after the runs. Each step is about 0.8
+teraflop by XLA's count (256 frames through ResNet-18, forward and backward): seconds to
+minutes a step on 2 CPUs, depending on the host and its load.
 
 Usage::
 
