@@ -187,6 +187,15 @@ def t_interval(values: np.ndarray) -> float | None:
     return float(stats.t.ppf(0.975, len(values) - 1)) * sem
 
 
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95% Wilson score interval ``(low, high)`` of a success rate of ``successes`` in
+    ``n`` episodes (sound at 0 and at ``n`` successes, where the normal interval collapses)."""
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(centre - half, 0.0), min(centre + half, 1.0)
+
+
 def _write_video(path: str, frames: Sequence[np.ndarray], fps: float) -> None:
     import imageio.v2 as imageio
 
@@ -293,7 +302,8 @@ def evaluate(policy: Policy, env: EnvSource, *, num_episodes: int, num_envs: int
     Returns:
       A JSON-serializable dict: ``return_mean``, ``return_ci95`` (half-width of the 95%
       t-interval; null for one episode), ``return_std``, ``success_rate`` (null where the env
-      reports no success), ``length_mean``, ``num_episodes``, ``episodes`` (per episode, in
+      reports no success), ``success_ci95`` (its 95% Wilson interval ``[low, high]``, or
+      null), ``length_mean``, ``num_episodes``, ``episodes`` (per episode, in
       order of ``index``: ``index``, ``seed``, ``return``, ``length``, ``success``,
       ``terminated``, ``truncated``), ``env_steps`` (of the reported episodes),
       ``env_steps_per_s`` (over the rollout loop), ``wall_time_s`` (the whole call), ``num_envs``,
@@ -386,6 +396,8 @@ def evaluate(policy: Policy, env: EnvSource, *, num_episodes: int, num_envs: int
         "return_ci95": t_interval(returns),
         "return_std": float(returns.std(ddof=1)) if len(returns) > 1 else None,
         "success_rate": float(np.mean(successes)) if successes else None,
+        "success_ci95": (list(wilson_interval(int(np.sum(successes)), len(successes)))
+                         if successes else None),
         "length_mean": float(np.mean([e["length"] for e in episodes])),
         "num_episodes": len(episodes),
         "episodes": episodes,

@@ -33,13 +33,6 @@ log = logging.getLogger(__name__)
 EXPERT_REACHER, RANDOM_REACHER = -3.5, -43.0
 
 
-def _wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return centre - half, centre + half
-
-
 @pytest.mark.slow
 def test_bc_reacher_reaches_most_of_the_expert_gap(tmp_path):
     from openx_train.inference import evaluate_run
@@ -104,6 +97,7 @@ def _hidden_target_config(data: str, language: bool):
 @pytest.mark.slow
 def test_bc_with_language_beats_without_when_only_the_instruction_names_the_target(tmp_path):
     from openx_train.eval import TaskInput, evaluate
+    from openx_train.eval.rollout import wilson_interval
     from openx_train.inference import load_policy
 
     data = os.fspath(tmp_path / "hidden_target")
@@ -120,7 +114,7 @@ def test_bc_with_language_beats_without_when_only_the_instruction_names_the_targ
                        else None, **policy.rollout_options())
         successes = round(res["success_rate"] * num_episodes)
         rates[language] = successes
-        lo, hi = _wilson(successes, num_episodes)
+        lo, hi = wilson_interval(successes, num_episodes)
         log.warning("hidden-target camera task, language=%s: success %d/%d (95%% Wilson "
                     "[%.2f, %.2f]), return %.2f +- %.2f", language, successes, num_episodes,
                     lo, hi, res["return_mean"], res["return_ci95"])

@@ -12,6 +12,7 @@ import pytest
 from gymnasium.vector import AutoresetMode
 
 from openx_train.eval import TaskInput, evaluate
+from openx_train.eval.rollout import wilson_interval
 from tests.helpers import read_tfds
 from tests.openx_train.eval.fake_envs import (
     SeededEnv,
@@ -90,6 +91,8 @@ def test_summary_figures():
         t_975_df6 * returns.std(ddof=1) / np.sqrt(NUM_EPISODES))
     successes = [(SEED + k) % 3 == 0 for k in range(NUM_EPISODES)]
     assert res["success_rate"] == pytest.approx(np.mean(successes))
+    assert res["success_ci95"] == pytest.approx(list(wilson_interval(sum(successes),
+                                                                     NUM_EPISODES)))
     json.dumps(res, allow_nan=False)  # one JSON object, strictly
     for key in ("return_mean", "return_ci95", "success_rate", "length_mean", "num_episodes"):
         assert key in res
@@ -105,8 +108,16 @@ def test_success_at_the_final_step_and_none_without_success():
         (SEED + k) % 3 == 0 and episode_length(SEED + k) == 1 for k in range(NUM_EPISODES)]
     res = evaluate(echo_policy, env_fn(success=False), num_episodes=3, num_envs=2,
                    vectorization="sync")
-    assert res["success_rate"] is None
+    assert res["success_rate"] is None and res["success_ci95"] is None
     assert [e["success"] for e in res["episodes"]] == [None] * 3
+
+
+def test_wilson_interval():
+    # Reference values (Wilson 1927 score interval, z = 1.96): 25/50 -> [0.3664, 0.6336].
+    assert wilson_interval(25, 50) == pytest.approx((0.3664, 0.6336), abs=1e-4)
+    lo, hi = wilson_interval(0, 50)
+    assert lo == 0.0 and hi == pytest.approx(0.0714, abs=1e-4)  # not the normal's [0, 0]
+    assert wilson_interval(50, 50) == pytest.approx((1 - 0.0714, 1.0), abs=1e-4)
 
 
 class CheckingPolicy:
