@@ -77,4 +77,7 @@ def main(directory: str, mode: str) -> None:
 
 if __name__ == "__main__":
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test asks for stacks on a hang
+    # Ctrl-C as in a terminal, however the test run was started: a shell starts background
+    # jobs with SIGINT ignored, and Python then leaves it ignored in its children.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     main(sys.argv[1], sys.argv[2])
