@@ -569,8 +569,8 @@ class DataLoader:
         f = self._frames
         passes, num_batches = _validation_batches(config, f.rows, f.counts, self.names,
                                                   f.domains.of_frame)
-        source = _batch_source(functools.partial(iter, passes), f, config, train=False,
-                               fixed=config.batch_size)
+        source = _batch_source(functools.partial(_pass_blocks, passes), f, config,
+                               train=False, fixed=config.batch_size)
         return DataLoader(source, split=self.split, frames=f, config=config,
                           num_batches=num_batches)
 
@@ -696,6 +696,28 @@ def _validation_batches(config: LoaderConfig, frames: np.ndarray, counts: np.nda
     return out, num_batches
 
 
+#: Index batches of a loader: called with a block size ``k`` (default 1), the batches with ``k``
+#: consecutive ones concatenated per item (the training sampler's ``iterate``, or
+#: :func:`_pass_blocks` of a pass).
+IndexSource = Callable[..., Iterator[IndexBatch]]
+
+
+def _pass_blocks(passes: Sequence[IndexBatch], size: int = 1) -> Iterator[IndexBatch]:
+    """A pass's index batches, ``size`` consecutive ones concatenated per item; a last
+    incomplete block, or one whose batches differ in size, is dropped."""
+    if size == 1:
+        yield from passes
+        return
+    for lo in range(0, len(passes) - size + 1, size):
+        group = passes[lo:lo + size]
+        if len({len(g.rows) for g in group}) > 1:
+            return
+        yield IndexBatch(group[0].number, *(
+            None if group[0].goal_uniform is None and f == "goal_uniform"
+            else np.concatenate([getattr(g, f) for g in group])
+            for f in ("dataset_ids", "rows", "valid", "domain_ids", "goal_uniform")))
+
+
 def make_dataloader(
     datasets: DatasetConfig | Sequence[DatasetConfig],
     config: LoaderConfig | None = None,
@@ -776,17 +798,14 @@ def make_dataloader(
     if train:
         sampler = _train_sampler(config, domains, frames, counts.tolist())
         index_batches = functools.partial(sampler.iterate, config.start_batch)
-        index_blocks = functools.partial(sampler.iterate, config.start_batch)
         num_batches = None
     else:
         passes, num_batches = _validation_batches(config, frames, counts, names,
                                                   domains.of_frame)
-        index_batches = functools.partial(iter, passes)
-        index_blocks = None
+        index_batches = functools.partial(_pass_blocks, passes)
     fixed = config.batch_size if train or config.remainder != "partial" else None
     f = _Frames(table, files, tuple(tables), domains, frames, counts)
-    source = _batch_source(index_batches, f, config, train=train, fixed=fixed,
-                           index_blocks=index_blocks)
+    source = _batch_source(index_batches, f, config, train=train, fixed=fixed)
     log.info("data loader (%s): %s", split, ", ".join(
         f"{n}: {c} frames, weight {w:.3f}"
         for n, c, w in zip(domains.names, domains.frames, domains.weights)))
@@ -807,20 +826,17 @@ class _Frames:
     counts: np.ndarray  # int64 [datasets]
 
 
-def _batch_source(index_batches: Callable[[], Iterator[IndexBatch]], f: _Frames,
-                  config: LoaderConfig, *, train: bool, fixed: int | None,
-                  index_blocks: Callable[[int], Iterator[IndexBatch]] | None = None) -> Any:
+def _batch_source(index_batches: IndexSource, f: _Frames, config: LoaderConfig, *,
+                  train: bool, fixed: int | None) -> Any:
     """Batches of the index batches: gathered in numpy (state only), or by the camera
-    ``tf.data`` pipeline. ``index_blocks(size)``, when given, draws ``size`` batches' indices
-    at once (the training sampler's :meth:`~TrainSampler.iterate` blocks)."""
+    ``tf.data`` pipeline."""
     if f.tables[0].resolved.cameras:
         from openx_train.data import camera_batches  # TensorFlow: only with cameras
 
         indices = camera_batches.index_dataset(index_batches, fixed)
         return _TFBatches(camera_batches.camera_batches(indices, f.table, f.files, f.tables,
                                                         config, train=train))
-    return _NumpyBatches(f.table, index_batches, config, fixed_size=fixed,
-                         index_blocks=index_blocks)
+    return _NumpyBatches(f.table, index_batches, config, fixed_size=fixed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -835,12 +851,10 @@ class _NumpyBatches:
     """State-only batches gathered in numpy from the step table (no TensorFlow): a batch is a
     few vectorized gathers (``frames.gather_frames``), a block of batches one gather."""
 
-    def __init__(self, table: Mapping[str, Any], index_batches: Callable[[],
-                 Iterator[IndexBatch]], config: LoaderConfig, *, fixed_size: int | None,
-                 index_blocks: Callable[[int], Iterator[IndexBatch]] | None = None):
+    def __init__(self, table: Mapping[str, Any], index_batches: IndexSource,
+                 config: LoaderConfig, *, fixed_size: int | None):
         self._table = table
         self._index_batches = index_batches
-        self._index_blocks = index_blocks
         self._config = config
         self._fixed_size = fixed_size
 
@@ -865,23 +879,9 @@ class _NumpyBatches:
             yield self.gather(ib)
 
     def blocks(self, size: int) -> Iterator[dict[str, Any]]:
-        if self._index_blocks is not None:  # the sampler draws a block's indices at once
-            n = self._config.batch_size
-            for merged in self._index_blocks(size):
-                yield tree_map(lambda x: x.reshape(size, n, *x.shape[1:]), self.gather(merged))
-            return
-        it = self._index_batches()
-        while True:
-            group = list(itertools.islice(it, size))
-            if len(group) < size or len({len(g.rows) for g in group}) > 1:
-                return
-            merged = IndexBatch(group[0].number, *(
-                None if group[0].goal_uniform is None and f == "goal_uniform"
-                else np.concatenate([getattr(g, f) for g in group])
-                for f in ("dataset_ids", "rows", "valid", "domain_ids", "goal_uniform")))
-            n = len(group[0].rows)
-            yield tree_map(lambda x, n=n: x.reshape(size, n, *x.shape[1:]),
-                           self.gather(merged))
+        for merged in self._index_batches(size):  # a block's indices drawn at once
+            n = len(merged.rows) // size
+            yield tree_map(lambda x, n=n: x.reshape(size, n, *x.shape[1:]), self.gather(merged))
 
     @property
     def element_spec(self) -> dict[str, Any]:

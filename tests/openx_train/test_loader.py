@@ -4,9 +4,11 @@ logged steps, epochs, determinism, process shards, validation, mixtures, cameras
 from __future__ import annotations
 
 import collections
+import itertools
 import os
 
 import gymnasium as gym
+import jax
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -80,6 +82,25 @@ def test_state_batches_match_the_logged_steps(cheetah_dir, cheetah_steps):
             np.testing.assert_allclose(goal[i], steps["observation"][g], rtol=1e-5, atol=1e-5)
         assert (batch["dataset_id"] == 0).all()
         assert np.abs(batch["action"]).max() <= 1.0 + 1e-6  # bounds: within [-1, 1]
+
+
+@pytest.mark.parametrize("split", ["train", "validation"])
+def test_blocks_stack_the_batches_one_by_one(cheetah_dir, split):
+    """``blocks(k)`` (the training loop's source: a block's indices drawn at once) gives the
+    batches that iterating gives, ``k`` stacked per item; a validation pass drops its last
+    incomplete block."""
+    config = LoaderConfig(batch_size=4, n_obs=2, n_action=3, goal_relabeling=True, seed=3,
+                          start_batch=5 if split == "train" else 0)
+    dataset = DatasetConfig(cheetah_dir, STATE, val_fraction=0.3)
+    single = list(itertools.islice(iter(make_dataloader(dataset, config, split=split)), 12))
+    blocks = list(itertools.islice(make_dataloader(dataset, config, split=split).blocks(4), 3))
+    full = len([b for b in single if len(b["row"]) == 4]) // 4
+    assert len(blocks) == (3 if split == "train" else min(3, full)) and blocks
+    for i, block in enumerate(blocks):
+        want = jax.tree.map(lambda *xs: np.stack(xs), *single[4 * i:4 * i + 4])
+        assert jax.tree.structure(block) == jax.tree.structure(want)
+        for a, b in zip(jax.tree.leaves(block), jax.tree.leaves(want)):
+            np.testing.assert_array_equal(a, b)
 
 
 def test_each_epoch_visits_every_frame_once_in_a_new_order(cheetah_dir):
