@@ -71,16 +71,18 @@ def masked_mean(values: jnp.ndarray, weights: jnp.ndarray) -> jnp.ndarray:
     return total / jnp.maximum(jnp.sum(weights), 1e-8)
 
 
-_HEADS = {"mse": ContinuousHead, "l1": ContinuousHead, "discrete": DiscreteHead,
-          "diffusion": DiffusionHead}
+#: The head module of each ``head.kind``.
+HEAD_MODULES = {"mse": ContinuousHead, "l1": ContinuousHead, "discrete": DiscreteHead,
+                "diffusion": DiffusionHead}
 
 
 def _head(config: ml_collections.FrozenConfigDict, spec: InputSpec) -> nn.Module:
     h = config.head
     n, a = spec.n_action, spec.action_dim
-    if h.kind in ("mse", "l1"):
+    module = HEAD_MODULES[h.kind]
+    if module is ContinuousHead:
         return ContinuousHead(n, a, loss_type=h.kind)
-    if h.kind == "discrete":
+    if module is DiscreteHead:
         return DiscreteHead(n, a, num_bins=h.num_bins, bin_type=h.bin_type,
                             action_range=tuple(h.action_range), bin_std=float(h.bin_std),
                             temperature=float(h.temperature))
@@ -171,7 +173,7 @@ class Policy(nn.Module):
         """Whether :meth:`loss` in eval mode (``train=False``: no dropout) is a function of the
         parameters and the batch alone, drawing nothing from the ``"sample"`` stream: False for
         a head whose loss draws noise (diffusion). Needs no parameters."""
-        return not _HEADS[self.config.head.kind].loss_draws_noise
+        return not HEAD_MODULES[self.config.head.kind].loss_draws_noise
 
     def loss(self, batch: dict[str, Any], *, train: bool = False, reduce: bool = False
              ) -> jnp.ndarray:

@@ -135,3 +135,11 @@ def test_diffusion_recovers_both_modes_that_mse_averages():
     a = samples["diffusion"]
     near_plus, near_minus = np.mean(np.abs(a - 0.5) < 0.15), np.mean(np.abs(a + 0.5) < 0.15)
     assert near_plus > 0.3 and near_minus > 0.3 and near_plus + near_minus > 0.9
+
+
+def test_every_head_kind_has_a_module_and_only_diffusion_draws_noise_in_its_loss():
+    from openx_train.models.config import HEAD_KINDS
+    from openx_train.models.policy import HEAD_MODULES
+
+    assert set(HEAD_MODULES) == set(HEAD_KINDS)
+    assert {k for k, m in HEAD_MODULES.items() if m.loss_draws_noise} == {"diffusion"}
