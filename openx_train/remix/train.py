@@ -47,7 +47,6 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
 from openx_train import run as run_lib
 from openx_train.data.errors import ConfigError
@@ -75,7 +74,7 @@ from openx_train.remix.step import (
 )
 from openx_train.remix.weights import ABSENT_RULES, RemixOptions, initial_weights
 from openx_train.training import loop
-from openx_train.training.sharding import BATCH_AXIS, put_state
+from openx_train.training.sharding import put_state
 
 log = logging.getLogger(__name__)
 
@@ -222,15 +221,13 @@ def put_remix_block(block: Mapping[str, Any], spec: InputSpec, mesh: Any, *,
     ``B``, with ``domain_id`` (the BC loop's ``put_block`` keeps only the policy's inputs) and,
     given the reference's losses by row (:func:`~openx_train.remix.reference_losses`), each
     example's ``reference_loss``."""
-    k, b = np.shape(block["action"])[:2]
-    flat = jax.tree.map(lambda x: np.reshape(x, (k * b, *np.shape(x)[2:])), dict(block))
-    if reference_loss is not None:
-        flat = with_reference_losses(flat, reference_loss)
-    host = jax.tree.map(lambda x: np.reshape(x, (k, b, *x.shape[1:])), remix_inputs(flat, spec))
-    sharding = NamedSharding(mesh, PartitionSpec(None, BATCH_AXIS))
-    if jax.process_count() == 1:
-        return jax.device_put(host, sharding)
-    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), host)
+
+    def inputs(flat: dict[str, Any]) -> dict[str, Any]:
+        if reference_loss is not None:
+            flat = with_reference_losses(flat, reference_loss)
+        return remix_inputs(flat, spec)
+
+    return loop.put_block(block, spec, mesh, inputs=inputs)
 
 
 def summarize_remix(metrics: Sequence[Mapping[str, Any]], names: Sequence[str],

@@ -421,12 +421,16 @@ def _chain(first, rest):
     yield from rest
 
 
-def put_block(block: Mapping[str, Any], spec: InputSpec, mesh: Any) -> dict[str, Any]:
-    """A stacked host block ``[K, B, ...]`` as device arrays split along ``B``."""
+def put_block(block: Mapping[str, Any], spec: InputSpec, mesh: Any, *,
+              inputs: Callable[[dict[str, Any]], Mapping[str, Any]] | None = None
+              ) -> dict[str, Any]:
+    """A stacked host block ``[K, B, ...]`` as device arrays split along ``B``: the policy's
+    model inputs with the training targets, or ``inputs(flat batch of K * B examples)`` (Re-Mix
+    adds the domain ids and the reference's losses)."""
     k, b = np.shape(block["action"])[:2]
     flat = jax.tree.map(lambda x: np.reshape(x, (k * b, *np.shape(x)[2:])), dict(block))
-    host = jax.tree.map(lambda x: np.reshape(x, (k, b, *x.shape[1:])),
-                        model_inputs(flat, spec, train=True))
+    host = (model_inputs(flat, spec, train=True) if inputs is None else inputs(flat))
+    host = jax.tree.map(lambda x: np.reshape(x, (k, b, *np.shape(x)[1:])), host)
     sharding = NamedSharding(mesh, PartitionSpec(None, BATCH_AXIS))
     if jax.process_count() == 1:
         return jax.device_put(host, sharding)
